@@ -1,0 +1,322 @@
+"""JumpReLU sparse autoencoder (Rajamanoharan et al., 2024, "Jumping Ahead").
+
+The SAE, its two straight-through estimators, and its folder format, in one file
+meant to be read next to the paper and ../shared/SPEC.md (sections 1, 2, 3, 7).
+
+    from jumprelu import JumpReLUSAE
+    sae = JumpReLUSAE(d_in=576, d_sae=4608)
+    out = sae.loss(x_BD, l0_coefficient=1e-3)   # {"loss", "mse", "l0"}
+    sae.save("my_sae"); sae = JumpReLUSAE.load("my_sae")
+
+Shape suffixes: B batch rows, D model width (d_in), F latents (d_sae).
+`python jumprelu.py` prints a tiny worked example.
+"""
+
+import json
+import math
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+ARCHITECTURE = "jumprelu"
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "sae.safetensors"
+# The tensors of the folder format, in raw-activation space (Gemma Scope's names).
+TENSOR_NAMES = ("W_enc", "b_enc", "W_dec", "b_dec", "threshold")
+
+
+# --- SPEC section 2: the kernel and the two straight-through estimators --------------------
+
+
+def rectangle(u):
+    """The rectangle kernel K(u) = 1 if -1/2 < u < 1/2 else 0, in the dtype of u."""
+    return ((u > -0.5) & (u < 0.5)).to(u.dtype)
+
+
+def _promoted(z, threshold):
+    """z and theta in their common dtype (float32 for bf16 z and float32 theta, also when theta
+    is 0-dim, which PyTorch's own promotion would round to bf16)."""
+    dtype = torch.promote_types(z.dtype, threshold.dtype)
+    return z.to(dtype), threshold.to(dtype)
+
+
+def _active(z, threshold):
+    """H(z - theta) as a bool tensor: True where z > theta strictly."""
+    z, theta = _promoted(z, threshold)
+    return z > theta
+
+
+def _sum_to(grad, shape):
+    """Sum a broadcast gradient back to the shape of the tensor it belongs to."""
+    return grad.sum_to_size(shape) if grad.shape != shape else grad
+
+
+class _JumpReLU(torch.autograd.Function):
+    """forward z * H(z - theta); d/dz = H(z - theta); d/dtheta = -(theta/eps) K((z - theta)/eps)."""
+
+    @staticmethod
+    def forward(ctx, z, threshold, bandwidth):
+        ctx.save_for_backward(z, threshold)
+        ctx.bandwidth = bandwidth
+        return z * _active(z, threshold).to(z.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        z, threshold = ctx.saved_tensors
+        eps = ctx.bandwidth
+        grad_z = grad_out * _active(z, threshold).to(grad_out.dtype)  # the true derivative, no STE
+        # Computed in the promoted dtype: float32 thresholds keep a float32 gradient under bf16.
+        z, theta = _promoted(z, threshold)
+        grad_threshold = -(theta / eps) * rectangle((z - theta) / eps) * grad_out
+        return grad_z, _sum_to(grad_threshold, threshold.shape), None
+
+
+class _Step(torch.autograd.Function):
+    """forward H(z - theta); d/dz = 0; d/dtheta = -(1/eps) K((z - theta)/eps)."""
+
+    @staticmethod
+    def forward(ctx, z, threshold, bandwidth):
+        ctx.save_for_backward(z, threshold)
+        ctx.bandwidth = bandwidth
+        # In the promoted dtype (float32 for bf16 z and float32 theta), so that an L0
+        # summed over thousands of latents stays an exact integer.
+        return _active(z, threshold).to(torch.promote_types(z.dtype, threshold.dtype))
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        z, threshold = ctx.saved_tensors
+        z, theta = _promoted(z, threshold)
+        grad_threshold = -(1.0 / ctx.bandwidth) * rectangle((z - theta) / ctx.bandwidth) * grad_out
+        # None: the L0 term sends no gradient to the pre-activations (d/dz = 0).
+        return None, _sum_to(grad_threshold, threshold.shape), None
+
+
+def jumprelu(z, threshold, bandwidth):
+    """JumpReLU_theta(z) = z * H(z - theta), with the straight-through estimator for theta.
+
+    `threshold` broadcasts over the leading dimensions of `z`; its gradient is summed back
+    to its own shape. `bandwidth` is the kernel width epsilon (a Python float).
+    """
+    return _JumpReLU.apply(z, threshold, bandwidth)
+
+
+def step(z, threshold, bandwidth):
+    """Heaviside H(z - theta) (1 where z > theta strictly), with the estimator for theta only."""
+    return _Step.apply(z, threshold, bandwidth)
+
+
+# --- SPEC section 1: the model --------------------------------------------------------------
+
+
+def _log_of(threshold_F):
+    """float32 log(theta) whose exp() gives theta back exactly, so that save/load is exact.
+
+    A log computed in float64 and rounded misses by one float32 step for about 1 in 10^4
+    thresholds; a few nudges to the neighbouring floats find the exact one where it exists.
+    """
+    threshold_F = threshold_F.float()
+    log_F = threshold_F.double().log().float()
+    for toward in (math.inf, -math.inf):
+        candidate_F = log_F
+        for _ in range(4):
+            candidate_F = torch.nextafter(candidate_F, torch.full_like(candidate_F, toward))
+            fix = (log_F.exp() != threshold_F) & (candidate_F.exp() == threshold_F)
+            log_F = torch.where(fix, candidate_F, log_F)
+    return log_F
+
+
+class JumpReLUSAE(nn.Module):
+    """A JumpReLU SAE: pre = x @ W_enc + b_enc; f = pre * H(pre - theta); x_hat = f @ W_dec + b_dec.
+
+    The trainable threshold is `log_threshold` (theta = exp(log_threshold) > 0); autograd
+    through exp supplies the chain-rule factor theta in its gradient. With
+    `pre_encoder_bias=True` the encoder sees x - b_dec (off by default, as in Gemma Scope).
+    `metadata` is free-form provenance (model, layer, site, input_scale) kept in config.json.
+    """
+
+    def __init__(self, d_in, d_sae, *, bandwidth=0.001, threshold_init=0.001,
+                 pre_encoder_bias=False, device=None, dtype=torch.float32):
+        super().__init__()
+        if d_in < 1 or d_sae < 1:
+            raise ValueError(f"d_in and d_sae must be positive, got d_in={d_in}, d_sae={d_sae}.")
+        if not bandwidth > 0 or not threshold_init > 0:
+            raise ValueError(f"bandwidth and threshold_init must be positive, got {bandwidth} and {threshold_init}.")
+        self.d_in, self.d_sae = int(d_in), int(d_sae)
+        self.bandwidth = float(bandwidth)
+        self.pre_encoder_bias = bool(pre_encoder_bias)
+        self.metadata = {}
+        kw = dict(device=device, dtype=dtype)
+        # SPEC section 3: W_dec He-uniform, then unit-norm rows (so the He scale itself
+        # does not matter); W_enc = W_dec^T, untied afterwards; zero biases; theta = 0.001.
+        W_dec_FD = torch.empty(d_sae, d_in, **kw)
+        nn.init.kaiming_uniform_(W_dec_FD)
+        W_dec_FD /= W_dec_FD.norm(dim=1, keepdim=True)
+        self.W_dec = nn.Parameter(W_dec_FD)
+        self.W_enc = nn.Parameter(W_dec_FD.T.clone())
+        self.b_enc = nn.Parameter(torch.zeros(d_sae, **kw))
+        self.b_dec = nn.Parameter(torch.zeros(d_in, **kw))
+        # Thresholds are at least float32 whatever the model dtype: in bf16 their Adam
+        # updates (a factor of about exp(lr) per step) would round away.
+        self.log_threshold = nn.Parameter(torch.full(
+            (d_sae,), math.log(threshold_init), device=device, dtype=torch.promote_types(dtype, torch.float32)))
+
+    @property
+    def threshold(self):
+        """theta = exp(log_threshold), shape [d_sae], float32 (float64 in a float64 model)."""
+        return self.log_threshold.exp()
+
+    def pre_acts(self, x_BD):
+        """Encoder pre-activations x @ W_enc + b_enc (or (x - b_dec) @ W_enc + b_enc)."""
+        if self.pre_encoder_bias:
+            x_BD = x_BD - self.b_dec
+        return x_BD @ self.W_enc + self.b_enc
+
+    def encode(self, x_BD):
+        """Feature activations f [.., d_sae]: a latent is active iff its pre-activation > theta."""
+        return jumprelu(self.pre_acts(x_BD), self.threshold, self.bandwidth)
+
+    def decode(self, f_BF):
+        return f_BF @ self.W_dec + self.b_dec
+
+    def forward(self, x_BD):
+        """The reconstruction x_hat."""
+        return self.decode(self.encode(x_BD))
+
+    def loss(self, x_BD, l0_coefficient):
+        """SPEC section 2: ||x - x_hat||^2 + lambda * ||f||_0, both averaged over rows.
+
+        The L0 term is `step` on the pre-activations (not a function of f): it trains the
+        thresholds only. Returns {"loss", "mse", "l0"} plus "f" and "x_hat" for logging.
+        """
+        pre_BF = self.pre_acts(x_BD)
+        threshold_F = self.threshold
+        f_BF = jumprelu(pre_BF, threshold_F, self.bandwidth)
+        x_hat_BD = self.decode(f_BF)
+        mse = (x_BD - x_hat_BD).pow(2).sum(-1).mean()
+        l0 = step(pre_BF, threshold_F, self.bandwidth).sum(-1).mean()
+        return {"loss": mse + l0_coefficient * l0, "mse": mse, "l0": l0, "f": f_BF, "x_hat": x_hat_BD}
+
+    # --- SPEC section 3: the unit-norm decoder and the input scale --------------------------
+
+    @torch.no_grad()
+    def remove_parallel_decoder_grad_(self):
+        """Before the optimiser step: drop the part of each decoder row's gradient along the row."""
+        if self.W_dec.grad is not None:
+            W_FD, g_FD = self.W_dec, self.W_dec.grad
+            g_FD -= (g_FD * W_FD).sum(1, keepdim=True) * W_FD / W_FD.pow(2).sum(1, keepdim=True)
+
+    @torch.no_grad()
+    def normalize_decoder_(self):
+        """After the optimiser step: rescale each decoder row to unit norm."""
+        self.W_dec /= self.W_dec.norm(dim=1, keepdim=True)
+
+    @torch.no_grad()
+    def fold_input_scale_(self, scale):
+        """Make weights trained on x * scale take raw x: W_enc * s, W_dec / s, b_dec / s.
+
+        Pre-activations, hence features and thresholds, are unchanged; b_enc too. With the
+        pre-encoder bias, (x*s - b_dec) @ W_enc = (x - b_dec/s) @ (s W_enc) holds as well.
+        The scale is recorded in metadata["input_scale"] (cumulatively).
+        """
+        scale = float(scale)
+        if not (scale > 0 and math.isfinite(scale)):
+            raise ValueError(f"The input scale must be a positive finite number, got {scale}.")
+        self.W_enc.mul_(scale)
+        self.W_dec.div_(scale)
+        self.b_dec.div_(scale)
+        self.metadata["input_scale"] = self.metadata.get("input_scale", 1.0) * scale
+        return self
+
+    # --- SPEC section 7: the folder format --------------------------------------------------
+
+    def config(self):
+        return {"architecture": ARCHITECTURE, "d_in": self.d_in, "d_sae": self.d_sae,
+                "bandwidth": self.bandwidth, "pre_encoder_bias": self.pre_encoder_bias,
+                "dtype": "float32", **self.metadata}
+
+    def save(self, folder):
+        """Write `config.json` and `sae.safetensors` (float32, Gemma Scope names) to `folder`.
+
+        The weights are written as they are: fold the training input scale in first
+        (`fold_input_scale_`) so that the folder takes raw activations. Each file goes through
+        a temporary name and an atomic rename.
+        """
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        tensors = {name: getattr(self, name).detach().float().cpu().contiguous() for name in TENSOR_NAMES}
+        tmp = folder / (WEIGHTS_NAME + ".tmp")
+        save_file(tensors, str(tmp), metadata={"architecture": ARCHITECTURE})
+        os.replace(tmp, folder / WEIGHTS_NAME)
+        tmp = folder / (CONFIG_NAME + ".tmp")
+        tmp.write_text(json.dumps(self.config(), indent=2) + "\n")
+        os.replace(tmp, folder / CONFIG_NAME)
+        return folder
+
+    @classmethod
+    def load(cls, folder, device=None):
+        """Rebuild an SAE from a folder written by `save`; one-sentence ValueError if it cannot."""
+        cfg, tensors = read_folder(folder, ARCHITECTURE)
+        sae = cls(cfg["d_in"], cfg["d_sae"], bandwidth=cfg.get("bandwidth", 0.001),
+                  pre_encoder_bias=cfg.get("pre_encoder_bias", False), device=device)
+        check_shapes(folder, tensors, {"W_enc": (sae.d_in, sae.d_sae), "b_enc": (sae.d_sae,),
+                                       "W_dec": (sae.d_sae, sae.d_in), "b_dec": (sae.d_in,),
+                                       "threshold": (sae.d_sae,)})
+        if not bool((tensors["threshold"] > 0).all()):
+            raise ValueError(f"{folder}/{WEIGHTS_NAME} has thresholds <= 0; a JumpReLU threshold must be positive.")
+        with torch.no_grad():
+            for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
+                getattr(sae, name).copy_(tensors[name])
+            sae.log_threshold.copy_(_log_of(tensors["threshold"]))
+        known = set(sae.config()) - {"dtype"}
+        sae.metadata = {k: v for k, v in cfg.items() if k not in known and k != "dtype"}
+        return sae
+
+
+def read_folder(folder, architecture):
+    """Read an SAE folder's config.json and float32 tensors, checking the architecture."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ValueError(f"{folder} is not a folder; pass the folder that holds {CONFIG_NAME} and {WEIGHTS_NAME}.")
+    for name in (CONFIG_NAME, WEIGHTS_NAME):
+        if not (folder / name).is_file():
+            raise ValueError(f"{folder} has no {name}; it is not an SAE folder written by this project.")
+    try:
+        cfg = json.loads((folder / CONFIG_NAME).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{folder}/{CONFIG_NAME} is not valid JSON ({e}); re-save or restore the folder.") from None
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{folder}/{CONFIG_NAME} must hold a JSON object, not {type(cfg).__name__}.")
+    found = cfg.get("architecture")
+    if found != architecture:
+        raise ValueError(f"{folder} holds a {found!r} SAE, not a {architecture!r} one; load it with the class for {found!r}.")
+    for key in ("d_in", "d_sae"):
+        if not isinstance(cfg.get(key), int) or isinstance(cfg.get(key), bool) or cfg[key] < 1:
+            raise ValueError(f"{folder}/{CONFIG_NAME} has no valid {key!r} (a positive integer); it is damaged.")
+    try:
+        tensors = load_file(str(folder / WEIGHTS_NAME))
+    except Exception as e:  # safetensors raises its own error types for damaged headers
+        raise ValueError(f"{folder}/{WEIGHTS_NAME} cannot be read as safetensors ({e}); it is truncated or damaged.") from None
+    return cfg, {name: t.float() for name, t in tensors.items()}
+
+
+def check_shapes(folder, tensors, expected):
+    """One-sentence errors for missing tensors or shapes that disagree with config.json."""
+    for name, shape in expected.items():
+        if name not in tensors:
+            raise ValueError(f"{folder}/{WEIGHTS_NAME} has no tensor {name!r}; the file is incomplete.")
+        if tuple(tensors[name].shape) != shape:
+            raise ValueError(f"{folder}/{WEIGHTS_NAME} holds {name} of shape {list(tensors[name].shape)}, "
+                             f"but config.json implies {list(shape)}; the folder is inconsistent.")
+
+
+if __name__ == "__main__":
+    torch.manual_seed(0)
+    sae = JumpReLUSAE(d_in=8, d_sae=32, bandwidth=0.05, threshold_init=0.1)
+    x_BD = torch.randn(4, 8) / math.sqrt(8)
+    out = sae.loss(x_BD, l0_coefficient=1e-2)
+    out["loss"].backward()
+    print(f"loss {out['loss'].item():.4f}  mse {out['mse'].item():.4f}  l0 {out['l0'].item():.2f}")
+    print(f"|grad log_threshold| = {sae.log_threshold.grad.norm().item():.4f}")
