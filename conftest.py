@@ -1,11 +1,14 @@
-"""pytest configuration: hypothesis profiles.
+"""pytest configuration: hypothesis profiles, and a tiny offline language model for the tests.
 
     HYPOTHESIS_PROFILE=ci  (default) deterministic and quick, what CI runs
     HYPOTHESIS_PROFILE=dev many more random examples, for a local run before a change lands
 """
 
+import json
 import os
 
+import pytest
+import torch
 from hypothesis import HealthCheck, settings
 
 settings.register_profile("ci", max_examples=40, derandomize=True, deadline=None,
@@ -13,3 +16,44 @@ settings.register_profile("ci", max_examples=40, derandomize=True, deadline=None
 settings.register_profile("dev", max_examples=1000, deadline=None,
                           suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+TEXT = ("The quick brown fox jumps over the lazy dog. Sparse autoencoders find features in "
+        "activations. A JumpReLU latent fires when its pre-activation exceeds its threshold. ") * 3
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    """A 3-layer Llama (d_model 32) and a 300-token BPE tokenizer, saved as a local folder."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    folder = tmp_path_factory.mktemp("tiny_llama")
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel()
+    tok.train_from_iterator([TEXT], trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<eos>"]))
+    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", unk_token="<unk>").save_pretrained(folder)
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=tok.get_vocab_size(), hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("corpus")
+    (folder / "a.txt").write_text(TEXT * 4)
+    with open(folder / "b.jsonl", "w") as f:
+        for i in range(30):
+            f.write(json.dumps({"text": f"Document {i}. " + TEXT}) + "\n")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_acts(tiny_model, corpus, tmp_path_factory):
+    """A harvested folder of the tiny model's layer-1 residual stream (d_in 32)."""
+    import harvest
+    out = tmp_path_factory.mktemp("tiny_acts")
+    harvest.harvest(out, model_name=str(tiny_model), layer=1, tokens=6000, text=[str(corpus)], context=16,
+                    batch_size=8, dtype="float32", heldout_every=5, shard_rows=1000, device="cpu")
+    return out

@@ -33,7 +33,7 @@ TENSOR_NAMES = ("W_enc", "b_enc", "W_dec", "b_dec", "threshold")
 
 def rectangle(u):
     """The rectangle kernel K(u) = 1 if -1/2 < u < 1/2 else 0, in the dtype of u."""
-    return ((u > -0.5) & (u < 0.5)).to(u.dtype)
+    return (u.abs() < 0.5).to(u.dtype)
 
 
 def _promoted(z, threshold):
@@ -49,6 +49,18 @@ def _active(z, threshold):
     return z > theta
 
 
+def _kernel_sum(z, threshold, bandwidth, grad_out):
+    """sum over the broadcast rows of K((z - theta) / eps) * grad_out, in theta's dtype.
+
+    The constant factor of each estimator (-theta/eps or -1/eps) is applied by the caller after
+    this sum: one pass over the [B, F] tensors instead of three.
+    """
+    z, theta = _promoted(z, threshold)
+    in_window = (z - theta).div_(bandwidth).abs_() < 0.5         # K(u) = 1 for -1/2 < u < 1/2
+    g = torch.where(in_window, grad_out, 0).to(theta.dtype)
+    return _sum_to(g, threshold.shape), theta
+
+
 def _sum_to(grad, shape):
     """Sum a broadcast gradient back to the shape of the tensor it belongs to."""
     return grad.sum_to_size(shape) if grad.shape != shape else grad
@@ -59,19 +71,18 @@ class _JumpReLU(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, z, threshold, bandwidth):
-        ctx.save_for_backward(z, threshold)
+        active = _active(z, threshold)
+        ctx.save_for_backward(z, threshold, active)
         ctx.bandwidth = bandwidth
-        return z * _active(z, threshold).to(z.dtype)
+        return torch.where(active, z, 0)
 
     @staticmethod
     def backward(ctx, grad_out):
-        z, threshold = ctx.saved_tensors
-        eps = ctx.bandwidth
-        grad_z = grad_out * _active(z, threshold).to(grad_out.dtype)  # the true derivative, no STE
-        # Computed in the promoted dtype: float32 thresholds keep a float32 gradient under bf16.
-        z, theta = _promoted(z, threshold)
-        grad_threshold = -(theta / eps) * rectangle((z - theta) / eps) * grad_out
-        return grad_z, _sum_to(grad_threshold, threshold.shape), None
+        z, threshold, active = ctx.saved_tensors
+        grad_z = torch.where(active, grad_out, 0)                  # the true derivative, no STE
+        # In the promoted dtype: float32 thresholds keep a float32 gradient under bf16.
+        window_sum, theta = _kernel_sum(z, threshold, ctx.bandwidth, grad_out)
+        return grad_z, -(theta / ctx.bandwidth) * window_sum, None
 
 
 class _Step(torch.autograd.Function):
@@ -88,10 +99,9 @@ class _Step(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         z, threshold = ctx.saved_tensors
-        z, theta = _promoted(z, threshold)
-        grad_threshold = -(1.0 / ctx.bandwidth) * rectangle((z - theta) / ctx.bandwidth) * grad_out
+        window_sum, _ = _kernel_sum(z, threshold, ctx.bandwidth, grad_out)
         # None: the L0 term sends no gradient to the pre-activations (d/dz = 0).
-        return None, _sum_to(grad_threshold, threshold.shape), None
+        return None, -(1.0 / ctx.bandwidth) * window_sum, None
 
 
 def jumprelu(z, threshold, bandwidth):
@@ -189,7 +199,7 @@ class JumpReLUSAE(nn.Module):
         """SPEC section 2: ||x - x_hat||^2 + lambda * ||f||_0, both averaged over rows.
 
         The L0 term is `step` on the pre-activations (not a function of f): it trains the
-        thresholds only. Returns {"loss", "mse", "l0"} plus "f" and "x_hat" for logging.
+        thresholds only. Returns {"loss", "mse", "l0"} plus "pre", "f" and "x_hat" for logging.
         """
         pre_BF = self.pre_acts(x_BD)
         threshold_F = self.threshold
@@ -197,7 +207,7 @@ class JumpReLUSAE(nn.Module):
         x_hat_BD = self.decode(f_BF)
         mse = (x_BD - x_hat_BD).pow(2).sum(-1).mean()
         l0 = step(pre_BF, threshold_F, self.bandwidth).sum(-1).mean()
-        return {"loss": mse + l0_coefficient * l0, "mse": mse, "l0": l0, "f": f_BF, "x_hat": x_hat_BD}
+        return {"loss": mse + l0_coefficient * l0, "mse": mse, "l0": l0, "pre": pre_BF, "f": f_BF, "x_hat": x_hat_BD}
 
     # --- SPEC section 3: the unit-norm decoder and the input scale --------------------------
 

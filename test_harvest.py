@@ -1,0 +1,138 @@
+"""Tests for harvest.py: hook sites, the early stop, the held-out split, resume, the offline model.
+
+A tiny random Llama built from its transformers config and a BPE tokenizer trained here stand in
+for a hub model, so nothing is downloaded; one test runs the real offline SmolLM2.
+"""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import harvest
+from conftest import TEXT
+
+def _harvest(tiny_model, corpus, out, **kw):
+    args = dict(model_name=str(tiny_model), layer=1, tokens=3000, text=[str(corpus)], context=16,
+                batch_size=4, dtype="float32", heldout_every=5, shard_rows=150, device="cpu")
+    return harvest.harvest(out, **{**args, **kw})
+
+
+def _split(folder, split):
+    _, shards = harvest.open_split(folder, split)
+    return np.concatenate([a for a, _ in shards]), np.concatenate([t for _, t in shards])
+
+
+def test_resid_rows_are_the_layer_outputs_without_the_first_position(tiny_model, corpus, tmp_path):
+    m = _harvest(tiny_model, corpus, tmp_path / "acts")
+    assert m["complete"] and m["d_in"] == 32 and m["layer"] == 1 and m["hook"] == "model.layers.1"
+    acts, windows = _split(tmp_path / "acts", "train")
+    assert acts.shape == (len(windows) * 15, 32) and windows.shape[1] == 16
+    model, _ = harvest.load_model(str(tiny_model), "cpu", torch.float32)
+    with torch.no_grad():
+        hidden = model(torch.from_numpy(windows).long(), output_hidden_states=True).hidden_states
+    # hidden_states[0] is the embedding, so layer 1's output is hidden_states[2].
+    expected = hidden[2][:, 1:].reshape(-1, 32).numpy()
+    np.testing.assert_allclose(acts, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_mlp_and_attn_sites_add_up_to_the_residual_update(tiny_model, corpus, tmp_path):
+    for site in ("mlp", "attn"):
+        _harvest(tiny_model, corpus, tmp_path / site, site=site)
+    mlp, windows = _split(tmp_path / "mlp", "train")
+    attn, _ = _split(tmp_path / "attn", "train")
+    model, _ = harvest.load_model(str(tiny_model), "cpu", torch.float32)
+    with torch.no_grad():
+        hidden = model(torch.from_numpy(windows).long(), output_hidden_states=True).hidden_states
+    update = (hidden[2] - hidden[1])[:, 1:].reshape(-1, 32).numpy()   # Llama: h += attn; h += mlp
+    np.testing.assert_allclose(mlp + attn, update, rtol=1e-4, atol=1e-5)
+    assert np.abs(mlp).sum() > 0 and np.abs(attn).sum() > 0
+
+
+def test_forward_stops_at_the_hooked_layer(tiny_model):
+    model, _ = harvest.load_model(str(tiny_model), "cpu", torch.float32)
+    later = []
+    handle = model.model.layers[2].register_forward_hook(lambda *a: later.append(1))
+    out = harvest.SiteReader(model, 1, "resid")(torch.zeros(2, 8, dtype=torch.long))
+    handle.remove()
+    assert out.shape == (2, 8, 32) and later == []
+
+
+def test_heldout_windows_are_every_nth_and_never_in_training(tiny_model, corpus, tmp_path):
+    m = _harvest(tiny_model, corpus, tmp_path / "acts", heldout_every=5)
+    _, train_windows = _split(tmp_path / "acts", "train")
+    held_acts, held_windows = _split(tmp_path / "acts", "heldout")
+    n = len(train_windows) + len(held_windows)
+    assert len(held_windows) == n // 5 and len(held_acts) == len(held_windows) * 15
+    assert m["splits"]["heldout"]["rows"] == len(held_acts)
+    # The stream of windows, rebuilt, puts every 5th window in the held-out split.
+    tokenizer = harvest.load_model(str(tiny_model), "cpu", torch.float32)[1]
+    stream = list(harvest.token_windows(harvest.text_files([str(corpus)]), tokenizer, 16))[:n]
+    np.testing.assert_array_equal(held_windows, np.array(stream[4::5]))
+    np.testing.assert_array_equal(train_windows, np.array([w for i, w in enumerate(stream) if i % 5 != 4]))
+
+
+def test_resume_after_a_kill_gives_the_same_folder(tiny_model, corpus, tmp_path, monkeypatch):
+    _harvest(tiny_model, corpus, tmp_path / "whole")
+    calls = {"n": 0}
+    real_save = harvest.save_npy
+
+    def dying_save(path, array):          # the process dies while writing the fourth shard file
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt
+        real_save(path, array)
+
+    monkeypatch.setattr(harvest, "save_npy", dying_save)
+    with pytest.raises(KeyboardInterrupt):
+        _harvest(tiny_model, corpus, tmp_path / "killed")
+    monkeypatch.setattr(harvest, "save_npy", real_save)
+    partial = json.loads((tmp_path / "killed" / "manifest.json").read_text())
+    assert not partial["complete"] and partial["splits"]["train"]["shards"]   # consistent, part-done
+    harvest.open_split(tmp_path / "killed", "train")                        # and readable as it is
+    with pytest.raises(ValueError, match="already holds a harvest"):
+        _harvest(tiny_model, corpus, tmp_path / "killed")
+    _harvest(tiny_model, corpus, tmp_path / "killed", resume=True)
+    for split in harvest.SPLITS:
+        for a, b in zip(_split(tmp_path / "whole", split), _split(tmp_path / "killed", split)):
+            np.testing.assert_array_equal(a, b)
+
+
+def test_bad_inputs_get_one_sentence_errors(tiny_model, corpus, tmp_path):
+    with pytest.raises(ValueError, match="out of range: this model has layers 0 to 2"):
+        _harvest(tiny_model, corpus, tmp_path / "a", layer=3)
+    with pytest.raises(ValueError, match="does not exist"):
+        _harvest(tiny_model, corpus, tmp_path / "b", text=[str(tmp_path / "missing.txt")])
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "e.txt").write_text("")
+    with pytest.raises(ValueError, match="no complete training window"):
+        _harvest(tiny_model, corpus, tmp_path / "c", text=[str(empty)])
+    with pytest.raises(ValueError, match="has no manifest.json"):
+        harvest.open_split(tmp_path / "nowhere")
+
+
+def test_manifest_cannot_point_outside_its_folder(tiny_model, corpus, tmp_path):
+    _harvest(tiny_model, corpus, tmp_path / "acts")
+    path = tmp_path / "acts" / "manifest.json"
+    m = json.loads(path.read_text())
+    m["splits"]["train"]["shards"][0]["acts"] = "../../etc/passwd"
+    path.write_text(json.dumps(m))
+    with pytest.raises(ValueError, match="outside its folder"):
+        harvest.open_split(tmp_path / "acts")
+
+
+def test_python_docs_is_real_english_and_deterministic():
+    docs = harvest.python_docs()
+    assert len(docs) > 1000 and sum(map(len, docs)) > 1_000_000
+    assert docs[:5] == harvest.python_docs()[:5]
+
+
+def test_offline_smollm2_layer6_residual(tmp_path):
+    m = harvest.harvest(tmp_path / "acts", tokens=600, context=64, batch_size=4, device="cpu")
+    assert (m["model"], m["layer"], m["site"], m["d_in"], m["hook"]) == ("smollm2", 6, "resid", 576, "model.layers.6")
+    acts, windows = _split(tmp_path / "acts", "train")
+    assert acts.dtype == np.float16 and len(acts) == len(windows) * 63
+    norms = np.linalg.norm(acts.astype(np.float32), axis=1)
+    assert 50 < np.median(norms) < 200          # SPEC section 6: about 100 on ordinary tokens

@@ -1,0 +1,146 @@
+"""Tests for train.py: the paper's schedules, the activation stream, the input scale, resume."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import harvest
+import train
+from jumprelu import JumpReLUSAE
+
+
+def test_paper_recipe_is_spec_section_3():
+    p = train.PAPER
+    assert (p["lr"], p["betas"], p["batch_size"], p["bandwidth"], p["threshold_init"]) == (7e-5, (0.0, 0.999), 4096, 0.001, 0.001)
+    assert (p["lr_warmup_steps"], p["l0_warmup_steps"], p["lr_decay_fraction"]) == (1000, 10_000, 0.0)
+
+
+def test_lr_cosine_warmup_from_a_tenth_then_constant():
+    lr = lambda s: train.lr_at(s, 100_000, 7e-5, 1000)
+    assert lr(0) == pytest.approx(7e-6)
+    assert lr(500) == pytest.approx(7e-5 * (0.1 + 0.9 * 0.5))         # half-way up the cosine
+    assert lr(250) == pytest.approx(7e-5 * (0.1 + 0.9 * 0.5 * (1 - math.cos(math.pi / 4))))
+    assert lr(1000) == lr(99_999) == pytest.approx(7e-5)
+    assert all(lr(s) <= lr(s + 1) for s in range(0, 1000, 7))
+
+
+def test_lr_linear_decay_over_the_last_fraction():
+    lr = lambda s: train.lr_at(s, 1000, 1e-3, 10, decay_fraction=0.2)
+    assert lr(799) == pytest.approx(1e-3) and lr(800) == pytest.approx(1e-3)
+    assert lr(900) == pytest.approx(5e-4) and lr(1000) == 0.0
+
+
+def test_l0_coefficient_linear_warmup():
+    assert train.l0_coefficient_at(0, 2.0, 10_000) == 0.0
+    assert train.l0_coefficient_at(2_500, 2.0, 10_000) == pytest.approx(0.5)
+    assert train.l0_coefficient_at(10_000, 2.0, 10_000) == train.l0_coefficient_at(50_000, 2.0, 10_000) == 2.0
+
+
+def test_target_l0_controller_settles_on_the_target():
+    # A plant whose L0 falls as lambda grows, with lag: the controller must find lambda for L0 = 40.
+    controller, l0 = train.TargetL0(40, l0_coefficient=1e-4), 500.0
+    for _ in range(600):
+        l0 += 0.2 * (3.0 / math.sqrt(controller.value) - l0)
+        controller.update(l0)
+    assert l0 == pytest.approx(40, rel=0.02)
+    assert controller.value == pytest.approx((3.0 / 40) ** 2, rel=0.05)
+
+
+def _shards(sizes):
+    """Fake shards whose row r of shard s holds the global row index in every column."""
+    starts = np.cumsum([0] + sizes)
+    return [(np.tile(np.arange(a, a + n, dtype=np.float32)[:, None], (1, 3)), None) for a, n in zip(starts, sizes)]
+
+
+def test_stream_shuffles_across_shards_and_repeats_no_row_within_an_epoch():
+    shards = _shards([3000, 2048, 5000])
+    stream = train.batches(shards, 256, seed=1, buffer_rows=4096)
+    rows = torch.cat([next(stream)[:, 0] for _ in range(35)]).long().numpy()     # 35 x 256 < 10048 rows
+    assert len(np.unique(rows)) == len(rows)                                     # no row twice
+    first = next(train.batches(shards, 256, seed=1, buffer_rows=4096))[:, 0].numpy()
+    owners = np.searchsorted([3000, 5048, 10048], first, side="right")
+    assert len(set(owners)) > 1                                                 # one batch mixes shards
+    assert not np.array_equal(first, np.sort(first))                            # and is shuffled
+
+
+def test_stream_resumes_at_any_step_without_reading_what_came_before():
+    shards = _shards([3000, 2048, 5000])
+    whole = [b for _, b in zip(range(50), train.batches(shards, 512, seed=3, buffer_rows=2048))]
+    for start in (0, 3, 17, 40):
+        resumed = [b for _, b in zip(range(50 - start), train.batches(shards, 512, seed=3, start_step=start, buffer_rows=2048))]
+        assert all(torch.equal(a, b) for a, b in zip(whole[start:], resumed))
+
+
+def test_input_scale_makes_mean_squared_norm_one():
+    x = torch.randn(1000, 8) * 37 + 5
+    s = train.input_scale(x)
+    assert (x * s).pow(2).sum(1).mean().item() == pytest.approx(1.0, rel=1e-6)
+
+
+def _train(acts, out, **kw):
+    args = dict(d_sae=64, steps=8, target_l0=4, batch_size=128, log_every=2, checkpoint_every=4, quiet=True, device="cpu")
+    return train.train(acts, out, **{**args, **kw})
+
+
+def _checkpoint_sae(folder, d_in=32, d_sae=64):
+    """The SAE inside a checkpoint: weights in scaled-input space, as training saw them."""
+    from safetensors import safe_open
+    sae = JumpReLUSAE(d_in, d_sae)
+    with safe_open(str(folder / "checkpoint.safetensors"), "pt") as f:
+        state = json.loads(f.metadata()["state"])
+        with torch.no_grad():
+            for n, p in sae.named_parameters():
+                p.copy_(f.get_tensor(f"param.{n}"))
+    sae.bandwidth = state["bandwidth"]
+    return sae, state
+
+
+def test_saved_sae_takes_raw_activations(tiny_acts, tmp_path):
+    record = _train(tiny_acts, tmp_path / "sae")
+    for key in ("loss", "mse", "l0", "heldout_l0", "heldout_fvu", "dead_fraction", "l0_coefficient", "lr", "tokens_per_s"):
+        assert math.isfinite(record[key]), key
+    saved = JumpReLUSAE.load(tmp_path / "sae")
+    scaled, state = _checkpoint_sae(tmp_path / "sae")
+    assert saved.metadata["input_scale"] == pytest.approx(state["scale"]) and state["scale"] != 1.0
+    assert (saved.metadata["layer"], saved.metadata["site"], saved.metadata["hook"]) == (1, "resid", "model.layers.1")
+    x_raw = train.sample_rows(harvest.open_split(tiny_acts, "heldout")[1], 200)
+    with torch.no_grad():
+        torch.testing.assert_close(saved.encode(x_raw), scaled.encode(x_raw * state["scale"]), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(saved(x_raw), scaled(x_raw * state["scale"]) / state["scale"], rtol=1e-4, atol=1e-4)
+    log = [json.loads(line) for line in (tmp_path / "sae" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [2, 4, 6, 8]
+
+
+def test_resume_after_a_kill_ends_with_identical_weights(tiny_acts, tmp_path, monkeypatch):
+    _train(tiny_acts, tmp_path / "whole")
+    real_lr_at = train.lr_at
+
+    def dying_lr_at(step, *a, **k):        # the run dies at step 6, after the checkpoint of step 4
+        if step == 6:
+            raise KeyboardInterrupt
+        return real_lr_at(step, *a, **k)
+
+    monkeypatch.setattr(train, "lr_at", dying_lr_at)
+    with pytest.raises(KeyboardInterrupt):
+        _train(tiny_acts, tmp_path / "killed")
+    monkeypatch.setattr(train, "lr_at", real_lr_at)
+    assert _checkpoint_sae(tmp_path / "killed")[1]["step"] == 4
+    _train(tiny_acts, tmp_path / "killed", resume=True)
+    whole, killed = JumpReLUSAE.load(tmp_path / "whole"), JumpReLUSAE.load(tmp_path / "killed")
+    for name in ("W_enc", "b_enc", "W_dec", "b_dec", "threshold"):
+        assert torch.equal(getattr(whole, name), getattr(killed, name)), name
+
+
+def test_paper_recipe_runs_with_a_fixed_coefficient(tiny_acts, tmp_path):
+    record = _train(tiny_acts, tmp_path / "paper", recipe="paper", target_l0=None, l0_coefficient=1e-3)
+    assert record["l0_coefficient"] == pytest.approx(1e-3 * 7 / 10_000)   # lambda warm-up: step 7 of 10,000
+    saved = JumpReLUSAE.load(tmp_path / "paper")
+    assert saved.bandwidth == 0.001 and saved.metadata["recipe"] == "paper"
+
+
+def test_sparsity_must_be_given(tiny_acts, tmp_path):
+    with pytest.raises(ValueError, match="--target-l0 K or --l0-coefficient"):
+        _train(tiny_acts, tmp_path / "x", target_l0=None)

@@ -1,0 +1,356 @@
+"""Train a JumpReLU SAE on harvested activations.
+
+    python train.py --acts runs/acts --out runs/sae --target-l0 32            # small-budget recipe
+    python train.py --acts runs/acts --out runs/sae --l0-coefficient 1e-3 --steps 200000 --recipe paper
+    python train.py --acts runs/acts --out runs/sae --resume                  # carry on a killed run
+
+Inputs are multiplied by one scalar so that E||x||^2 = 1 over the training split (SPEC section 3,
+estimated once from a sample); the saved SAE has it folded in and takes raw activations. Sparsity
+is set by a fixed L0 coefficient (lambda) or by --target-l0 K, which adjusts lambda during
+training until the running L0 settles at K.
+
+Writes to --out: config.json and sae.safetensors (the SAE), log.jsonl (one record per --log-every
+steps) and checkpoint.safetensors (weights, Adam state, step, lambda; written atomically).
+"""
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+import harvest
+from jumprelu import JumpReLUSAE
+
+# SPEC section 3, exactly: Gemma Scope's recipe, built for billions of tokens.
+PAPER = dict(lr=7e-5, betas=(0.0, 0.999), lr_warmup_steps=1000, lr_decay_fraction=0.0, batch_size=4096,
+             bandwidth=0.001, threshold_init=0.001, threshold_lr_scale=1.0, l0_warmup_steps=10_000,
+             b_dec_init="zeros", revive_after_tokens=0)
+# Our recipe for a few million tokens (minutes on a CPU); README "Training recipe" says what each
+# departure from the paper bought, measured on SmolLM2 layer-6 activations.
+SMALL = dict(lr=1e-3, betas=(0.9, 0.999), lr_warmup_steps=20, lr_decay_fraction=0.2, batch_size=4096,
+             bandwidth="auto", threshold_init="quantile", threshold_lr_scale=1.0, l0_warmup_steps=0,
+             b_dec_init="zeros", revive_after_tokens=0)
+RECIPES = {"paper": PAPER, "small": SMALL}
+
+
+# --- The activation stream -----------------------------------------------------------------
+
+BLOCK = 1024  # rows read together from one shard; blocks, not rows, are shuffled across shards
+
+
+def stream_plan(shard_rows, batch_size, seed, buffer_rows=2**18):
+    """Yield, forever, the (shard, start) blocks of each shuffle buffer and the row order inside it.
+
+    Each epoch permutes all blocks of all shards (numpy Generator seeded by (seed, epoch)); a buffer
+    of `buffer_rows` rows gathers consecutive blocks of that order and is permuted again. Only
+    indices are computed here, so a resumed run skips ahead without reading any data.
+    """
+    blocks = [(s, i) for s, n in enumerate(shard_rows) for i in range(0, n, BLOCK)]
+    per_buffer = max(1, buffer_rows // BLOCK)
+    epoch = 0
+    while True:
+        rng = np.random.default_rng([seed, epoch])
+        order = rng.permutation(len(blocks))
+        for k in range(0, len(order), per_buffer):
+            group = [blocks[j] for j in order[k:k + per_buffer]]
+            rows = sum(min(BLOCK, shard_rows[s] - i) for s, i in group)
+            if rows >= batch_size:
+                yield group, rng.permutation(rows)[: rows - rows % batch_size]
+        epoch += 1
+
+
+def batches(shards, batch_size, seed, start_step=0, buffer_rows=2**18):
+    """Float32 training batches [batch_size, d_in] from memory-mapped shards, from `start_step` on."""
+    plan = stream_plan([len(a) for a, _ in shards], batch_size, seed, buffer_rows)
+    step = 0
+    for group, order in plan:
+        n = len(order) // batch_size
+        if step + n <= start_step:                  # a whole buffer before the resume point
+            step += n
+            continue
+        buffer = np.concatenate([shards[s][0][i:i + BLOCK] for s, i in group])
+        for b in range(n):
+            if step >= start_step:
+                yield torch.from_numpy(buffer[order[b * batch_size:(b + 1) * batch_size]].astype(np.float32))
+            step += 1
+
+
+def sample_rows(shards, n, seed=0):
+    """n rows drawn uniformly (without replacement) from all shards, as float32."""
+    sizes = np.array([len(a) for a, _ in shards])
+    rng = np.random.default_rng(seed)
+    picks = np.sort(rng.choice(sizes.sum(), size=min(n, sizes.sum()), replace=False))
+    starts = np.concatenate([[0], np.cumsum(sizes)])
+    out = [shards[s][0][np.sort(picks[(picks >= starts[s]) & (picks < starts[s + 1])] - starts[s])]
+           for s in range(len(shards))]
+    return torch.from_numpy(np.concatenate(out).astype(np.float32))
+
+
+def input_scale(x_ND):
+    """SPEC section 3: the scalar s with E||s x||^2 = 1 over the sample."""
+    return 1.0 / math.sqrt(x_ND.double().pow(2).sum(1).mean().item())
+
+
+# --- Schedules (SPEC section 3) --------------------------------------------------------------
+
+
+def lr_at(step, total_steps, lr, warmup_steps, decay_fraction=0.0):
+    """Cosine warm-up from 0.1 lr to lr over `warmup_steps`, then constant; with `decay_fraction`
+    > 0, a linear decay to 0 over that last fraction of training."""
+    if step < warmup_steps:
+        return lr * (0.1 + 0.9 * 0.5 * (1 - math.cos(math.pi * step / warmup_steps)))
+    decay_start = total_steps * (1 - decay_fraction)
+    if decay_fraction > 0 and step >= decay_start:
+        return lr * max(0.0, (total_steps - step) / (total_steps - decay_start))
+    return lr
+
+
+def l0_coefficient_at(step, l0_coefficient, warmup_steps):
+    """lambda warmed up linearly from 0 over `warmup_steps`."""
+    return l0_coefficient * min(1.0, step / warmup_steps) if warmup_steps > 0 else l0_coefficient
+
+
+class TargetL0:
+    """An integral controller on log(lambda) that settles the running L0 at `target`.
+
+    Each step lambda is multiplied by exp(gain * clip((l0 - K) / K, -1, 1)): a latent count 10%
+    too high raises lambda by 0.1 * gain. The integral action removes steady-state error; the
+    clip keeps the first steps (L0 in the hundreds) from blowing lambda up.
+    """
+
+    def __init__(self, target, l0_coefficient=1e-3, gain=0.05):
+        self.target, self.value, self.gain = float(target), float(l0_coefficient), gain
+
+    def update(self, l0):
+        error = max(-1.0, min(1.0, (l0 - self.target) / self.target))
+        self.value *= math.exp(self.gain * error)
+        return self.value
+
+
+# --- Threshold initialisation and bandwidth --------------------------------------------------
+
+
+@torch.no_grad()
+def init_from_data(sae, x_ND, target_l0, bandwidth):
+    """Data-driven start: each latent's threshold at the quantile of its pre-activations that makes
+    it fire on target_l0 / d_sae of the sample (so L0 starts at the target, and no latent starts
+    dead); bandwidth "auto" = 0.1 x the median over latents of the pre-activations' std."""
+    pre_NF = sae.pre_acts(x_ND)
+    if bandwidth == "auto":
+        sae.bandwidth = 0.1 * pre_NF.std(0).median().item()
+    reset_thresholds_(sae, pre_NF, target_l0)
+
+
+@torch.no_grad()
+def reset_thresholds_(sae, pre_NF, target_l0, latents=None):
+    """Put the thresholds of `latents` (default all) at the quantile of their pre-activations that
+    makes each fire on target_l0 / d_sae of the rows."""
+    latents = slice(None) if latents is None else latents
+    q = 1.0 - min(0.5, target_l0 / sae.d_sae)
+    theta_F = torch.quantile(pre_NF[:, latents].float(), q, dim=0).clamp_min(sae.bandwidth)
+    sae.log_threshold[latents] = theta_F.log()
+
+
+# --- Checkpoints -----------------------------------------------------------------------------
+
+
+def save_checkpoint(path, sae, opt, state):
+    """Weights and Adam moments as tensors, the rest as JSON in the file's metadata; atomic."""
+    tensors = {f"param.{n}": p.detach().cpu().contiguous() for n, p in sae.named_parameters()}
+    for n, p in sae.named_parameters():
+        for k, v in opt.state.get(p, {}).items():
+            tensors[f"adam.{n}.{k}"] = v.detach().cpu().reshape(v.shape).contiguous()
+    tensors["rng.torch"] = torch.get_rng_state()
+    tmp = Path(str(path) + ".tmp")
+    save_file(tensors, str(tmp), metadata={"state": json.dumps(state)})
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path, sae, opt):
+    try:
+        with safe_open(str(path), "pt") as f:
+            state = json.loads(f.metadata()["state"])
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:
+        raise ValueError(f"{path} cannot be read ({type(e).__name__}); delete it to start afresh.") from None
+    with torch.no_grad():
+        for n, p in sae.named_parameters():
+            p.copy_(tensors[f"param.{n}"])
+            moments = {k.split(".")[-1]: v for k, v in tensors.items() if k.startswith(f"adam.{n}.")}
+            if moments:
+                opt.state[p] = {k: v.to(p.device) if k != "step" else v for k, v in moments.items()}
+    torch.set_rng_state(tensors["rng.torch"])
+    return state
+
+
+# --- Training --------------------------------------------------------------------------------
+
+
+def fvu(x_BD, x_hat_BD):
+    """SPEC section 5: sum ||x - x_hat||^2 / sum ||x - mean(x)||^2."""
+    return ((x_BD - x_hat_BD).pow(2).sum() / (x_BD - x_BD.mean(0)).pow(2).sum()).item()
+
+
+def train(acts, out, *, d_sae=None, steps=300, target_l0=None, l0_coefficient=None, recipe="small",
+          seed=0, log_every=25, checkpoint_every=100, resume=False, device=None, autocast=None,
+          quiet=False, **overrides):
+    """Train a JumpReLUSAE on the harvested folder `acts`; write it to `out`. Returns the last log record."""
+    out = Path(out)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    autocast = (device == "cuda") if autocast is None else autocast
+    hp = {**RECIPES[recipe], **{k: v for k, v in overrides.items() if v is not None}}
+    if target_l0 is None and l0_coefficient is None:
+        raise ValueError("set the sparsity with --target-l0 K or --l0-coefficient LAMBDA.")
+    manifest, shards = harvest.open_split(acts, "train")
+    _, heldout = harvest.open_split(acts, "heldout")
+    d_in = manifest["d_in"]
+    d_sae = d_sae or 8 * d_in
+    B = hp["batch_size"]
+
+    torch.manual_seed(seed)
+    sample = sample_rows(shards, 16_384, seed)
+    if not torch.isfinite(sample).all():
+        raise ValueError(f"{acts} holds NaN or Inf activations; harvest it again.")
+    scale = input_scale(sample)
+    x_eval = sample_rows(heldout, B, seed).to(device) * scale
+    sae = JumpReLUSAE(d_in, d_sae, bandwidth=hp["bandwidth"] if hp["bandwidth"] != "auto" else 0.001,
+                      threshold_init=hp["threshold_init"] if hp["threshold_init"] != "quantile" else 0.001,
+                      device=device)
+    if hp["threshold_init"] == "quantile" or hp["bandwidth"] == "auto":
+        init_from_data(sae, (sample[:4096].to(device) * scale), target_l0 or 32, hp["bandwidth"])
+    if hp["b_dec_init"] == "mean":
+        with torch.no_grad():
+            sae.b_dec.copy_(sample.mean(0).to(device) * scale)
+    thresholds = [sae.log_threshold]
+    others = [p for p in sae.parameters() if p is not sae.log_threshold]
+    opt = torch.optim.Adam([{"params": others, "lr_scale": 1.0},
+                            {"params": thresholds, "lr_scale": hp["threshold_lr_scale"]}],
+                           lr=hp["lr"], betas=hp["betas"], eps=1e-8)
+    controller = TargetL0(target_l0, l0_coefficient or 1e-3) if target_l0 else None
+    state = {"step": 0, "l0_coefficient": controller.value if controller else l0_coefficient}
+
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt = out / "checkpoint.safetensors"
+    if resume:
+        if not ckpt.is_file():
+            raise ValueError(f"--resume: {ckpt} does not exist; start without --resume.")
+        state = load_checkpoint(ckpt, sae, opt)
+        scale, sae.bandwidth = state["scale"], state["bandwidth"]
+        if controller:
+            controller.value = state["l0_coefficient"]
+    log_path = out / "log.jsonl"
+    if not resume and log_path.exists():
+        log_path.unlink()
+
+    flops_per_step = 12 * B * d_in * d_sae           # dense forward + backward: 6 matmul-sized products
+    stream = batches(shards, B, seed, start_step=state["step"])
+    start = state["step"]
+    fired_at = torch.full((d_sae,), -1, device=device)      # last step each latent fired (-1: not since start)
+    record, t_log, step_log = {}, time.perf_counter(), state["step"]
+    bar = tqdm(total=steps, initial=state["step"], unit="step", desc="train", disable=quiet)
+    for step in range(state["step"], steps):
+        x_BD = next(stream).to(device, non_blocking=True) * scale
+        lam = controller.value if controller else l0_coefficient_at(step, l0_coefficient, hp["l0_warmup_steps"])
+        lr = lr_at(step, steps, hp["lr"], hp["lr_warmup_steps"], hp["lr_decay_fraction"])
+        for group in opt.param_groups:
+            group["lr"] = lr * group["lr_scale"]
+        with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=autocast):
+            out_ = sae.loss(x_BD, lam)
+        if not torch.isfinite(out_["loss"]):
+            raise ValueError(f"the loss became {out_['loss'].item()} at step {step}; the last good checkpoint is {ckpt}.")
+        opt.zero_grad(set_to_none=True)
+        out_["loss"].backward()
+        sae.remove_parallel_decoder_grad_()
+        opt.step()
+        sae.normalize_decoder_()
+        l0 = out_["l0"].item()
+        if controller:
+            controller.update(l0)
+        fired_at[(out_["f"] != 0).any(0)] = step + 1
+        revive = hp["revive_after_tokens"] // B
+        if revive and (step + 1 - start) % revive == 0:
+            dead = (fired_at < step + 1 - revive).nonzero().squeeze(1)
+            if len(dead):
+                reset_thresholds_(sae, out_["pre"].detach(), target_l0 or 32, dead)
+        bar.update(1)
+
+        if (step + 1) % log_every == 0 or step + 1 == steps:
+            with torch.no_grad(), torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=autocast):
+                ev = sae.loss(x_eval, lam)
+            dt = time.perf_counter() - t_log
+            tokens_per_s = (step + 1 - step_log) * B / dt
+            record = {"step": step + 1, "loss": out_["loss"].item(), "mse": out_["mse"].item(), "l0": l0,
+                      "heldout_l0": ev["l0"].item(), "heldout_fvu": fvu(x_eval, ev["x_hat"].float()),
+                      # dead: no firing in the last 2^20 tokens, or since the (re)start if fewer
+                      "dead_fraction": (fired_at < step + 1 - min(2**20 // B, step + 1 - start)).float().mean().item(),
+                      "l0_coefficient": lam, "lr": lr, "tokens_per_s": tokens_per_s,
+                      "flops_per_s": flops_per_step * tokens_per_s / B}
+            with open(log_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+            bar.set_postfix(l0=f"{record['heldout_l0']:.1f}", fvu=f"{record['heldout_fvu']:.3f}",
+                            dead=f"{record['dead_fraction']:.1%}", tok_s=f"{tokens_per_s:,.0f}")
+            t_log, step_log = time.perf_counter(), step + 1
+        if (step + 1) % checkpoint_every == 0 or step + 1 == steps:
+            state = {"step": step + 1, "scale": scale, "bandwidth": sae.bandwidth,
+                     "l0_coefficient": controller.value if controller else l0_coefficient,
+                     "recipe": recipe, "hp": hp, "seed": seed}
+            save_checkpoint(ckpt, sae, opt, state)
+    bar.close()
+
+    final = JumpReLUSAE(d_in, d_sae, bandwidth=sae.bandwidth)
+    final.load_state_dict(sae.state_dict())
+    final.metadata = {"model": manifest["model"], "layer": manifest["layer"], "site": manifest["site"],
+                      "hook": manifest["hook"], "context": manifest["context"], "acts": str(acts),
+                      "recipe": recipe, "steps": steps, "tokens": steps * B,
+                      "target_l0": target_l0, "l0_coefficient": lam}
+    final.fold_input_scale_(scale)
+    final.save(out)
+    return record
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="\n\n".join(__doc__.split("\n\n")[1:]))
+    p.add_argument("--acts", required=True, help="folder written by harvest.py")
+    p.add_argument("--out", required=True, help="SAE folder to write")
+    p.add_argument("--d-sae", type=int, default=None, help="number of latents (default 8 x d_in)")
+    p.add_argument("--steps", type=int, default=300, help="training steps (default 300)")
+    sparsity = p.add_mutually_exclusive_group()
+    sparsity.add_argument("--target-l0", type=float, default=None, help="adjust lambda so that L0 settles at K")
+    sparsity.add_argument("--l0-coefficient", type=float, default=None, help="fixed lambda of the L0 term")
+    p.add_argument("--recipe", choices=sorted(RECIPES), default="small", help="small (default) or paper (SPEC section 3)")
+    for name, kind in (("lr", float), ("batch-size", int), ("bandwidth", float), ("threshold-lr-scale", float),
+                       ("lr-warmup-steps", int), ("l0-warmup-steps", int), ("lr-decay-fraction", float)):
+        p.add_argument(f"--{name}", type=kind, default=None, help="override the recipe's value")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--log-every", type=int, default=25)
+    p.add_argument("--checkpoint-every", type=int, default=100)
+    p.add_argument("--resume", action="store_true", help="continue from --out/checkpoint.safetensors")
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
+    args = p.parse_args(argv)
+    if args.target_l0 is None and args.l0_coefficient is None:
+        args.target_l0 = 32
+    overrides = {k: getattr(args, k) for k in ("lr", "batch_size", "bandwidth", "threshold_lr_scale",
+                                               "lr_warmup_steps", "l0_warmup_steps", "lr_decay_fraction")}
+    try:
+        r = train(args.acts, args.out, d_sae=args.d_sae, steps=args.steps, target_l0=args.target_l0,
+                  l0_coefficient=args.l0_coefficient, recipe=args.recipe, seed=args.seed, log_every=args.log_every,
+                  checkpoint_every=args.checkpoint_every, resume=args.resume, device=args.device, **overrides)
+    except ValueError as e:
+        sys.exit(f"error: {e}")
+    print(f"wrote the SAE to {args.out}: held-out L0 {r['heldout_l0']:.1f}, FVU {r['heldout_fvu']:.3f}, "
+          f"dead {r['dead_fraction']:.1%} (log: {args.out}/log.jsonl)")
+
+
+if __name__ == "__main__":
+    main()
