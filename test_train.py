@@ -42,11 +42,43 @@ def test_l0_coefficient_linear_warmup():
 def test_target_l0_controller_settles_on_the_target():
     # A plant whose L0 falls as lambda grows, with lag: the controller must find lambda for L0 = 40.
     controller, l0 = train.TargetL0(40, l0_coefficient=1e-4), 500.0
+    history = []
     for _ in range(600):
         l0 += 0.2 * (3.0 / math.sqrt(controller.value) - l0)
         controller.update(l0)
+        history.append(l0)
     assert l0 == pytest.approx(40, rel=0.02)
     assert controller.value == pytest.approx((3.0 / 40) ** 2, rel=0.05)
+    assert min(history) > 0.8 * 40                                  # no deep undershoot on the way
+
+
+def _adam_like_plant(controller, steps=240, target=32):
+    """Thresholds moved by Adam (normalised steps, momentum 0.9, lr 0.02) on lambda * a - m: they
+    rise at a fixed rate whenever the L0 term wins, however large lambda is. L0 = K exp(-3 t)."""
+    t, m, v, history = -0.35, 0.0, 0.0, []
+    for s in range(steps):
+        l0 = target * math.exp(-3 * t)
+        controller.update(l0)
+        g = controller.value * 40 - 0.05
+        m, v = 0.9 * m + 0.1 * g, 0.999 * v + 0.001 * g * g
+        t += 0.02 * (m / (1 - 0.9 ** (s + 1))) / (math.sqrt(v / (1 - 0.999 ** (s + 1))) + 1e-12)
+        history.append(l0)
+    return history
+
+
+def test_target_l0_controller_does_not_wind_up_under_adam():
+    history = _adam_like_plant(train.TargetL0(32, 1e-3))
+    assert sum(history[-40:]) / 40 == pytest.approx(32, rel=0.05)
+    assert min(history[20:]) > 0.6 * 32
+    # The pure integral controller (kp = 0) on the same plant winds up and swings far below.
+    assert min(_adam_like_plant(train.TargetL0(32, 1e-3, kp=0.0))[20:]) < 0.5 * 32
+
+
+def test_target_l0_controller_moves_the_right_way():
+    up, down = train.TargetL0(32, 1e-3), train.TargetL0(32, 1e-3)
+    assert up.update(64) > 1e-3 and down.update(16) < 1e-3
+    up.update(32)                                # at the target the proportional part vanishes
+    assert up.value == pytest.approx(math.exp(math.log(1e-3) + 0.05))
 
 
 def _shards(sizes):
@@ -114,8 +146,9 @@ def test_saved_sae_takes_raw_activations(tiny_acts, tmp_path):
     assert [r["step"] for r in log] == [2, 4, 6, 8]
 
 
-def test_resume_after_a_kill_ends_with_identical_weights(tiny_acts, tmp_path, monkeypatch):
-    _train(tiny_acts, tmp_path / "whole")
+@pytest.mark.parametrize("extra", [{}, {"auxk_coefficient": 0.5, "dead_window_tokens": 256}])
+def test_resume_after_a_kill_ends_with_identical_weights(tiny_acts, tmp_path, monkeypatch, extra):
+    _train(tiny_acts, tmp_path / "whole", **extra)
     real_lr_at = train.lr_at
 
     def dying_lr_at(step, *a, **k):        # the run dies at step 6, after the checkpoint of step 4
@@ -125,10 +158,12 @@ def test_resume_after_a_kill_ends_with_identical_weights(tiny_acts, tmp_path, mo
 
     monkeypatch.setattr(train, "lr_at", dying_lr_at)
     with pytest.raises(KeyboardInterrupt):
-        _train(tiny_acts, tmp_path / "killed")
+        _train(tiny_acts, tmp_path / "killed", **extra)
     monkeypatch.setattr(train, "lr_at", real_lr_at)
     assert _checkpoint_sae(tmp_path / "killed")[1]["step"] == 4
-    _train(tiny_acts, tmp_path / "killed", resume=True)
+    _train(tiny_acts, tmp_path / "killed", resume=True, **extra)
+    with pytest.raises(ValueError, match="already at step 8"):
+        _train(tiny_acts, tmp_path / "killed", resume=True, **extra)
     whole, killed = JumpReLUSAE.load(tmp_path / "whole"), JumpReLUSAE.load(tmp_path / "killed")
     for name in ("W_enc", "b_enc", "W_dec", "b_dec", "threshold"):
         assert torch.equal(getattr(whole, name), getattr(killed, name)), name

@@ -33,12 +33,14 @@ from jumprelu import JumpReLUSAE
 # SPEC section 3, exactly: Gemma Scope's recipe, built for billions of tokens.
 PAPER = dict(lr=7e-5, betas=(0.0, 0.999), lr_warmup_steps=1000, lr_decay_fraction=0.0, batch_size=4096,
              bandwidth=0.001, threshold_init=0.001, threshold_lr_scale=1.0, l0_warmup_steps=10_000,
-             b_dec_init="zeros", revive_after_tokens=0)
+             b_dec_init="zeros", revive_after_tokens=0, auxk_coefficient=0.0, dead_window_tokens=2**17,
+             dead_threshold_pull=0.0, bandwidth_fraction=0.1)
 # Our recipe for a few million tokens (minutes on a CPU); README "Training recipe" says what each
 # departure from the paper bought, measured on SmolLM2 layer-6 activations.
 SMALL = dict(lr=1e-3, betas=(0.9, 0.999), lr_warmup_steps=20, lr_decay_fraction=0.2, batch_size=4096,
              bandwidth="auto", threshold_init="quantile", threshold_lr_scale=1.0, l0_warmup_steps=0,
-             b_dec_init="zeros", revive_after_tokens=0)
+             b_dec_init="zeros", revive_after_tokens=0, auxk_coefficient=0.0, dead_window_tokens=2**17,
+             dead_threshold_pull=0.0, bandwidth_fraction=0.1)
 RECIPES = {"paper": PAPER, "small": SMALL}
 
 
@@ -120,33 +122,43 @@ def l0_coefficient_at(step, l0_coefficient, warmup_steps):
 
 
 class TargetL0:
-    """An integral controller on log(lambda) that settles the running L0 at `target`.
+    """A PI controller on log(lambda) that settles the running L0 at `target`.
 
-    Each step lambda is multiplied by exp(gain * clip((l0 - K) / K, -1, 1)): a latent count 10%
-    too high raises lambda by 0.1 * gain. The integral action removes steady-state error; the
-    clip keeps the first steps (L0 in the hundreds) from blowing lambda up.
+    error = clip((l0 - K) / K, -1, 1); integral += ki * error; lambda = exp(integral + kp * error).
+    The integral removes steady-state error. The proportional term matters as much: under Adam
+    the thresholds rise at a fixed rate once the L0 term dominates, so a pure integral controller
+    keeps raising lambda while L0 is already falling, and then undershoots (measured: L0 54, then
+    15, for a target of 32). With kp the excess disappears as soon as the error does.
     """
 
-    def __init__(self, target, l0_coefficient=1e-3, gain=0.05):
-        self.target, self.value, self.gain = float(target), float(l0_coefficient), gain
+    def __init__(self, target, l0_coefficient=1e-3, ki=0.05, kp=1.0):
+        self.target, self.ki, self.kp = float(target), ki, kp
+        self.integral, self.value = math.log(l0_coefficient), float(l0_coefficient)
 
     def update(self, l0):
         error = max(-1.0, min(1.0, (l0 - self.target) / self.target))
-        self.value *= math.exp(self.gain * error)
+        self.integral += self.ki * error
+        self.value = math.exp(self.integral + self.kp * error)
         return self.value
+
+    def state(self):
+        return {"integral": self.integral, "value": self.value}
+
+    def load(self, state):
+        self.integral, self.value = state["integral"], state["value"]
 
 
 # --- Threshold initialisation and bandwidth --------------------------------------------------
 
 
 @torch.no_grad()
-def init_from_data(sae, x_ND, target_l0, bandwidth):
+def init_from_data(sae, x_ND, target_l0, bandwidth, bandwidth_fraction=0.1):
     """Data-driven start: each latent's threshold at the quantile of its pre-activations that makes
     it fire on target_l0 / d_sae of the sample (so L0 starts at the target, and no latent starts
-    dead); bandwidth "auto" = 0.1 x the median over latents of the pre-activations' std."""
+    dead); bandwidth "auto" = `bandwidth_fraction` x the median over latents of the pre-activations' std."""
     pre_NF = sae.pre_acts(x_ND)
     if bandwidth == "auto":
-        sae.bandwidth = 0.1 * pre_NF.std(0).median().item()
+        sae.bandwidth = bandwidth_fraction * pre_NF.std(0).median().item()
     reset_thresholds_(sae, pre_NF, target_l0)
 
 
@@ -163,9 +175,11 @@ def reset_thresholds_(sae, pre_NF, target_l0, latents=None):
 # --- Checkpoints -----------------------------------------------------------------------------
 
 
-def save_checkpoint(path, sae, opt, state):
-    """Weights and Adam moments as tensors, the rest as JSON in the file's metadata; atomic."""
+def save_checkpoint(path, sae, opt, fired_at, state):
+    """Weights, Adam moments and the latents' last firing steps as tensors, the rest as JSON in the
+    file's metadata; written to a temporary file and renamed, so a kill never leaves half a file."""
     tensors = {f"param.{n}": p.detach().cpu().contiguous() for n, p in sae.named_parameters()}
+    tensors["fired_at"] = fired_at.cpu()
     for n, p in sae.named_parameters():
         for k, v in opt.state.get(p, {}).items():
             tensors[f"adam.{n}.{k}"] = v.detach().cpu().reshape(v.shape).contiguous()
@@ -175,7 +189,7 @@ def save_checkpoint(path, sae, opt, state):
     os.replace(tmp, path)
 
 
-def load_checkpoint(path, sae, opt):
+def load_checkpoint(path, sae, opt, fired_at):
     try:
         with safe_open(str(path), "pt") as f:
             state = json.loads(f.metadata()["state"])
@@ -188,11 +202,38 @@ def load_checkpoint(path, sae, opt):
             moments = {k.split(".")[-1]: v for k, v in tensors.items() if k.startswith(f"adam.{n}.")}
             if moments:
                 opt.state[p] = {k: v.to(p.device) if k != "step" else v for k, v in moments.items()}
+        fired_at.copy_(tensors["fired_at"])
     torch.set_rng_state(tensors["rng.torch"])
     return state
 
 
 # --- Training --------------------------------------------------------------------------------
+
+
+def auxk_loss(sae, x_BD, out, dead_F, k_aux):
+    """The TopK paper's AuxK, for JumpReLU: the top-k_aux dead latents (by pre-activation) try to
+    reconstruct what the live ones missed. It gives dead latents' encoder and decoder rows a
+    useful direction, until their pre-activations cross their thresholds and they fire again."""
+    dead = dead_F.nonzero().squeeze(1)
+    residual_BD = (x_BD - out["x_hat"]).detach().float()
+    pre_BK = out["pre"][:, dead].float().relu()
+    vals, idx = pre_BK.topk(min(k_aux, len(dead)), dim=1)
+    sparse_BK = torch.zeros_like(pre_BK).scatter(1, idx, vals)
+    return (residual_BD - sparse_BK @ sae.W_dec[dead].float()).pow(2).sum(-1).mean()
+
+
+def matmul_ceiling(device, B, d_in, d_sae, dtype):
+    """FLOP/s of one [B, d_in] @ [d_in, d_sae] matmul, measured now: what a training step could reach."""
+    a, b = torch.randn(B, d_in, device=device, dtype=dtype), torch.randn(d_in, d_sae, device=device, dtype=dtype)
+    a @ b
+    if device == "cuda":
+        torch.cuda.synchronize()
+    t, n = time.perf_counter(), 3
+    for _ in range(n):
+        a @ b
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return n * 2 * B * d_in * d_sae / (time.perf_counter() - t)
 
 
 def fvu(x_BD, x_hat_BD):
@@ -226,7 +267,7 @@ def train(acts, out, *, d_sae=None, steps=300, target_l0=None, l0_coefficient=No
                       threshold_init=hp["threshold_init"] if hp["threshold_init"] != "quantile" else 0.001,
                       device=device)
     if hp["threshold_init"] == "quantile" or hp["bandwidth"] == "auto":
-        init_from_data(sae, (sample[:4096].to(device) * scale), target_l0 or 32, hp["bandwidth"])
+        init_from_data(sae, (sample[:4096].to(device) * scale), target_l0 or 32, hp["bandwidth"], hp["bandwidth_fraction"])
     if hp["b_dec_init"] == "mean":
         with torch.no_grad():
             sae.b_dec.copy_(sample.mean(0).to(device) * scale)
@@ -237,24 +278,28 @@ def train(acts, out, *, d_sae=None, steps=300, target_l0=None, l0_coefficient=No
                            lr=hp["lr"], betas=hp["betas"], eps=1e-8)
     controller = TargetL0(target_l0, l0_coefficient or 1e-3) if target_l0 else None
     state = {"step": 0, "l0_coefficient": controller.value if controller else l0_coefficient}
+    fired_at = torch.full((d_sae,), -1, device=device)      # the last step each latent fired (-1: never)
 
     out.mkdir(parents=True, exist_ok=True)
     ckpt = out / "checkpoint.safetensors"
     if resume:
         if not ckpt.is_file():
             raise ValueError(f"--resume: {ckpt} does not exist; start without --resume.")
-        state = load_checkpoint(ckpt, sae, opt)
+        state = load_checkpoint(ckpt, sae, opt, fired_at)
+        if state["step"] >= steps:
+            raise ValueError(f"{ckpt} is already at step {state['step']}; pass a larger --steps to train on.")
         scale, sae.bandwidth = state["scale"], state["bandwidth"]
         if controller:
-            controller.value = state["l0_coefficient"]
+            controller.load(state["controller"])
     log_path = out / "log.jsonl"
     if not resume and log_path.exists():
         log_path.unlink()
 
-    flops_per_step = 12 * B * d_in * d_sae           # dense forward + backward: 6 matmul-sized products
+    # Dense forward and backward: about 6 products of the encoder's size (SPEC; issue 6), 2 FLOPs each.
+    flops_per_step = 12 * B * d_in * d_sae
+    ceiling = matmul_ceiling(device, B, d_in, d_sae, torch.bfloat16 if autocast else torch.float32)
     stream = batches(shards, B, seed, start_step=state["step"])
-    start = state["step"]
-    fired_at = torch.full((d_sae,), -1, device=device)      # last step each latent fired (-1: not since start)
+    lam = state["l0_coefficient"]
     record, t_log, step_log = {}, time.perf_counter(), state["step"]
     bar = tqdm(total=steps, initial=state["step"], unit="step", desc="train", disable=quiet)
     for step in range(state["step"], steps):
@@ -265,10 +310,18 @@ def train(acts, out, *, d_sae=None, steps=300, target_l0=None, l0_coefficient=No
             group["lr"] = lr * group["lr_scale"]
         with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=autocast):
             out_ = sae.loss(x_BD, lam)
-        if not torch.isfinite(out_["loss"]):
-            raise ValueError(f"the loss became {out_['loss'].item()} at step {step}; the last good checkpoint is {ckpt}.")
+        loss = out_["loss"]
+        dead_F = fired_at < step + 1 - min(hp["dead_window_tokens"] // B, step + 1)
+        if hp["auxk_coefficient"] and dead_F.any():
+            loss = loss + hp["auxk_coefficient"] * auxk_loss(sae, x_BD, out_, dead_F, d_in // 2)
+        if hp["dead_threshold_pull"] and dead_F.any():
+            # A dead latent's pre-activations never reach its kernel window, so no estimator
+            # gradient can lower its threshold: pull its log-threshold down until it fires again.
+            loss = loss + hp["dead_threshold_pull"] * sae.log_threshold[dead_F].sum()
+        if not torch.isfinite(loss):
+            raise ValueError(f"the loss became {loss.item()} at step {step}; the last good checkpoint is {ckpt}.")
         opt.zero_grad(set_to_none=True)
-        out_["loss"].backward()
+        loss.backward()
         sae.remove_parallel_decoder_grad_()
         opt.step()
         sae.normalize_decoder_()
@@ -277,7 +330,7 @@ def train(acts, out, *, d_sae=None, steps=300, target_l0=None, l0_coefficient=No
             controller.update(l0)
         fired_at[(out_["f"] != 0).any(0)] = step + 1
         revive = hp["revive_after_tokens"] // B
-        if revive and (step + 1 - start) % revive == 0:
+        if revive and (step + 1) % revive == 0:
             dead = (fired_at < step + 1 - revive).nonzero().squeeze(1)
             if len(dead):
                 reset_thresholds_(sae, out_["pre"].detach(), target_l0 or 32, dead)
@@ -290,20 +343,23 @@ def train(acts, out, *, d_sae=None, steps=300, target_l0=None, l0_coefficient=No
             tokens_per_s = (step + 1 - step_log) * B / dt
             record = {"step": step + 1, "loss": out_["loss"].item(), "mse": out_["mse"].item(), "l0": l0,
                       "heldout_l0": ev["l0"].item(), "heldout_fvu": fvu(x_eval, ev["x_hat"].float()),
-                      # dead: no firing in the last 2^20 tokens, or since the (re)start if fewer
-                      "dead_fraction": (fired_at < step + 1 - min(2**20 // B, step + 1 - start)).float().mean().item(),
+                      # dead: no firing in the last 2^20 tokens, or since the start if fewer
+                      "dead_fraction": (fired_at < step + 1 - min(2**20 // B, step + 1)).float().mean().item(),
                       "l0_coefficient": lam, "lr": lr, "tokens_per_s": tokens_per_s,
-                      "flops_per_s": flops_per_step * tokens_per_s / B}
+                      "flops_per_s": flops_per_step * tokens_per_s / B,
+                      "mfu": flops_per_step * tokens_per_s / B / ceiling}
             with open(log_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
             bar.set_postfix(l0=f"{record['heldout_l0']:.1f}", fvu=f"{record['heldout_fvu']:.3f}",
-                            dead=f"{record['dead_fraction']:.1%}", tok_s=f"{tokens_per_s:,.0f}")
+                            dead=f"{record['dead_fraction']:.1%}", tok_s=f"{tokens_per_s:,.0f}",
+                            mfu=f"{record['mfu']:.0%}")
             t_log, step_log = time.perf_counter(), step + 1
         if (step + 1) % checkpoint_every == 0 or step + 1 == steps:
             state = {"step": step + 1, "scale": scale, "bandwidth": sae.bandwidth,
                      "l0_coefficient": controller.value if controller else l0_coefficient,
+                     "controller": controller.state() if controller else None,
                      "recipe": recipe, "hp": hp, "seed": seed}
-            save_checkpoint(ckpt, sae, opt, state)
+            save_checkpoint(ckpt, sae, opt, fired_at, state)
     bar.close()
 
     final = JumpReLUSAE(d_in, d_sae, bandwidth=sae.bandwidth)

@@ -1,0 +1,253 @@
+"""Evaluate SAE folders on a harvested folder's held-out split (SPEC section 5).
+
+    python evaluate.py runs/sae --acts runs/acts                    # L0, MSE, FVU, dead and dense latents
+    python evaluate.py runs/sae_* --acts runs/acts --lm --json runs/eval.json --plot runs/plots
+    python evaluate.py runs/sae --acts runs/acts --latents 12,345   # what those latents fire on
+
+Every number is computed on held-out rows, never on training rows. With --lm the model of the
+manifest runs over held-out windows three times: clean, with the SAE's reconstruction spliced in
+place of the activation at the hook site (every position but the first), and with zeros there.
+    delta LM loss      CE(spliced) - CE(clean)
+    CE loss recovered  (CE(zero) - CE(spliced)) / (CE(zero) - CE(clean))
+    KL                 KL(clean || spliced) of the next-token distributions
+The cross-entropies cover the predictions made at spliced positions (1 to context-2).
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+import harvest
+from jumprelu import JumpReLUSAE
+
+DENSE = 0.1   # a latent firing on more than 10% of tokens is "dense" (SPEC section 5)
+
+
+def load_sae(folder, device="cpu"):
+    return JumpReLUSAE.load(folder, device=device)
+
+
+def check_width(sae, manifest, folder, acts):
+    if sae.d_in != manifest["d_in"]:
+        raise ValueError(f"{folder} takes d_in={sae.d_in} but {acts} holds d_in={manifest['d_in']} activations; "
+                         "pair the SAE with the activations it was trained on.")
+
+
+@torch.no_grad()
+def activation_metrics(sae, shards, batch_size=4096, device="cpu"):
+    """L0, MSE, FVU, dead and dense fractions and per-latent firing frequencies over the rows."""
+    n, sq_err, sum_x, sum_sq = 0, 0.0, None, 0.0
+    fires_F = torch.zeros(sae.d_sae, dtype=torch.float64, device=device)
+    for acts, _ in shards:
+        for i in range(0, len(acts), batch_size):
+            x_BD = torch.from_numpy(np.asarray(acts[i:i + batch_size], dtype=np.float32)).to(device)
+            f_BF = sae.encode(x_BD)
+            x_hat_BD = sae.decode(f_BF)
+            active_BF = f_BF != 0
+            fires_F += active_BF.sum(0)
+            sq_err += (x_BD - x_hat_BD).double().pow(2).sum().item()
+            sum_x = x_BD.double().sum(0) if sum_x is None else sum_x + x_BD.double().sum(0)
+            sum_sq += x_BD.double().pow(2).sum().item()
+            n += len(x_BD)
+    variance = sum_sq - sum_x.pow(2).sum().item() / n           # sum ||x - mean||^2
+    freq_F = (fires_F / n).cpu().numpy()
+    return {"tokens": n, "l0": float(fires_F.sum().item() / n), "mse": sq_err / n, "fvu": sq_err / variance,
+            "dead_fraction": float((freq_F == 0).mean()), "dense_fraction": float((freq_F > DENSE).mean()),
+            "firing_frequency": freq_F}
+
+
+class Splice:
+    """A forward hook that replaces the site's output at positions 1.. with fn(output)."""
+
+    def __init__(self, module, fn):
+        self.module, self.fn = module, fn
+
+    def __enter__(self):
+        def hook(module, inputs, output):
+            rest = output[1:] if isinstance(output, tuple) else None
+            h = output[0] if isinstance(output, tuple) else output
+            h = torch.cat([h[:, :1], self.fn(h[:, 1:]).to(h.dtype)], dim=1)
+            return (h, *rest) if rest is not None else h
+        self.handle = self.module.register_forward_hook(hook)
+        return self
+
+    def __exit__(self, *exc):
+        self.handle.remove()
+
+
+@torch.no_grad()
+def lm_metrics(model, module, windows, saes, batch_size=8, device="cpu", progress=True):
+    """Delta LM loss, CE loss recovered and KL for each SAE, on the same token windows."""
+    totals = {"clean": 0.0, "zero": 0.0}
+    per_sae = [{"ce": 0.0, "kl": 0.0} for _ in saes]
+    count = 0
+    steps = range(0, len(windows), batch_size)
+    for i in tqdm(steps, desc="LM splice", disable=not progress):
+        ids = torch.from_numpy(np.asarray(windows[i:i + batch_size], dtype=np.int64)).to(device)
+        targets = ids[:, 2:]                           # predictions made at positions 1 .. T-2
+
+        def logprobs():
+            return torch.log_softmax(model(ids).logits[:, 1:-1].float(), dim=-1)
+
+        def ce(lp):
+            return -lp.gather(-1, targets.unsqueeze(-1)).sum().item()
+
+        clean = logprobs()
+        totals["clean"] += ce(clean)
+        with Splice(module, torch.zeros_like):
+            totals["zero"] += ce(logprobs())
+        for sae, acc in zip(saes, per_sae):
+            with Splice(module, lambda h, sae=sae: sae(h.float())):
+                spliced = logprobs()
+            acc["ce"] += ce(spliced)
+            acc["kl"] += (clean.exp() * (clean - spliced)).sum().item()
+        count += targets.numel()
+    ce_clean, ce_zero = totals["clean"] / count, totals["zero"] / count
+    out = []
+    for acc in per_sae:
+        ce_spliced = acc["ce"] / count
+        out.append({"ce_clean": ce_clean, "ce_zero": ce_zero, "ce_spliced": ce_spliced,
+                    "delta_lm_loss": ce_spliced - ce_clean,
+                    "ce_loss_recovered": (ce_zero - ce_spliced) / (ce_zero - ce_clean),
+                    "kl": acc["kl"] / count, "lm_tokens": count})
+    return out
+
+
+@torch.no_grad()
+def top_contexts(sae, shards, tokenizer, latents, context_rows, k=5, width=12, device="cpu"):
+    """The k held-out tokens on which each latent fires most, each with `width` tokens before it."""
+    best = {i: [] for i in latents}
+    for s, (acts, windows) in enumerate(shards):
+        for r0 in range(0, len(acts), 4096):
+            x = torch.from_numpy(np.asarray(acts[r0:r0 + 4096], dtype=np.float32)).to(device)
+            f = sae.encode(x)[:, latents]
+            for j, latent in enumerate(latents):
+                vals, rows = f[:, j].topk(min(k, len(f)))
+                best[latent] += [(v, s, r0 + r) for v, r in zip(vals.tolist(), rows.tolist()) if v > 0]
+    lines = []
+    for latent in latents:
+        lines.append(f"latent {latent}:")
+        top = sorted(best[latent], reverse=True)[:k]
+        if not top:
+            lines.append("  (never fires on the held-out tokens)")
+        for value, s, row in top:
+            window, pos = divmod(row, context_rows)
+            tokens = shards[s][1][window]
+            pos += 1                                   # rows start at the window's second position
+            before = tokenizer.decode(tokens[max(0, pos - width):pos])
+            lines.append(f"  {value:8.3f}  {before!r:>60} [[{tokenizer.decode(tokens[pos:pos + 1])}]]")
+    return "\n".join(lines)
+
+
+def plot(records, folder):
+    """FVU and delta LM loss against L0, one series per architecture, and the firing-frequency histograms."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise ValueError("--plot needs matplotlib: pip install matplotlib") from None
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    metrics = [m for m in ("fvu", "delta_lm_loss") if all(m in r for r in records)]
+    fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 4), squeeze=False)
+    for ax, metric in zip(axes[0], metrics):
+        for arch in sorted({r["architecture"] for r in records}):
+            rs = sorted((r for r in records if r["architecture"] == arch), key=lambda r: r["l0"])
+            ax.plot([r["l0"] for r in rs], [r[metric] for r in rs], "o-", label=arch)
+        ax.set_xlabel("L0 (active latents per token)")
+        ax.set_ylabel({"fvu": "FVU", "delta_lm_loss": "delta LM loss (nats)"}[metric])
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle("sparsity-fidelity (held-out tokens)")
+    fig.tight_layout()
+    fig.savefig(folder / "sparsity_fidelity.png", dpi=120)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for r in records:
+        freq = np.asarray(r["firing_frequency"])
+        ax.hist(np.log10(freq[freq > 0]), bins=50, histtype="step", label=f"{r['name']} (dead {r['dead_fraction']:.1%})")
+    ax.set_xlabel("log10 firing frequency")
+    ax.set_ylabel("latents")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(folder / "firing_frequency.png", dpi=120)
+    plt.close("all")
+    return [folder / "sparsity_fidelity.png", folder / "firing_frequency.png"]
+
+
+def evaluate(sae_dirs, acts, *, lm=False, lm_windows=64, device=None, progress=True):
+    """One record per SAE folder (without the per-latent frequencies' bulk in the printed table)."""
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    manifest, shards = harvest.open_split(acts, "heldout")
+    saes, records = [], []
+    for folder in sae_dirs:
+        sae = load_sae(folder, device)
+        check_width(sae, manifest, folder, acts)
+        metrics = activation_metrics(sae, shards, device=device)
+        records.append({"name": Path(folder).name, "path": str(folder), "architecture": sae.config()["architecture"],
+                        "d_sae": sae.d_sae, **metrics})
+        saes.append(sae)
+    if lm:
+        model, _ = harvest.load_model(manifest["model"], device, torch.bfloat16 if device == "cuda" else torch.float32,
+                                      manifest.get("gguf_file"))
+        module = harvest.hook_module(model, manifest["layer"], manifest["site"])
+        windows = np.concatenate([w for _, w in shards])[:lm_windows]
+        for record, extra in zip(records, lm_metrics(model, module, windows, saes, device=device, progress=progress)):
+            record.update(extra)
+    return records
+
+
+def table(records):
+    cols = ["name", "l0", "mse", "fvu", "dead_fraction", "dense_fraction", "delta_lm_loss", "ce_loss_recovered", "kl"]
+    cols = [c for c in cols if any(c in r for r in records)]
+    fmt = {"l0": "{:.1f}", "mse": "{:.4g}", "fvu": "{:.4f}", "dead_fraction": "{:.1%}", "dense_fraction": "{:.1%}",
+           "delta_lm_loss": "{:.4f}", "ce_loss_recovered": "{:.1%}", "kl": "{:.4f}"}
+    rows = [[fmt.get(c, "{}").format(r[c]) if c in r else "" for c in cols] for r in records]
+    widths = [max(len(c), *(len(row[i]) for row in rows)) for i, c in enumerate(cols)]
+    line = lambda cells: "  ".join(x.rjust(w) for x, w in zip(cells, widths))
+    return "\n".join([line(cols)] + [line(row) for row in rows])
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="\n\n".join(__doc__.split("\n\n")[1:]))
+    p.add_argument("sae_dirs", nargs="+", help="SAE folders")
+    p.add_argument("--acts", required=True, help="harvested folder whose held-out split is used")
+    p.add_argument("--lm", action="store_true", help="also splice into the model: delta LM loss, CE recovered, KL")
+    p.add_argument("--lm-windows", type=int, default=64, help="held-out windows for --lm (default 64)")
+    p.add_argument("--json", help="write one record per SAE to this file")
+    p.add_argument("--plot", help="write the sparsity-fidelity plot and firing histogram to this folder")
+    p.add_argument("--latents", help="comma-separated latent indices: print their top held-out contexts")
+    p.add_argument("--device", default=None)
+    args = p.parse_args(argv)
+    try:
+        records = evaluate(args.sae_dirs, args.acts, lm=args.lm, lm_windows=args.lm_windows, device=args.device)
+        print(table(records))
+        if args.json:
+            harvest.write_json(args.json, [{**r, "firing_frequency": r["firing_frequency"].tolist()} for r in records])
+            print(f"wrote {args.json}")
+        if args.plot:
+            print("wrote " + ", ".join(map(str, plot(records, args.plot))))
+        if args.latents:
+            latents = [int(i) for i in args.latents.split(",")]
+            manifest, shards = harvest.open_split(args.acts, "heldout")
+            tokenizer = harvest.load_tokenizer(manifest["model"], manifest.get("gguf_file"))
+            for folder in args.sae_dirs:
+                sae = load_sae(folder)
+                bad = [i for i in latents if not 0 <= i < sae.d_sae]
+                if bad:
+                    raise ValueError(f"--latents {bad} out of range: {folder} has latents 0 to {sae.d_sae - 1}.")
+                print(f"== {folder}")
+                print(top_contexts(sae, shards, tokenizer, latents, manifest["context"] - 1))
+    except ValueError as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()

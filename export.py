@@ -1,0 +1,204 @@
+"""Export an SAE folder to ONNX, and check the export against PyTorch in onnxruntime.
+
+    python export.py runs/sae --out runs/sae.onnx                   # encoder: x -> features
+    python export.py runs/sae --out runs/sae_full.onnx --what sae   # x -> features, x_hat
+    python export.py runs/sae --out runs/sae_top.onnx --topk 64     # x -> top-64 indices, values
+    python export.py runs/sae --out runs/sae16.onnx --fp16          # float16 weights and matmuls
+
+Input `x` is float32 [batch, d_in] in raw activation space (the input scale is already folded
+into the weights); the batch axis is dynamic. A latent is active when its pre-activation is
+strictly greater than its threshold (ONNX Greater), as in PyTorch. With --fp16 the weights and
+matrix products are float16 and the threshold comparison stays float32. The SAE's config
+(d_in, d_sae, model, layer, site, input scale...) is in the model's metadata.
+
+Every export is checked before it is reported: onnx.checker, then onnxruntime (CUDA when
+present, else CPU) against PyTorch on random inputs and, when the SAE's activation folder is
+found, on real held-out activations; the largest absolute and relative errors are printed and
+the script exits non-zero over tolerance. infer_onnx.py runs the result with numpy alone.
+We use PyTorch's TorchScript-based exporter (dynamo=False): the graph is four operators, and it
+needs no extra package.
+"""
+
+import argparse
+import json
+import os
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+import harvest
+from jumprelu import JumpReLUSAE
+
+OPSET = 17
+
+
+class Exportable(nn.Module):
+    """The SAE as a plain graph: MatMul, Add, Greater, Where (and MatMul, Add for x_hat; TopK)."""
+
+    def __init__(self, sae, what="encoder", fp16=False, topk=None):
+        super().__init__()
+        self.what, self.topk, self.fp16 = what, topk, fp16
+        dtype = torch.float16 if fp16 else torch.float32
+        self.pre_encoder_bias = sae.pre_encoder_bias
+        for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
+            self.register_buffer(name, getattr(sae, name).detach().to(dtype).clone())
+        self.register_buffer("threshold", sae.threshold.detach().float().clone())
+
+    def forward(self, x):
+        h = x.half() if self.fp16 else x
+        if self.pre_encoder_bias:
+            h = h - self.b_dec
+        pre = h @ self.W_enc + self.b_enc
+        pre = pre.float() if self.fp16 else pre
+        features = torch.where(pre > self.threshold, pre, torch.zeros_like(pre))
+        outputs = []
+        if self.topk:
+            values, indices = features.topk(self.topk, dim=-1)
+            outputs += [indices, values]
+        else:
+            outputs.append(features)
+        if self.what == "sae":
+            f = features.half() if self.fp16 else features
+            x_hat = f @ self.W_dec + self.b_dec
+            outputs.append(x_hat.float() if self.fp16 else x_hat)
+        return tuple(outputs) if len(outputs) > 1 else outputs[0]
+
+    def output_names(self):
+        return (["indices", "values"] if self.topk else ["features"]) + (["x_hat"] if self.what == "sae" else [])
+
+
+def export(sae, path, what="encoder", fp16=False, topk=None):
+    """Write the ONNX file (through a temporary name) with the SAE's config in its metadata."""
+    import onnx
+    if what not in ("encoder", "sae"):
+        raise ValueError(f"--what must be encoder or sae, not {what!r}.")
+    if topk is not None and not 1 <= topk <= sae.d_sae:
+        raise ValueError(f"--topk must be between 1 and d_sae={sae.d_sae}, not {topk}.")
+    module = Exportable(sae, what, fp16, topk).eval()
+    names = module.output_names()
+    tmp = Path(str(path) + ".tmp")
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)   # the TorchScript exporter, chosen on purpose
+        torch.onnx.export(module, (torch.zeros(2, sae.d_in),), str(tmp), input_names=["x"], output_names=names,
+                          dynamic_axes={n: {0: "batch"} for n in ["x"] + names}, opset_version=OPSET,
+                          dynamo=False)
+    model = onnx.load(str(tmp))
+    meta = {**sae.config(), "what": what, "fp16": fp16, "topk": topk,
+            "active": "pre-activation > threshold (strictly)", "input": "raw activations, float32 [batch, d_in]"}
+    for key, value in meta.items():
+        model.metadata_props.add(key=key, value=json.dumps(value))
+    onnx.checker.check_model(model)
+    onnx.save(model, str(tmp))
+    os.replace(tmp, path)
+    return module
+
+
+def session(path):
+    """An onnxruntime session on CUDA when it is available, else on CPU."""
+    import onnxruntime as ort
+    providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in ort.get_available_providers()]
+    if not torch.cuda.is_available():
+        providers = ["CPUExecutionProvider"]
+    return ort.InferenceSession(str(path), providers=providers)
+
+
+def compare(sess, module, sae, x, tie_tol):
+    """Largest absolute and relative errors of onnxruntime against the float32 PyTorch SAE on x.
+
+    A latent whose pre-activation lies within rounding of its threshold (or, with --topk, of the
+    row's k-th largest value) may be active in one runtime and not the other. Rows whose active
+    sets differ only at such latents are counted as ties and left out; a row that differs anywhere
+    else makes the error infinite.
+    """
+    x_t = torch.from_numpy(x)
+    with torch.no_grad():
+        reference = Exportable(sae, module.what, fp16=False, topk=module.topk)
+        want = reference(x_t)
+        pre = sae.pre_acts(x_t).numpy()
+    want = [w.numpy() for w in ([want] if isinstance(want, torch.Tensor) else want)]
+    got = dict(zip(module.output_names(), sess.run(None, {"x": x})))
+    want = dict(zip(module.output_names(), want))
+    theta = sae.threshold.detach().numpy()
+    if module.topk:      # active sets from the (index, value > 0) pairs
+        active = {}
+        for name, out in (("want", want), ("got", got)):
+            a = np.zeros(pre.shape, bool)
+            np.put_along_axis(a, out["indices"], out["values"] > 0, axis=1)
+            active[name] = a
+    else:
+        active = {"want": want["features"] != 0, "got": got["features"] != 0}
+    differ = active["want"] != active["got"]
+    near = np.abs(pre - theta) <= tie_tol * np.abs(pre).max()
+    if module.topk:      # and a latent level with the k-th largest value of its row
+        f = np.where(pre > theta, pre, 0)
+        near |= np.abs(f - want["values"][:, -1:]) <= tie_tol * np.abs(pre).max()
+    report = {"rows": len(x), "ties": int(differ.any(1).sum()), "max_abs": 0.0, "max_rel": 0.0}
+    if (differ & ~near).any():
+        report["max_abs"] = report["max_rel"] = float("inf")
+        return report
+    rows = ~differ.any(1)
+    for name in want:
+        if name == "indices":      # equal active sets; the order of equal values may differ
+            continue
+        err = np.abs(want[name][rows] - got[name][rows])
+        scale = np.abs(want[name][rows]).max() if err.size else 0.0
+        if err.size:
+            report["max_abs"] = max(report["max_abs"], float(err.max()))
+            report["max_rel"] = max(report["max_rel"], float(err.max() / scale) if scale else float(err.max()))
+    return report
+
+
+def verify(path, module, sae, acts=None, tol=None, rows=512, seed=0):
+    """Parity of the ONNX file with PyTorch on random and (if available) real activations."""
+    tol = tol or (2e-2 if module.fp16 else 1e-5)
+    tie_tol = 1e-2 if module.fp16 else 1e-5
+    sess = session(path)
+    rng = np.random.default_rng(seed)
+    scale = 1.0 / sae.metadata.get("input_scale", 1.0) / np.sqrt(sae.d_in)   # raw-space magnitude
+    inputs = {"random": (rng.standard_normal((rows, sae.d_in)) * scale).astype(np.float32)}
+    if acts is not None:
+        _, shards = harvest.open_split(acts, "heldout")
+        inputs["real"] = np.asarray(shards[0][0][:rows], dtype=np.float32)
+    reports = {name: compare(sess, module, sae, x, tie_tol) for name, x in inputs.items()}
+    ok = all(r["max_rel"] <= tol for r in reports.values())
+    return ok, reports, sess.get_providers()[0], tol
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="\n\n".join(__doc__.split("\n\n")[1:]))
+    p.add_argument("sae_dir", help="SAE folder (config.json + sae.safetensors)")
+    p.add_argument("--out", required=True, help="ONNX file to write")
+    p.add_argument("--what", choices=("encoder", "sae"), default="encoder", help="encoder only, or the whole SAE (adds x_hat)")
+    p.add_argument("--fp16", action="store_true", help="float16 weights and matrix products")
+    p.add_argument("--topk", type=int, default=None, help="output only the top-k latents per row (indices, values)")
+    p.add_argument("--acts", default=None, help="harvested folder for the real-activation check (default: the SAE's own)")
+    p.add_argument("--tol", type=float, default=None, help="relative tolerance (default 1e-5, 2e-2 with --fp16)")
+    args = p.parse_args(argv)
+    try:
+        sae = JumpReLUSAE.load(args.sae_dir)
+        acts = args.acts or sae.metadata.get("acts")
+        if acts and not (Path(acts) / harvest.MANIFEST).is_file():
+            print(f"note: {acts} is not here; checking on random inputs only.")
+            acts = None
+        module = export(sae, args.out, args.what, args.fp16, args.topk)
+        ok, reports, provider, tol = verify(args.out, module, sae, acts, args.tol)
+    except ValueError as e:
+        sys.exit(f"error: {e}")
+    for name, r in reports.items():
+        print(f"{name:>6} activations ({r['rows']} rows, {provider}): max abs error {r['max_abs']:.3g}, "
+              f"max rel error {r['max_rel']:.3g}" + (f" ({r['ties']} rows with an at-threshold tie left out)" if r["ties"] else ""))
+    size = Path(args.out).stat().st_size / 2**20
+    if not ok:
+        sys.exit(f"error: the ONNX output differs from PyTorch by more than {tol:g} (relative); {args.out} is not trustworthy.")
+    print(f"wrote {args.out} ({size:.1f} MiB, {args.what}{', fp16' if args.fp16 else ''}"
+          f"{f', top-{args.topk}' if args.topk else ''}): matches PyTorch within {tol:g}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,96 @@
+"""Tests for evaluate.py: metrics with known answers, and the splice into a live (tiny) model."""
+
+import numpy as np
+import pytest
+import torch
+
+import evaluate
+import harvest
+from jumprelu import JumpReLUSAE
+
+
+def _identity_sae(d):
+    """d latents, W_enc = W_dec = I, tiny thresholds: reconstructs any input with positive entries."""
+    sae = JumpReLUSAE(d, d, threshold_init=1e-6)
+    with torch.no_grad():
+        sae.W_enc.copy_(torch.eye(d))
+        sae.W_dec.copy_(torch.eye(d))
+    return sae
+
+
+def _mean_sae(x):
+    """Every latent dead (huge thresholds): x_hat = b_dec = the mean of x."""
+    d = x.shape[1]
+    sae = JumpReLUSAE(d, 3, threshold_init=1e6)
+    with torch.no_grad():
+        sae.b_dec.copy_(torch.from_numpy(x.mean(0)))
+    return sae
+
+
+def test_fvu_is_zero_for_a_perfect_reconstruction_and_one_for_the_mean():
+    rng = np.random.default_rng(0)
+    x = rng.uniform(0.5, 2.0, size=(1000, 6)).astype(np.float32)
+    shards = [(x[:600], None), (x[600:], None)]
+    perfect = evaluate.activation_metrics(_identity_sae(6), shards, batch_size=128)
+    assert perfect["fvu"] == pytest.approx(0, abs=1e-10) and perfect["mse"] == pytest.approx(0, abs=1e-10)
+    assert perfect["l0"] == 6 and perfect["dead_fraction"] == 0 and perfect["dense_fraction"] == 1
+    assert perfect["tokens"] == 1000
+    mean = evaluate.activation_metrics(_mean_sae(x), shards, batch_size=128)
+    assert mean["fvu"] == pytest.approx(1.0, rel=1e-5) and mean["l0"] == 0 and mean["dead_fraction"] == 1
+    assert mean["mse"] == pytest.approx(((x - x.mean(0)) ** 2).sum(1).mean(), rel=1e-5)
+
+
+def test_firing_frequency_dead_and_dense_by_hand():
+    # Latent 0 fires on every row, latent 1 on 5% of rows, latent 2 never.
+    x = np.zeros((100, 3), dtype=np.float32)
+    x[:, 0] = 1.0
+    x[:5, 1] = 1.0
+    m = evaluate.activation_metrics(_identity_sae(3), [(x, None)])
+    np.testing.assert_allclose(m["firing_frequency"], [1.0, 0.05, 0.0])
+    assert m["l0"] == pytest.approx(1.05) and m["dead_fraction"] == pytest.approx(1 / 3)
+    assert m["dense_fraction"] == pytest.approx(1 / 3)
+
+
+def test_splicing_the_activation_itself_leaves_the_loss_unchanged(tiny_model, tiny_acts):
+    manifest, shards = harvest.open_split(tiny_acts, "heldout")
+    model, _ = harvest.load_model(str(tiny_model), "cpu", torch.float32)
+    module = harvest.hook_module(model, manifest["layer"], manifest["site"])
+    windows = np.concatenate([w for _, w in shards])[:6]
+
+    class Identity(torch.nn.Module):
+        def forward(self, h):
+            return h
+
+    identity, mean = Identity(), _mean_sae(np.concatenate([a for a, _ in shards]))
+    same, worse = evaluate.lm_metrics(model, module, windows, [identity, mean], batch_size=4, progress=False)
+    assert same["delta_lm_loss"] == pytest.approx(0, abs=1e-6) and same["kl"] == pytest.approx(0, abs=1e-6)
+    assert same["ce_loss_recovered"] == pytest.approx(1.0, abs=1e-5)
+    assert worse["delta_lm_loss"] > 0 and worse["kl"] > 0
+    # The clean CE is the model's own next-token loss on the predictions from positions 1..T-2.
+    ids = torch.from_numpy(windows.astype(np.int64))
+    with torch.no_grad():
+        logits = model(ids).logits[:, 1:-1]
+    ce = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 2:].reshape(-1))
+    assert same["ce_clean"] == pytest.approx(ce.item(), rel=1e-5)
+
+
+def test_evaluate_end_to_end_and_width_mismatch(tiny_model, tiny_acts, tmp_path):
+    sae = JumpReLUSAE(32, 64)
+    sae.save(tmp_path / "sae")
+    records = evaluate.evaluate([tmp_path / "sae"], tiny_acts, lm=True, lm_windows=4, device="cpu", progress=False)
+    for key in ("l0", "mse", "fvu", "dead_fraction", "dense_fraction", "delta_lm_loss", "ce_loss_recovered", "kl"):
+        assert np.isfinite(records[0][key]), key
+    assert "delta_lm_loss" in evaluate.table(records)
+    JumpReLUSAE(16, 64).save(tmp_path / "narrow")
+    with pytest.raises(ValueError, match="takes d_in=16 but .* holds d_in=32"):
+        evaluate.evaluate([tmp_path / "narrow"], tiny_acts, device="cpu")
+
+
+def test_plot_writes_both_pngs(tmp_path):
+    pytest.importorskip("matplotlib")
+    freq = np.array([0.0, 0.01, 0.2])
+    records = [{"name": f"s{i}", "architecture": "jumprelu", "l0": l0, "fvu": fvu, "delta_lm_loss": d,
+                "dead_fraction": 1 / 3, "firing_frequency": freq}
+               for i, (l0, fvu, d) in enumerate([(16, 0.2, 0.3), (32, 0.12, 0.2), (64, 0.08, 0.1)])]
+    for path in evaluate.plot(records, tmp_path):
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

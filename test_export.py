@@ -1,0 +1,127 @@
+"""Tests for export.py and infer_onnx.py: parity with PyTorch, the threshold edge, no-torch inference."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+import export
+from jumprelu import JumpReLUSAE
+
+HERE = Path(__file__).parent
+
+
+def _sae(d_in=24, d_sae=96, seed=0, pre_bias=False):
+    g = torch.Generator().manual_seed(seed)
+    sae = JumpReLUSAE(d_in, d_sae, pre_encoder_bias=pre_bias)
+    with torch.no_grad():
+        sae.W_enc.copy_(torch.randn(d_in, d_sae, generator=g) * 0.3)
+        sae.b_enc.copy_(torch.randn(d_sae, generator=g) * 0.1)
+        sae.b_dec.copy_(torch.randn(d_in, generator=g))
+        sae.log_threshold.copy_(torch.rand(d_sae, generator=g).log() - 1)
+    sae.metadata.update(model="tiny", layer=1, site="resid", input_scale=0.5)
+    return sae
+
+
+def _run(path, x):
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return sess.run(None, {"x": x})
+
+
+@pytest.mark.parametrize("what", ["encoder", "sae"])
+@pytest.mark.parametrize("pre_bias", [False, True])
+def test_float32_parity_within_1e_5_relative(tmp_path, what, pre_bias):
+    sae = _sae(pre_bias=pre_bias)
+    module = export.export(sae, tmp_path / "m.onnx", what=what)
+    ok, reports, provider, tol = export.verify(tmp_path / "m.onnx", module, sae, rows=300)
+    assert ok and tol == 1e-5 and reports["random"]["max_rel"] < 1e-5
+    x = np.random.default_rng(1).standard_normal((50, 24)).astype(np.float32) * 2
+    out = _run(tmp_path / "m.onnx", x)
+    with torch.no_grad():
+        np.testing.assert_allclose(out[0], sae.encode(torch.from_numpy(x)).numpy(), rtol=1e-5, atol=1e-6)
+        if what == "sae":
+            np.testing.assert_allclose(out[1], sae(torch.from_numpy(x)).numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_dynamic_batch_and_metadata(tmp_path):
+    sae = _sae()
+    export.export(sae, tmp_path / "m.onnx")
+    for rows in (1, 7, 300):
+        assert _run(tmp_path / "m.onnx", np.zeros((rows, 24), np.float32))[0].shape == (rows, 96)
+    meta = {p.key: json.loads(p.value) for p in onnx.load(str(tmp_path / "m.onnx")).metadata_props}
+    assert (meta["d_in"], meta["d_sae"], meta["model"], meta["layer"], meta["site"], meta["input_scale"]) == (24, 96, "tiny", 1, "resid", 0.5)
+
+
+@pytest.mark.parametrize("fp16", [False, True])
+def test_pre_activation_equal_to_threshold_is_inactive_after_export(tmp_path, fp16):
+    sae = _sae()
+    with torch.no_grad():   # latent 0: pre = theta exactly; latent 1: one float above; latent 2: one below
+        sae.W_enc[:, :3] = 0
+        theta = sae.threshold[:3]
+        sae.b_enc[0] = theta[0]
+        sae.b_enc[1] = torch.nextafter(theta[1], torch.tensor(10.0))
+        sae.b_enc[2] = torch.nextafter(theta[2], torch.tensor(0.0))
+    export.export(sae, tmp_path / "m.onnx", fp16=fp16)
+    f = _run(tmp_path / "m.onnx", np.random.default_rng(0).standard_normal((5, 24)).astype(np.float32))[0]
+    if not fp16:    # float16 rounds b_enc, so only float32 can place pre exactly at theta
+        assert (f[:, 0] == 0).all() and (f[:, 1] != 0).all() and (f[:, 2] == 0).all()
+    assert f.dtype == np.float32
+
+
+def test_fp16_and_topk_exports_verify(tmp_path):
+    sae = _sae(d_sae=200)
+    for kw in ({"fp16": True}, {"topk": 8}, {"topk": 8, "fp16": True, "what": "sae"}):
+        module = export.export(sae, tmp_path / "m.onnx", **kw)
+        ok, reports, _, tol = export.verify(tmp_path / "m.onnx", module, sae, rows=200)
+        assert ok, (kw, reports)
+    names = [o.name for o in ort.InferenceSession(str(tmp_path / "m.onnx")).get_outputs()]
+    assert names == ["indices", "values", "x_hat"]
+
+
+def test_verify_catches_a_wrong_export(tmp_path):
+    sae = _sae()
+    module = export.export(sae, tmp_path / "m.onnx")
+    with torch.no_grad():
+        sae.log_threshold += 0.5            # the file no longer matches the SAE it is checked against
+    ok, reports, _, _ = export.verify(tmp_path / "m.onnx", module, sae, rows=200)
+    assert not ok and reports["random"]["max_rel"] == float("inf")
+
+
+def test_inference_example_runs_where_torch_cannot_be_imported(tmp_path):
+    sae = _sae()
+    export.export(sae, tmp_path / "m.onnx")
+    x = np.random.default_rng(2).standard_normal((10, 24)).astype(np.float32)
+    np.save(tmp_path / "acts.npy", x)
+    blocker = tmp_path / "no_torch" / "torch"
+    blocker.mkdir(parents=True)
+    (blocker / "__init__.py").write_text("raise ImportError('torch is not available in this pipeline')\n")
+    env = {"PYTHONPATH": str(tmp_path / "no_torch"), "PATH": "/usr/bin:/bin"}
+    check = subprocess.run([sys.executable, "-c", "import torch"], env=env, capture_output=True, text=True)
+    assert check.returncode != 0 and "not available" in check.stderr
+    run = subprocess.run([sys.executable, str(HERE / "infer_onnx.py"), str(tmp_path / "m.onnx"), str(tmp_path / "acts.npy"),
+                          "--rows", "10"], env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    with torch.no_grad():
+        l0 = (sae.encode(torch.from_numpy(x)) != 0).sum(1).float().mean().item()
+    assert f"mean L0 over 10 rows: {l0:.1f}" in run.stdout
+    np.save(tmp_path / "wide.npy", np.zeros((3, 25), np.float32))
+    bad = subprocess.run([sys.executable, str(HERE / "infer_onnx.py"), str(tmp_path / "m.onnx"), str(tmp_path / "wide.npy")],
+                         env=env, capture_output=True, text=True)
+    assert bad.returncode != 0 and "shape [rows, 24]" in bad.stderr
+
+
+def test_export_cli_reports_errors_and_exits_nonzero(tmp_path):
+    sae = _sae()
+    sae.save(tmp_path / "sae")
+    ok = subprocess.run([sys.executable, str(HERE / "export.py"), str(tmp_path / "sae"), "--out", str(tmp_path / "m.onnx")],
+                        capture_output=True, text=True)
+    assert ok.returncode == 0 and "max rel error" in ok.stdout and "matches PyTorch" in ok.stdout
+    bad = subprocess.run([sys.executable, str(HERE / "export.py"), str(tmp_path / "sae"), "--out", str(tmp_path / "t.onnx"),
+                          "--topk", "1000"], capture_output=True, text=True)
+    assert bad.returncode != 0 and "--topk must be between 1 and d_sae=96" in bad.stderr
