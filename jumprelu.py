@@ -195,19 +195,27 @@ class JumpReLUSAE(nn.Module):
         """The reconstruction x_hat."""
         return self.decode(self.encode(x_BD))
 
-    def loss(self, x_BD, l0_coefficient):
+    def loss(self, x_BD, l0_coefficient, target_l0=None):
         """SPEC section 2: ||x - x_hat||^2 + lambda * ||f||_0, both averaged over rows.
 
         The L0 term is `step` on the pre-activations (not a function of f): it trains the
-        thresholds only. Returns {"loss", "mse", "l0"} plus "pre", "f" and "x_hat" for logging.
+        thresholds only. With `target_l0` K, the sparsity term is Gemma Scope 2's
+        lambda * (2/K) * (L0_row - K)^2 per row instead (SPEC section 3), which also lowers
+        thresholds when a row has fewer than K active latents. Returns {"loss", "mse", "l0"}
+        plus "pre", "f" and "x_hat" for logging.
         """
         pre_BF = self.pre_acts(x_BD)
         threshold_F = self.threshold
         f_BF = jumprelu(pre_BF, threshold_F, self.bandwidth)
         x_hat_BD = self.decode(f_BF)
         mse = (x_BD - x_hat_BD).pow(2).sum(-1).mean()
-        l0 = step(pre_BF, threshold_F, self.bandwidth).sum(-1).mean()
-        return {"loss": mse + l0_coefficient * l0, "mse": mse, "l0": l0, "pre": pre_BF, "f": f_BF, "x_hat": x_hat_BD}
+        l0_B = step(pre_BF, threshold_F, self.bandwidth).sum(-1)
+        if target_l0 is None:
+            sparsity = l0_B.mean()
+        else:
+            sparsity = ((2.0 / target_l0) * (l0_B - target_l0).pow(2)).mean()
+        return {"loss": mse + l0_coefficient * sparsity, "mse": mse, "l0": l0_B.mean(),
+                "pre": pre_BF, "f": f_BF, "x_hat": x_hat_BD}
 
     # --- SPEC section 3: the unit-norm decoder and the input scale --------------------------
 

@@ -125,3 +125,11 @@ def test_export_cli_reports_errors_and_exits_nonzero(tmp_path):
     bad = subprocess.run([sys.executable, str(HERE / "export.py"), str(tmp_path / "sae"), "--out", str(tmp_path / "t.onnx"),
                           "--topk", "1000"], capture_output=True, text=True)
     assert bad.returncode != 0 and "--topk must be between 1 and d_sae=96" in bad.stderr
+
+
+def test_onnx_benchmark_quick_mode_runs_and_the_runtimes_agree(tmp_path, capsys):
+    import bench
+    bench.main(["onnx", "--quick", "--json", str(tmp_path / "b.json")])
+    rows = json.loads((tmp_path / "b.json").read_text())["onnx"]
+    assert rows and all(r["max_rel_diff"] <= 1e-4 and r["onnxruntime_tokens_per_s"] > 0 for r in rows)
+    assert "ORT/torch" in capsys.readouterr().out

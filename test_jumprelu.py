@@ -66,10 +66,11 @@ def ref_step_grad_theta(z, theta, eps, g):
     return ref_reduce(-(1.0 / eps) * ref_K((z - theta) / eps) * g, np.shape(theta))
 
 
-def ref_sae(p, x, lam, eps, pre_bias):
+def ref_sae(p, x, lam, eps, pre_bias, target=None):
     """The SAE forward, loss and the gradient of the loss for every parameter, by hand.
 
-    L = (1/B) sum_b ||x_b - x_hat_b||^2 + lam * (1/B) sum_b sum_i H(pre_bi - theta_i).
+    L = (1/B) sum_b ||x_b - x_hat_b||^2 + lam * (1/B) sum_b S(L0_b),  L0_b = sum_i H(pre_bi - theta_i),
+    with S(l) = l (the paper) or, given a target K, S(l) = (2/K)(l - K)^2 (Gemma Scope 2).
     """
     B = x.shape[0]
     theta = np.exp(p["log_threshold"]) if "theta" not in p else p["theta"]
@@ -79,13 +80,16 @@ def ref_sae(p, x, lam, eps, pre_bias):
     f = pre * active
     x_hat = f @ p["W_dec"] + p["b_dec"]
     mse = ((x - x_hat) ** 2).sum(1).mean()
-    l0 = active.sum(1).mean()
+    l0_rows = active.sum(1)
+    l0 = l0_rows.mean()
+    sparsity = l0 if target is None else ((2.0 / target) * (l0_rows - target) ** 2).mean()
+    dS_dl0 = np.ones(B) if target is None else (4.0 / target) * (l0_rows - target)   # per row
     kernel = ref_K((pre - theta) / eps)
 
     d_x_hat = 2.0 * (x_hat - x) / B                        # dL/dx_hat
     d_f = d_x_hat @ p["W_dec"].T                            # dL/df
     d_pre = d_f * active                                    # jumprelu's d/dz; the L0 term adds none
-    d_theta = (d_f * -(theta / eps) * kernel).sum(0) + (lam / B) * (-(1.0 / eps) * kernel).sum(0)
+    d_theta = (d_f * -(theta / eps) * kernel).sum(0) + (lam / B) * (dS_dl0[:, None] * -(1.0 / eps) * kernel).sum(0)
     grads = {
         "W_dec": f.T @ d_x_hat,
         "b_dec": d_x_hat.sum(0) - (d_pre.sum(0) @ p["W_enc"].T if pre_bias else 0.0),
@@ -93,7 +97,7 @@ def ref_sae(p, x, lam, eps, pre_bias):
         "b_enc": d_pre.sum(0),
         "log_threshold": theta * d_theta,                   # chain rule through theta = exp(.)
     }
-    return {"pre": pre, "f": f, "x_hat": x_hat, "mse": mse, "l0": l0, "loss": mse + lam * l0}, grads
+    return {"pre": pre, "f": f, "x_hat": x_hat, "mse": mse, "l0": l0, "loss": mse + lam * sparsity}, grads
 
 
 # --- Hand-computed cases (SAELens style) -------------------------------------------------------
@@ -240,14 +244,14 @@ def _sae_from(p, eps, pre_bias, device="cpu", dtype=torch.float64):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@given(case=dyadic_sae())
-def test_sae_forward_loss_and_every_gradient(device, case):
+@given(case=dyadic_sae(), target=st.one_of(st.none(), st.integers(1, 6)))
+def test_sae_forward_loss_and_every_gradient(device, case, target):
     p, x, lam, eps, pre_bias = case
     sae = _sae_from(p, eps, pre_bias, device)
     # The reference uses the thresholds the model actually holds (exp of a float64 log).
     p = {**p, "theta": sae.threshold.detach().cpu().numpy()}
-    ref, ref_grads = ref_sae(p, x, lam, eps, pre_bias)
-    out = sae.loss(torch.tensor(x, device=device), lam)
+    ref, ref_grads = ref_sae(p, x, lam, eps, pre_bias, target)
+    out = sae.loss(torch.tensor(x, device=device), lam, target)
     np.testing.assert_array_equal(out["f"].detach().cpu().numpy(), ref["f"])
     for key in ("x_hat", "mse", "l0", "loss"):
         np.testing.assert_allclose(out[key].detach().cpu().numpy(), ref[key], rtol=1e-12, atol=1e-12)

@@ -146,7 +146,7 @@ def test_saved_sae_takes_raw_activations(tiny_acts, tmp_path):
     assert [r["step"] for r in log] == [2, 4, 6, 8]
 
 
-@pytest.mark.parametrize("extra", [{}, {"auxk_coefficient": 0.5, "dead_window_tokens": 256}])
+@pytest.mark.parametrize("extra", [{"dead_window_tokens": 256}, {"sparsity": "l0"}])   # pull active; PI controller
 def test_resume_after_a_kill_ends_with_identical_weights(tiny_acts, tmp_path, monkeypatch, extra):
     _train(tiny_acts, tmp_path / "whole", **extra)
     real_lr_at = train.lr_at
