@@ -6,8 +6,8 @@
 
 Inputs are multiplied by one scalar so that E||x||^2 = 1 over the training split (SPEC section 3,
 estimated once from a sample); the saved SAE has it folded in and takes raw activations. Sparsity
-is set by a fixed L0 coefficient (lambda) or by --target-l0 K, which adjusts lambda during
-training until the running L0 settles at K.
+is set by a fixed L0 coefficient (lambda), or by --target-l0 K, which holds the L0 at K: with a
+quadratic penalty around K (the small recipe) or a controller on lambda (--sparsity l0).
 
 Writes to --out: config.json and sae.safetensors (the SAE), log.jsonl (one record per --log-every
 steps) and checkpoint.safetensors (weights, Adam state, step, lambda; written atomically).
@@ -244,7 +244,7 @@ def fvu(x_BD, x_hat_BD):
     return ((x_BD - x_hat_BD).pow(2).sum() / (x_BD - x_BD.mean(0)).pow(2).sum()).item()
 
 
-def train(acts, out, *, d_sae=None, steps=300, target_l0=None, l0_coefficient=None, recipe="small",
+def train(acts, out, *, d_sae=None, steps=600, target_l0=None, l0_coefficient=None, recipe="small",
           seed=0, log_every=25, checkpoint_every=100, resume=False, device=None, autocast=None,
           quiet=False, **overrides):
     """Train a JumpReLUSAE on the harvested folder `acts`; write it to `out`. Returns the last log record."""
@@ -382,11 +382,14 @@ def main(argv=None):
     p.add_argument("--acts", required=True, help="folder written by harvest.py")
     p.add_argument("--out", required=True, help="SAE folder to write")
     p.add_argument("--d-sae", type=int, default=None, help="number of latents (default 8 x d_in)")
-    p.add_argument("--steps", type=int, default=300, help="training steps (default 300)")
+    p.add_argument("--steps", type=int, default=600, help="training steps (default 600)")
     sparsity = p.add_mutually_exclusive_group()
-    sparsity.add_argument("--target-l0", type=float, default=None, help="adjust lambda so that L0 settles at K")
+    sparsity.add_argument("--target-l0", type=float, default=None, help="hold the L0 at K (default 32)")
     sparsity.add_argument("--l0-coefficient", type=float, default=None, help="fixed lambda of the L0 term")
     p.add_argument("--recipe", choices=sorted(RECIPES), default="small", help="small (default) or paper (SPEC section 3)")
+    p.add_argument("--sparsity", choices=("l0", "target_batch", "target_row"), default=None,
+                   help="with --target-l0: the paper's lambda*L0 with a controller on lambda (l0), or lambda (2/K)(L0-K)^2 "
+                        "on the batch mean (target_batch, the small recipe's) or per row (target_row, Gemma Scope 2)")
     for name, kind in (("lr", float), ("batch-size", int), ("bandwidth", float), ("threshold-lr-scale", float),
                        ("lr-warmup-steps", int), ("l0-warmup-steps", int), ("lr-decay-fraction", float)):
         p.add_argument(f"--{name}", type=kind, default=None, help="override the recipe's value")
@@ -398,7 +401,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.target_l0 is None and args.l0_coefficient is None:
         args.target_l0 = 32
-    overrides = {k: getattr(args, k) for k in ("lr", "batch_size", "bandwidth", "threshold_lr_scale",
+    overrides = {k: getattr(args, k) for k in ("lr", "batch_size", "bandwidth", "threshold_lr_scale", "sparsity",
                                                "lr_warmup_steps", "l0_warmup_steps", "lr_decay_fraction")}
     try:
         r = train(args.acts, args.out, d_sae=args.d_sae, steps=args.steps, target_l0=args.target_l0,
