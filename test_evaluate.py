@@ -94,3 +94,23 @@ def test_plot_writes_both_pngs(tmp_path):
                for i, (l0, fvu, d) in enumerate([(16, 0.2, 0.3), (32, 0.12, 0.2), (64, 0.08, 0.1)])]
     for path in evaluate.plot(records, tmp_path):
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_top_contexts_mark_the_token_where_the_latent_fires_most(tiny_model, tiny_acts):
+    manifest, shards = harvest.open_split(tiny_acts, "heldout")
+    acts, windows = shards[0]
+    sae = JumpReLUSAE(32, 4, threshold_init=1e-6)
+    row = 37                                   # make latent 2 fire on exactly one held-out row
+    with torch.no_grad():
+        sae.W_enc.zero_()
+        sae.W_enc[:, 2] = torch.from_numpy(np.asarray(acts[row], dtype=np.float32))
+        sae.b_enc[2] = -(sae.W_enc[:, 2].pow(2).sum() * 0.999)   # pre > 0 only where x == acts[row]
+    tokenizer = harvest.load_tokenizer(str(tiny_model))
+    text = evaluate.top_contexts(sae, shards, tokenizer, [2, 3], manifest["context"] - 1, k=3)
+    a = np.asarray(acts, dtype=np.float64)
+    best = int(np.argmax(a @ a[row]))          # the row where latent 2's pre-activation is largest
+    window, pos = divmod(best, manifest["context"] - 1)
+    token = tokenizer.decode(windows[window][pos + 1:pos + 2])
+    lines = text.splitlines()
+    assert lines[0] == "latent 2:" and f"[[{token}]]" in lines[1]
+    assert "latent 3:" in lines and "(never fires on the held-out tokens)" in text

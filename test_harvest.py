@@ -136,3 +136,10 @@ def test_offline_smollm2_layer6_residual(tmp_path):
     assert acts.dtype == np.float16 and len(acts) == len(windows) * 63
     norms = np.linalg.norm(acts.astype(np.float32), axis=1)
     assert 50 < np.median(norms) < 200          # SPEC section 6: about 100 on ordinary tokens
+
+
+def test_dataset_without_the_datasets_library_says_how_to_get_it(monkeypatch):
+    import sys
+    monkeypatch.setitem(sys.modules, "datasets", None)        # import datasets -> ImportError
+    with pytest.raises(ValueError, match="pip install datasets"):
+        next(harvest.hub_dataset("some/dataset"))
