@@ -66,12 +66,19 @@ def test_splicing_the_activation_itself_leaves_the_loss_unchanged(tiny_model, ti
     assert same["delta_lm_loss"] == pytest.approx(0, abs=1e-6) and same["kl"] == pytest.approx(0, abs=1e-6)
     assert same["ce_loss_recovered"] == pytest.approx(1.0, abs=1e-5)
     assert worse["delta_lm_loss"] > 0 and worse["kl"] > 0
-    # The clean CE is the model's own next-token loss on the predictions from positions 1..T-2.
+    # Independently: CE with torch's cross_entropy, the splice by hand (hook), KL with kl_div.
+    F = torch.nn.functional
     ids = torch.from_numpy(windows.astype(np.int64))
     with torch.no_grad():
-        logits = model(ids).logits[:, 1:-1]
-    ce = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 2:].reshape(-1))
-    assert same["ce_clean"] == pytest.approx(ce.item(), rel=1e-5)
+        clean = model(ids).logits[:, 1:-1]
+        handle = module.register_forward_hook(lambda m, i, o: torch.cat([o[:, :1], mean(o[:, 1:])], 1))
+        spliced = model(ids).logits[:, 1:-1]
+        handle.remove()
+    ce = lambda logits: F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 2:].reshape(-1)).item()
+    assert same["ce_clean"] == pytest.approx(ce(clean), rel=1e-5)
+    assert worse["delta_lm_loss"] == pytest.approx(ce(spliced) - ce(clean), rel=1e-4, abs=1e-6)
+    kl = F.kl_div(spliced.log_softmax(-1), clean.log_softmax(-1), log_target=True, reduction="none").sum(-1).mean()
+    assert worse["kl"] == pytest.approx(kl.item(), rel=1e-4)
 
 
 def test_evaluate_end_to_end_and_width_mismatch(tiny_model, tiny_acts, tmp_path):

@@ -21,6 +21,8 @@ def _sae(d_in=24, d_sae=96, seed=0, pre_bias=False):
     g = torch.Generator().manual_seed(seed)
     sae = JumpReLUSAE(d_in, d_sae, pre_encoder_bias=pre_bias)
     with torch.no_grad():
+        W_dec = torch.randn(d_sae, d_in, generator=g)
+        sae.W_dec.copy_(W_dec / W_dec.norm(dim=1, keepdim=True))    # unit rows, as every trained SAE
         sae.W_enc.copy_(torch.randn(d_in, d_sae, generator=g) * 0.3)
         sae.b_enc.copy_(torch.randn(d_sae, generator=g) * 0.1)
         sae.b_dec.copy_(torch.randn(d_in, generator=g))
