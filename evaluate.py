@@ -45,7 +45,7 @@ def activation_metrics(sae, shards, batch_size=4096, device="cpu"):
     fires_F = torch.zeros(sae.d_sae, dtype=torch.float64, device=device)
     for acts, _ in shards:
         for i in range(0, len(acts), batch_size):
-            x_BD = torch.from_numpy(np.asarray(acts[i:i + batch_size], dtype=np.float32)).to(device)
+            x_BD = torch.from_numpy(np.array(acts[i:i + batch_size], dtype=np.float32)).to(device)
             f_BF = sae.encode(x_BD)
             x_hat_BD = sae.decode(f_BF)
             active_BF = f_BF != 0
@@ -124,7 +124,7 @@ def top_contexts(sae, shards, tokenizer, latents, context_rows, k=5, width=12, d
     best = {i: [] for i in latents}
     for s, (acts, windows) in enumerate(shards):
         for r0 in range(0, len(acts), 4096):
-            x = torch.from_numpy(np.asarray(acts[r0:r0 + 4096], dtype=np.float32)).to(device)
+            x = torch.from_numpy(np.array(acts[r0:r0 + 4096], dtype=np.float32)).to(device)
             f = sae.encode(x)[:, latents]
             for j, latent in enumerate(latents):
                 vals, rows = f[:, j].topk(min(k, len(f)))
