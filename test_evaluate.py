@@ -110,7 +110,7 @@ def test_top_contexts_mark_the_token_where_the_latent_fires_most(tiny_model, tin
     row = 37                                   # make latent 2 fire on exactly one held-out row
     with torch.no_grad():
         sae.W_enc.zero_()
-        sae.W_enc[:, 2] = torch.from_numpy(np.asarray(acts[row], dtype=np.float32))
+        sae.W_enc[:, 2] = torch.tensor(np.asarray(acts[row], dtype=np.float32))
         sae.b_enc[2] = -(sae.W_enc[:, 2].pow(2).sum() * 0.999)   # pre > 0 only where x == acts[row]
     tokenizer = harvest.load_tokenizer(str(tiny_model))
     text = evaluate.top_contexts(sae, shards, tokenizer, [2, 3], manifest["context"] - 1, k=3)
