@@ -38,7 +38,7 @@ PAPER = dict(lr=7e-5, betas=(0.0, 0.999), lr_warmup_steps=1000, lr_decay_fractio
 # Our recipe for about a million tokens (minutes on a CPU). Each departure from the paper was
 # measured on SmolLM2 layer-6 activations; README "Training recipe" has the numbers.
 SMALL = dict(lr=1e-3, betas=(0.9, 0.999), lr_warmup_steps=50, lr_decay_fraction=0.2, batch_size=2048,
-             bandwidth="auto",               # 0.3 x the median pre-activation std (SPEC's 0.001 is ~2% of it)
+             bandwidth="auto",               # 0.3 x the median pre-activation std (SPEC's 0.001 is ~4% of it)
              threshold_init="quantile",      # each latent starts firing on K/d_sae of the tokens
              threshold_lr_scale=20.0,        # log-thresholds move ~2% a step, not ~0.1%
              l0_warmup_steps=0,
