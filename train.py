@@ -302,8 +302,9 @@ def train(acts, out, *, d_sae=None, steps=600, target_l0=None, l0_coefficient=No
     if not resume and log_path.exists():
         log_path.unlink()
 
-    # Dense forward and backward: about 6 products of the encoder's size (SPEC; issue 6), 2 FLOPs each.
-    flops_per_step = 12 * B * d_in * d_sae
+    # The step's matmuls, 2 FLOPs per multiply-add: x @ W_enc and f @ W_dec forward, then the
+    # gradients of W_dec, f and W_enc (none for the input x): 5 x 2 x B x d_in x d_sae.
+    flops_per_step = 10 * B * d_in * d_sae
     ceiling = matmul_ceiling(device, B, d_in, d_sae, torch.bfloat16 if autocast else torch.float32)
     stream = batches(shards, B, seed, start_step=state["step"])
     lam = state["l0_coefficient"]
