@@ -14,7 +14,6 @@ The cross-entropies cover the predictions made at spliced positions (1 to contex
 """
 
 import argparse
-import json
 import sys
 from pathlib import Path
 

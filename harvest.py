@@ -26,7 +26,6 @@ import os
 import random
 import sys
 import sysconfig
-import time
 from pathlib import Path
 
 import numpy as np

@@ -11,7 +11,6 @@ import pytest
 import torch
 
 import harvest
-from conftest import TEXT
 
 def _harvest(tiny_model, corpus, out, **kw):
     args = dict(model_name=str(tiny_model), layer=1, tokens=3000, text=[str(corpus)], context=16,
