@@ -353,6 +353,10 @@ def train(acts, out, *, d_sae=None, steps=600, target_l0=None, l0_coefficient=No
                       "mfu": flops_per_step * tokens_per_s / B / ceiling}
             with open(log_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
+            if not quiet:
+                bar.write(f"step {step + 1}: loss {record['loss']:.4f} mse {record['mse']:.4f} L0 {l0:.1f} | held-out "
+                          f"L0 {record['heldout_l0']:.1f} FVU {record['heldout_fvu']:.4f} | dead {record['dead_fraction']:.1%} "
+                          f"lambda {lam:.3g} lr {lr:.3g} | {tokens_per_s:,.0f} tok/s, MFU {record['mfu']:.0%}")
             bar.set_postfix(l0=f"{record['heldout_l0']:.1f}", fvu=f"{record['heldout_fvu']:.3f}",
                             dead=f"{record['dead_fraction']:.1%}", tok_s=f"{tokens_per_s:,.0f}",
                             mfu=f"{record['mfu']:.0%}")
