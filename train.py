@@ -305,7 +305,6 @@ def train(acts, out, *, d_sae=None, steps=600, target_l0=None, l0_coefficient=No
     # The step's matmuls, 2 FLOPs per multiply-add: x @ W_enc and f @ W_dec forward, then the
     # gradients of W_dec, f and W_enc (none for the input x): 5 x 2 x B x d_in x d_sae.
     flops_per_step = 10 * B * d_in * d_sae
-    ceiling = matmul_ceiling(device, B, d_in, d_sae, torch.bfloat16 if autocast else torch.float32)
     stream = batches(shards, B, seed, start_step=state["step"])
     lam = state["l0_coefficient"]
     record, t_log, step_log = {}, time.perf_counter(), state["step"]
@@ -344,6 +343,8 @@ def train(acts, out, *, d_sae=None, steps=600, target_l0=None, l0_coefficient=No
                 ev = sae.loss(x_eval, lam)
             dt = time.perf_counter() - t_log
             tokens_per_s = (step + 1 - step_log) * B / dt
+            # Measured now, not at start-up: on a shared machine the ceiling moves with the load.
+            ceiling = matmul_ceiling(device, B, d_in, d_sae, torch.bfloat16 if autocast else torch.float32)
             record = {"step": step + 1, "loss": out_["loss"].item(), "mse": out_["mse"].item(), "l0": l0,
                       "heldout_l0": ev["l0"].item(), "heldout_fvu": fvu(x_eval, ev["x_hat"].float()),
                       # dead: no firing in the last 2^20 tokens, or since the start if fewer
