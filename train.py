@@ -315,11 +315,12 @@ def train(acts, out, *, d_sae=None, steps=600, target_l0=None, l0_coefficient=No
         lr = lr_at(step, steps, hp["lr"], hp["lr_warmup_steps"], hp["lr_decay_fraction"])
         for group in opt.param_groups:
             group["lr"] = lr * group["lr_scale"]
+        batch_target = hp["sparsity"] == "target_batch"      # its term is on the batch mean, added here
         with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=autocast):
-            out_ = sae.loss(x_BD, lam, target_l0 if hp["sparsity"] == "target_row" else None)
+            out_ = sae.loss(x_BD, 0.0 if batch_target else lam, target_l0 if hp["sparsity"] == "target_row" else None)
         loss = out_["loss"]
-        if hp["sparsity"] == "target_batch":
-            loss = out_["mse"] + lam * (2.0 / target_l0) * (out_["l0"] - target_l0) ** 2
+        if batch_target:
+            loss = loss + lam * (2.0 / target_l0) * (out_["l0"] - target_l0) ** 2
         dead_F = fired_at < step + 1 - min(hp["dead_window_tokens"] // B, step + 1)
         if hp["dead_threshold_pull"] and dead_F.any():
             # A dead latent's pre-activations never reach its kernel window, so no estimator
@@ -345,7 +346,7 @@ def train(acts, out, *, d_sae=None, steps=600, target_l0=None, l0_coefficient=No
             tokens_per_s = (step + 1 - step_log) * B / dt
             # Measured now, not at start-up: on a shared machine the ceiling moves with the load.
             ceiling = matmul_ceiling(device, B, d_in, d_sae, torch.bfloat16 if autocast else torch.float32)
-            record = {"step": step + 1, "loss": out_["loss"].item(), "mse": out_["mse"].item(), "l0": l0,
+            record = {"step": step + 1, "loss": loss.item(), "mse": out_["mse"].item(), "l0": l0,
                       "heldout_l0": ev["l0"].item(), "heldout_fvu": fvu(x_eval, ev["x_hat"].float()),
                       # dead: no firing in the last 2^20 tokens, or since the start if fewer
                       "dead_fraction": (fired_at < step + 1 - min(2**20 // B, step + 1)).float().mean().item(),
