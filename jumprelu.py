@@ -262,16 +262,8 @@ class JumpReLUSAE(nn.Module):
         (`fold_input_scale_`) so that the folder takes raw activations. Each file goes through
         a temporary name and an atomic rename.
         """
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        tensors = {name: getattr(self, name).detach().float().cpu().contiguous() for name in TENSOR_NAMES}
-        tmp = folder / (WEIGHTS_NAME + ".tmp")
-        save_file(tensors, str(tmp), metadata={"architecture": ARCHITECTURE})
-        os.replace(tmp, folder / WEIGHTS_NAME)
-        tmp = folder / (CONFIG_NAME + ".tmp")
-        tmp.write_text(json.dumps(self.config(), indent=2) + "\n")
-        os.replace(tmp, folder / CONFIG_NAME)
-        return folder
+        tensors = {name: getattr(self, name) for name in TENSOR_NAMES}
+        return write_folder(folder, self.config(), tensors)
 
     @classmethod
     def load(cls, folder, device=None):
@@ -291,6 +283,21 @@ class JumpReLUSAE(nn.Module):
         known = set(sae.config()) - {"dtype"}
         sae.metadata = {k: v for k, v in cfg.items() if k not in known and k != "dtype"}
         return sae
+
+
+def write_folder(folder, config, tensors):
+    """Write `config.json` and `sae.safetensors` (tensors as float32) to `folder`, each through a
+    temporary name and an atomic rename, the weights first: a kill leaves the old folder or the new."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {name: t.detach().float().cpu().contiguous() for name, t in tensors.items()}
+    tmp = folder / (WEIGHTS_NAME + ".tmp")
+    save_file(tensors, str(tmp), metadata={"architecture": config["architecture"]})
+    os.replace(tmp, folder / WEIGHTS_NAME)
+    tmp = folder / (CONFIG_NAME + ".tmp")
+    tmp.write_text(json.dumps(config, indent=2) + "\n")
+    os.replace(tmp, folder / CONFIG_NAME)
+    return folder
 
 
 def read_folder(folder, architecture):
