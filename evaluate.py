@@ -21,14 +21,15 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+import baselines
 import harvest
-from jumprelu import JumpReLUSAE
 
 DENSE = 0.1   # a latent firing on more than 10% of tokens is "dense" (SPEC section 5)
 
 
 def load_sae(folder, device="cpu"):
-    return JumpReLUSAE.load(folder, device=device)
+    """An SAE folder of any architecture (config.json says which)."""
+    return baselines.load_sae(folder, device=device)
 
 
 def check_width(sae, manifest, folder, acts):

@@ -6,17 +6,19 @@
     python export.py runs/sae --out runs/sae16.onnx --fp16          # float16 weights and matmuls
 
 Input `x` is float32 [batch, d_in] in raw activation space (the input scale is already folded
-into the weights); the batch axis is dynamic. A latent is active when its pre-activation is
-strictly greater than its threshold (ONNX Greater), as in PyTorch. With --fp16 the weights and
-matrix products are float16 and the threshold comparison stays float32. The SAE's config
+into the weights); the batch axis is dynamic. A JumpReLU latent is active when its pre-activation
+is strictly greater than its threshold (ONNX Greater), as in PyTorch. Every architecture of
+baselines.py exports: ReLU, Gated (its gate and magnitude paths share one MatMul), TopK (ONNX TopK)
+and BatchTopK (with its global inference threshold). With --fp16 the weights and matrix products
+are float16 and the comparisons stay float32. The SAE's config
 (d_in, d_sae, model, layer, site, input scale...) is in the model's metadata.
 
 Every export is checked before it is reported: onnx.checker, then onnxruntime (CUDA when
 present, else CPU) against PyTorch on random inputs and, when the SAE's activation folder is
 found, on real held-out activations; the largest absolute and relative errors are printed and
 the script exits non-zero over tolerance. infer_onnx.py runs the result with numpy alone.
-We use PyTorch's TorchScript-based exporter (dynamo=False): the graph is four operators, and it
-needs no extra package.
+We use PyTorch's TorchScript-based exporter (dynamo=False): the graph is a handful of operators,
+and it needs no extra package.
 """
 
 import argparse
@@ -30,31 +32,64 @@ import numpy as np
 import torch
 from torch import nn
 
+import baselines
 import harvest
-from jumprelu import JumpReLUSAE
+from evaluate import check_width
 
 OPSET = 17
+# When a latent is active, per architecture (the "active" entry of the ONNX metadata).
+ACTIVE = {"jumprelu": "pre-activation > threshold (strictly)", "relu": "pre-activation > 0",
+          "gated": "gate pre-activation > 0 and magnitude > 0",
+          "topk": "among the row's k largest pre-activations, and > 0",
+          "batchtopk": "pre-activation > max(threshold, 0) (the global inference threshold)"}
+
+
+def pre_encoder_bias(sae):
+    """Whether the encoder sees x - b_dec (always for Gated, TopK and BatchTopK; optional for JumpReLU)."""
+    return getattr(sae, "pre_encoder_bias", sae.architecture in ("gated", "topk", "batchtopk"))
 
 
 class Exportable(nn.Module):
-    """The SAE as a plain graph: MatMul, Add, Greater, Where (and MatMul, Add for x_hat; TopK)."""
+    """The SAE as a plain graph: MatMul, Add, Greater, Where (and MatMul, Add for x_hat; TopK).
+
+    pre = h @ W_enc + b_enc with h = x (or x - b_dec), then per architecture (SPEC sections 1, 4):
+    jumprelu  where(pre > theta, pre, 0)        relu       where(pre > 0, pre, 0)
+    batchtopk where(pre > max(t, 0), pre, 0)    topk       ReLU of the row's k largest, others 0
+    gated     where(h @ W_enc + b_gate > 0, ReLU((h @ W_enc) exp(r_mag) + b_mag), 0)
+    """
 
     def __init__(self, sae, what="encoder", fp16=False, topk=None):
         super().__init__()
         self.what, self.topk, self.fp16 = what, topk, fp16
+        self.arch, self.k = sae.architecture, getattr(sae, "k", None)
         dtype = torch.float16 if fp16 else torch.float32
-        self.pre_encoder_bias = sae.pre_encoder_bias
-        for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
+        self.pre_encoder_bias = pre_encoder_bias(sae)
+        biases = ("b_gate", "b_mag") if self.arch == "gated" else ("b_enc",)
+        for name in ("W_enc", "W_dec", "b_dec") + biases:
             self.register_buffer(name, getattr(sae, name).detach().to(dtype).clone())
-        self.register_buffer("threshold", sae.threshold.detach().float().clone())
+        if self.arch == "gated":
+            self.register_buffer("mag_scale", sae.r_mag.detach().exp().to(dtype).clone())
+        # The comparison's right-hand side, float32: theta per latent, 0 for ReLU, max(t, 0) for BatchTopK.
+        threshold = {"jumprelu": lambda: sae.threshold, "batchtopk": lambda: sae.threshold.clamp_min(0).reshape(())}
+        self.register_buffer("threshold", threshold.get(self.arch, lambda: torch.zeros(()))().detach().float().clone())
 
-    def forward(self, x):
+    def features(self, x):
         h = x.half() if self.fp16 else x
         if self.pre_encoder_bias:
             h = h - self.b_dec
-        pre = h @ self.W_enc + self.b_enc
-        pre = pre.float() if self.fp16 else pre
-        features = torch.where(pre > self.threshold, pre, torch.zeros_like(pre))
+        hW = h @ self.W_enc
+        if self.arch == "gated":
+            gate = (hW + self.b_gate).float()
+            mag = (hW * self.mag_scale + self.b_mag).float()
+            return torch.where(gate > 0, torch.relu(mag), torch.zeros_like(mag))
+        pre = (hW + self.b_enc).float()
+        if self.arch == "topk":
+            values, indices = pre.topk(self.k, dim=-1)
+            return torch.zeros_like(pre).scatter(-1, indices, torch.relu(values))
+        return torch.where(pre > self.threshold, pre, torch.zeros_like(pre))
+
+    def forward(self, x):
+        features = self.features(x)
         outputs = []
         if self.topk:
             values, indices = features.topk(self.topk, dim=-1)
@@ -88,7 +123,7 @@ def export(sae, path, what="encoder", fp16=False, topk=None):
                           dynamo=False)
     model = onnx.load(str(tmp))
     meta = {**sae.config(), "what": what, "fp16": fp16, "topk": topk,
-            "active": "pre-activation > threshold (strictly)", "input": "raw activations, float32 [batch, d_in]"}
+            "active": ACTIVE[sae.architecture], "input": "raw activations, float32 [batch, d_in]"}
     for key, value in meta.items():
         model.metadata_props.add(key=key, value=json.dumps(value))
     onnx.checker.check_model(model)
@@ -118,28 +153,23 @@ def compare(sess, module, sae, x, tie_tol):
     with torch.no_grad():
         reference = Exportable(sae, module.what, fp16=False, topk=module.topk)
         want = reference(x_t)
-        pre = sae.pre_acts(x_t).numpy()
+        features = reference.features(x_t).numpy()
     want = [w.numpy() for w in ([want] if isinstance(want, torch.Tensor) else want)]
     got = dict(zip(module.output_names(), sess.run(None, {"x": x})))
     want = dict(zip(module.output_names(), want))
-    theta = sae.threshold.detach().numpy()
-    # Rounding bound of each pre-activation's dot product: c * u * (|x| @ |W_enc| + |b_enc|).
-    x_in = x - sae.b_dec.detach().numpy() if sae.pre_encoder_bias else x
-    bound = tie_tol * (np.abs(x_in) @ np.abs(sae.W_enc.detach().numpy()) + np.abs(sae.b_enc.detach().numpy()))
+    at_threshold, bound = near_boundary(sae, x, tie_tol)
     if module.topk:      # active sets from the (index, value > 0) pairs
         active = {}
         for name, out in (("want", want), ("got", got)):
-            a = np.zeros(pre.shape, bool)
+            a = np.zeros(features.shape, bool)
             np.put_along_axis(a, out["indices"], out["values"] > 0, axis=1)
             active[name] = a
     else:
         active = {"want": want["features"] != 0, "got": got["features"] != 0}
     differ = active["want"] != active["got"]
-    at_threshold = np.abs(pre - theta) <= bound
     near = at_threshold.copy()
     if module.topk:      # and a latent level with the k-th largest value of its row
-        f = np.where(pre > theta, pre, 0)
-        near |= np.abs(f - want["values"][:, -1:]) <= 2 * bound
+        near |= np.abs(features - want["values"][:, -1:]) <= 2 * bound
     if (differ & ~near).any():
         return {"rows": len(x), "ties": int(differ.any(1).sum()), "max_abs": float("inf"), "max_rel": float("inf")}
     rows = ~differ.any(1)
@@ -160,6 +190,30 @@ def compare(sess, module, sae, x, tie_tol):
             report["max_abs"] = max(report["max_abs"], float(err.max()))
             report["max_rel"] = max(report["max_rel"], float(err.max() / scale) if scale else float(err.max()))
     return report
+
+
+def near_boundary(sae, x, tie_tol):
+    """Where a latent's activity could flip under rounding: its decision quantity (pre - theta, the
+    gate, the magnitude, the distance to the row's k-th largest) within the rounding bound of its
+    dot product, c * u * (|h| @ |W_enc| + |bias|). Returns that [B, F] mask and the bound."""
+    W = np.abs(sae.W_enc.detach().numpy())
+    h = x - sae.b_dec.detach().numpy() if pre_encoder_bias(sae) else x
+    hW = h @ sae.W_enc.detach().numpy()
+    dot_bound = tie_tol * (np.abs(h) @ W)
+    if sae.architecture == "gated":
+        scale = sae.r_mag.detach().exp().numpy()
+        gate, b_gate = hW + sae.b_gate.detach().numpy(), np.abs(sae.b_gate.detach().numpy())
+        mag, b_mag = hW * scale + sae.b_mag.detach().numpy(), np.abs(sae.b_mag.detach().numpy())
+        bound = dot_bound * np.maximum(scale, 1) + tie_tol * np.maximum(b_gate, b_mag)
+        return (np.abs(gate) <= bound) | (np.abs(mag) <= bound), bound
+    pre = hW + sae.b_enc.detach().numpy()
+    bound = dot_bound + tie_tol * np.abs(sae.b_enc.detach().numpy())
+    if sae.architecture == "topk":
+        kth = -np.partition(-pre, sae.k - 1, axis=1)[:, sae.k - 1:sae.k]
+        return (np.abs(pre) <= bound) | (np.abs(pre - kth) <= 2 * bound), bound
+    theta = {"jumprelu": lambda: sae.threshold.detach().numpy(),
+             "batchtopk": lambda: max(float(sae.threshold), 0.0)}.get(sae.architecture, lambda: 0.0)()
+    return np.abs(pre - theta) <= bound, bound
 
 
 def verify(path, module, sae, acts=None, tol=None, rows=512, seed=0):
@@ -191,11 +245,13 @@ def main(argv=None):
     p.add_argument("--tol", type=float, default=None, help="relative tolerance (default 1e-5, 2e-2 with --fp16)")
     args = p.parse_args(argv)
     try:
-        sae = JumpReLUSAE.load(args.sae_dir)
+        sae = baselines.load_sae(args.sae_dir)
         acts = args.acts or sae.metadata.get("acts")
         if acts and not (Path(acts) / harvest.MANIFEST).is_file():
             print(f"note: {acts} is not here; checking on random inputs only.")
             acts = None
+        if acts:
+            check_width(sae, harvest.read_manifest(acts), args.sae_dir, acts)
         module = export(sae, args.out, args.what, args.fp16, args.topk)
         ok, reports, provider, tol = verify(args.out, module, sae, acts, args.tol)
     except ValueError as e:

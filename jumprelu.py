@@ -12,13 +12,14 @@ Shape suffixes: B batch rows, D model width (d_in), F latents (d_sae).
 `python jumprelu.py` prints a tiny worked example.
 """
 
+import hashlib
 import json
 import math
 import os
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load, save
 from torch import nn
 
 ARCHITECTURE = "jumprelu"
@@ -146,6 +147,8 @@ class JumpReLUSAE(nn.Module):
     `pre_encoder_bias=True` the encoder sees x - b_dec (off by default, as in Gemma Scope).
     `metadata` is free-form provenance (model, layer, site, input_scale) kept in config.json.
     """
+
+    architecture = ARCHITECTURE
 
     def __init__(self, d_in, d_sae, *, bandwidth=0.001, threshold_init=0.001,
                  pre_encoder_bias=False, device=None, dtype=torch.float32):
@@ -285,18 +288,51 @@ class JumpReLUSAE(nn.Module):
         return sae
 
 
+def _write_tmp(path, write):
+    """write(file) into `path`.tmp and flush it to disk; the temporary file is removed if that fails."""
+    tmp = Path(path).with_name(Path(path).name + ".tmp")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return tmp
+
+
+def atomic_write(path, write):
+    """Call write(file) on a temporary file next to `path`, flush it to disk, then rename it over
+    `path`: a reader sees the old file or the new one, never half of one. If writing fails (a full
+    disk, an exception) the temporary file is removed and `path` is untouched."""
+    os.replace(_write_tmp(path, write), path)
+    return Path(path)
+
+
+def folder_digest(weights, config):
+    """sha256 over the weights file's bytes and config.json's other entries (canonical JSON)."""
+    body = json.dumps({k: v for k, v in config.items() if k != "sha256"}, sort_keys=True)
+    return hashlib.sha256(weights + body.encode()).hexdigest()
+
+
 def write_folder(folder, config, tensors):
-    """Write `config.json` and `sae.safetensors` (tensors as float32) to `folder`, each through a
-    temporary name and an atomic rename, the weights first: a kill leaves the old folder or the new."""
+    """Write `sae.safetensors` (tensors as float32) and `config.json` to `folder`. Both are written
+    to temporary files first, then renamed: a full disk leaves the old folder as it was. config.json
+    records a sha256 over both (`folder_digest`), which `read_folder` checks."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {name: t.detach().float().cpu().contiguous() for name, t in tensors.items()}
-    tmp = folder / (WEIGHTS_NAME + ".tmp")
-    save_file(tensors, str(tmp), metadata={"architecture": config["architecture"]})
-    os.replace(tmp, folder / WEIGHTS_NAME)
-    tmp = folder / (CONFIG_NAME + ".tmp")
-    tmp.write_text(json.dumps(config, indent=2) + "\n")
-    os.replace(tmp, folder / CONFIG_NAME)
+    data = save(tensors, metadata={"architecture": config["architecture"]})
+    config = {**config, "sha256": folder_digest(data, config)}
+    tmp_weights = _write_tmp(folder / WEIGHTS_NAME, lambda f: f.write(data))
+    try:
+        tmp_config = _write_tmp(folder / CONFIG_NAME, lambda f: f.write((json.dumps(config, indent=2) + "\n").encode()))
+    except BaseException:
+        tmp_weights.unlink(missing_ok=True)
+        raise
+    os.replace(tmp_weights, folder / WEIGHTS_NAME)
+    os.replace(tmp_config, folder / CONFIG_NAME)
     return folder
 
 
@@ -320,11 +356,27 @@ def read_folder(folder, architecture):
     for key in ("d_in", "d_sae"):
         if not isinstance(cfg.get(key), int) or isinstance(cfg.get(key), bool) or cfg[key] < 1:
             raise ValueError(f"{folder}/{CONFIG_NAME} has no valid {key!r} (a positive integer); it is damaged.")
+    # The entries that shape the computation, when present, must have their types.
+    number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+    checks = {"bandwidth": number, "pre_encoder_bias": lambda v: isinstance(v, bool),
+              "k": lambda v: isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= cfg["d_sae"]}
+    for key, ok in checks.items():
+        if key in cfg and not ok(cfg[key]):
+            raise ValueError(f"{folder}/{CONFIG_NAME} has an invalid {key!r} ({cfg[key]!r}); it is damaged.")
+    data = (folder / WEIGHTS_NAME).read_bytes()
+    digest = cfg.pop("sha256", None)           # absent in folders written by other tools
+    if digest is not None and folder_digest(data, cfg) != digest:
+        raise ValueError(f"{folder} does not match the sha256 in its {CONFIG_NAME} (a file was damaged or edited); "
+                         "restore it, or delete the sha256 entry to load it as it is.")
     try:
-        tensors = load_file(str(folder / WEIGHTS_NAME))
+        tensors = load(data)
     except Exception as e:  # safetensors raises its own error types for damaged headers
-        raise ValueError(f"{folder}/{WEIGHTS_NAME} cannot be read as safetensors ({e}); it is truncated or damaged.") from None
-    return cfg, {name: t.float() for name, t in tensors.items()}
+        raise ValueError(f"{folder}/{WEIGHTS_NAME} cannot be read as safetensors ({str(e)[:80]}); "
+                         "it is truncated or damaged.") from None
+    wrong = [name for name, t in tensors.items() if t.dtype != torch.float32]
+    if wrong:
+        raise ValueError(f"{folder}/{WEIGHTS_NAME} holds {wrong[0]} as {tensors[wrong[0]].dtype}, not float32; it is damaged.")
+    return cfg, tensors
 
 
 def check_shapes(folder, tensors, expected):

@@ -135,3 +135,44 @@ def test_onnx_benchmark_quick_mode_runs_and_the_runtimes_agree(tmp_path, capsys)
     rows = json.loads((tmp_path / "b.json").read_text())["onnx"]
     assert rows and all(r["max_rel_diff"] <= 1e-4 and r["onnxruntime_tokens_per_s"] > 0 for r in rows)
     assert "ORT/torch" in capsys.readouterr().out
+
+
+def _baseline(arch, d_in=24, d_sae=96, seed=0):
+    """A baseline SAE with random weights; BatchTopK with a positive inference threshold."""
+    import baselines
+    torch.manual_seed(seed)
+    sae = baselines.make_sae(arch, d_in, d_sae, k=8 if "topk" in arch else None)
+    with torch.no_grad():
+        for p in sae.parameters():
+            p.add_(torch.randn_like(p) * 0.2)
+        if arch == "batchtopk":
+            sae.threshold.fill_(0.3)
+    return sae
+
+
+@pytest.mark.parametrize("arch", ["relu", "gated", "topk", "batchtopk"])
+@pytest.mark.parametrize("what", ["encoder", "sae"])
+def test_every_architecture_exports_and_matches_its_own_forward(tmp_path, arch, what):
+    sae = _baseline(arch)
+    module = export.export(sae, tmp_path / "m.onnx", what=what)
+    ok, reports, _, _ = export.verify(tmp_path / "m.onnx", module, sae, rows=300)
+    assert ok and reports["random"]["max_rel"] < 1e-5, reports
+    x = np.random.default_rng(1).standard_normal((50, 24)).astype(np.float32)
+    out = _run(tmp_path / "m.onnx", x)
+    with torch.no_grad():     # against the SAE's own encode (SPEC section 4), not the export's graph
+        f = sae.encode(torch.from_numpy(x)).numpy()
+        np.testing.assert_allclose(out[0], f, rtol=1e-5, atol=1e-6)
+        assert (out[0] != 0).sum() > 0 and (out[0] == 0).sum() > 0
+        if what == "sae":
+            np.testing.assert_allclose(out[1], sae(torch.from_numpy(x)).numpy(), rtol=1e-5, atol=1e-5)
+    meta = {p.key: json.loads(p.value) for p in onnx.load(str(tmp_path / "m.onnx")).metadata_props}
+    assert meta["architecture"] == arch and meta["active"] == export.ACTIVE[arch]
+
+
+def test_a_wrong_baseline_export_is_caught(tmp_path):
+    sae = _baseline("gated")
+    module = export.export(sae, tmp_path / "m.onnx")
+    with torch.no_grad():
+        sae.r_mag.add_(0.01)          # the file no longer matches the SAE
+    ok, reports, _, _ = export.verify(tmp_path / "m.onnx", module, sae, rows=100)
+    assert not ok and reports["random"]["max_rel"] > 1e-3

@@ -81,7 +81,7 @@ def test_resume_after_a_kill_gives_the_same_folder(tiny_model, corpus, tmp_path,
         calls["n"] += 1
         if calls["n"] == 4:
             raise KeyboardInterrupt
-        real_save(path, array)
+        return real_save(path, array)
 
     monkeypatch.setattr(harvest, "save_npy", dying_save)
     with pytest.raises(KeyboardInterrupt):
@@ -106,8 +106,9 @@ def test_bad_inputs_get_one_sentence_errors(tiny_model, corpus, tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
     (empty / "e.txt").write_text("")
-    with pytest.raises(ValueError, match="no complete training window"):
+    with pytest.raises(ValueError, match="fewer than --context 16 tokens"):
         _harvest(tiny_model, corpus, tmp_path / "c", text=[str(empty)])
+    assert not (tmp_path / "c").exists()                 # nothing half-written
     with pytest.raises(ValueError, match="has no manifest.json"):
         harvest.open_split(tmp_path / "nowhere")
 
@@ -117,6 +118,7 @@ def test_manifest_cannot_point_outside_its_folder(tiny_model, corpus, tmp_path):
     path = tmp_path / "acts" / "manifest.json"
     m = json.loads(path.read_text())
     m["splits"]["train"]["shards"][0]["acts"] = "../../etc/passwd"
+    m["sha256"] = harvest.manifest_digest(m)           # a deliberate edit can recompute the checksum
     path.write_text(json.dumps(m))
     with pytest.raises(ValueError, match="outside its folder"):
         harvest.open_split(tmp_path / "acts")

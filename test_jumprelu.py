@@ -443,23 +443,39 @@ def _saved(tmp_path):
     return _random_sae(0).save(tmp_path)
 
 
-def _edit_config(folder, **changes):
+def _rewrite_weights(folder, edit, raw=None):
+    """Replace the weights (edited, or by raw bytes) as another tool would: no sha256 in config.json."""
+    tensors = edit(load_file(str(folder / "sae.safetensors")))
+    if raw is None:
+        save_file(tensors, str(folder / "sae.safetensors"))
+    else:
+        (folder / "sae.safetensors").write_bytes(raw)
+    cfg = json.loads((folder / "config.json").read_text())
+    del cfg["sha256"]
+    (folder / "config.json").write_text(json.dumps(cfg))
+
+
+def _edit_config(folder, keep_sha=False, **changes):
+    """Edit config.json; without keep_sha, as another tool would (no sha256 entry)."""
     cfg = json.loads((folder / "config.json").read_text())
     cfg.update(changes)
+    if not keep_sha:
+        del cfg["sha256"]
     (folder / "config.json").write_text(json.dumps(cfg))
 
 
 @pytest.mark.parametrize("damage, message", [
     (lambda f: _edit_config(f, architecture="topk"), "'topk' SAE, not a 'jumprelu'"),
     (lambda f: _edit_config(f, d_in=7), "W_enc of shape [6, 20], but config.json implies [7, 20]"),
+    (lambda f: _edit_config(f, keep_sha=True, pre_encoder_bias=True), "does not match the sha256"),
     (lambda f: _edit_config(f, d_sae="20"), "no valid 'd_sae'"),
     (lambda f: (f / "config.json").write_text("{not json"), "is not valid JSON"),
     (lambda f: (f / "config.json").unlink(), "has no config.json"),
-    (lambda f: (f / "sae.safetensors").write_bytes((f / "sae.safetensors").read_bytes()[:100]), "cannot be read"),
-    (lambda f: save_file({k: v for k, v in load_file(str(f / "sae.safetensors")).items() if k != "threshold"},
-                         str(f / "sae.safetensors")), "has no tensor 'threshold'"),
-    (lambda f: save_file({**load_file(str(f / "sae.safetensors")), "threshold": -torch.ones(20)},
-                         str(f / "sae.safetensors")), "thresholds <= 0"),
+    (lambda f: (f / "sae.safetensors").write_bytes((f / "sae.safetensors").read_bytes()[:100]), "does not match the sha256"),
+    (lambda f: _rewrite_weights(f, lambda t: t, (f / "sae.safetensors").read_bytes()[:100]), "cannot be read"),
+    (lambda f: _rewrite_weights(f, lambda t: {k: v for k, v in t.items() if k != "threshold"}), "has no tensor 'threshold'"),
+    (lambda f: _rewrite_weights(f, lambda t: {**t, "threshold": -torch.ones(20)}), "thresholds <= 0"),
+    (lambda f: _rewrite_weights(f, lambda t: {**t, "W_enc": t["W_enc"].double()}), "not float32"),
 ])
 def test_load_rejects_a_bad_folder_in_one_sentence(tmp_path, damage, message):
     folder = _saved(tmp_path)

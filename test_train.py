@@ -179,3 +179,54 @@ def test_paper_recipe_runs_with_a_fixed_coefficient(tiny_acts, tmp_path):
 def test_sparsity_must_be_given(tiny_acts, tmp_path):
     with pytest.raises(ValueError, match="--target-l0 K or --l0-coefficient"):
         _train(tiny_acts, tmp_path / "x", target_l0=None)
+
+
+@pytest.mark.parametrize("arch", ["relu", "gated", "topk", "batchtopk"])
+def test_every_baseline_trains_resumes_and_loads(tiny_acts, tmp_path, arch):
+    import baselines
+    import evaluate
+    record = _train(tiny_acts, tmp_path / "whole", arch=arch, steps=12, lr_warmup_steps=2)
+    sae = baselines.load_sae(tmp_path / "whole")
+    assert sae.architecture == arch and sae.metadata["target_l0"] == 4 and sae.metadata["input_scale"] > 0
+    _, heldout = harvest.open_split(tiny_acts, "heldout")
+    metrics = evaluate.activation_metrics(sae, heldout)
+    assert metrics["fvu"] < 1.0 and metrics["l0"] > 0                     # it learned something
+    if arch == "topk":
+        assert metrics["l0"] <= 4 and record["heldout_l0"] <= 4
+    if arch == "batchtopk":
+        assert float(sae.threshold) > 0                                     # estimated during training
+    # A run killed after its step-8 checkpoint and resumed ends identical (buffers included).
+    real_lr_at = train.lr_at
+
+    def dying_lr_at(step, *a, **k):
+        if step == 10:
+            raise KeyboardInterrupt
+        return real_lr_at(step, *a, **k)
+    train.lr_at = dying_lr_at
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            _train(tiny_acts, tmp_path / "killed", arch=arch, steps=12, lr_warmup_steps=2)
+    finally:
+        train.lr_at = real_lr_at
+    _train(tiny_acts, tmp_path / "killed", arch=arch, steps=12, lr_warmup_steps=2, resume=True)
+    killed = baselines.load_sae(tmp_path / "killed")
+    for (name, a), b in zip(sae.state_dict().items(), killed.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_relu_controller_moves_the_l1_coefficient_towards_the_target(tiny_acts, tmp_path):
+    low = _train(tiny_acts, tmp_path / "low", arch="relu", steps=60, target_l0=2)
+    high = _train(tiny_acts, tmp_path / "high", arch="relu", steps=60, target_l0=30)
+    assert low["l0_coefficient"] > high["l0_coefficient"] and low["heldout_l0"] < high["heldout_l0"]
+
+
+def test_sweep_from_the_command_line_writes_one_folder_per_sparsity(tiny_acts, tmp_path, capsys):
+    train.main(["--acts", str(tiny_acts), "--out", str(tmp_path / "sweep"), "--arch", "topk", "--target-l0", "2", "5",
+                "--d-sae", "64", "--steps", "4", "--batch-size", "128", "--device", "cpu"])
+    import baselines
+    for k in (2, 5):
+        sae = baselines.load_sae(tmp_path / "sweep" / f"topk_l0_{k}")
+        assert sae.k == k
+    assert capsys.readouterr().out.count("wrote the SAE to") == 2
+    with pytest.raises(SystemExit, match="needs --target-l0 K, a positive whole number"):
+        train.main(["--acts", str(tiny_acts), "--out", str(tmp_path / "x"), "--arch", "topk", "--target-l0", "2.5"])

@@ -1,6 +1,8 @@
-"""Train a JumpReLU SAE on harvested activations.
+"""Train a JumpReLU SAE (or a baseline: ReLU, Gated, TopK, BatchTopK) on harvested activations.
 
     python train.py --acts runs/acts --out runs/sae --target-l0 32            # small-budget recipe
+    python train.py --acts runs/acts --out runs/sweep --target-l0 16 32 64    # a sweep: runs/sweep/jumprelu_l0_16 ...
+    python train.py --acts runs/acts --out runs/topk --arch topk --target-l0 32   # baselines: --arch
     python train.py --acts runs/acts --out runs/sae --l0-coefficient 1e-3 --steps 200000 --recipe paper
     python train.py --acts runs/acts --out runs/sae --resume                  # carry on a killed run
 
@@ -8,6 +10,10 @@ Inputs are multiplied by one scalar so that E||x||^2 = 1 over the training split
 estimated once from a sample); the saved SAE has it folded in and takes raw activations. Sparsity
 is set by a fixed L0 coefficient (lambda), or by --target-l0 K, which holds the L0 at K: with a
 quadratic penalty around K (the small recipe) or a controller on lambda (--sparsity l0).
+The baselines (SPEC section 4, baselines.py) take the same --target-l0: k itself for TopK and
+BatchTopK, the PI controller on the L1 coefficient for ReLU and Gated (or a fixed --l0-coefficient,
+which is then their L1 coefficient). They share the optimiser, schedule, batch, b_dec and
+orthogonal initialisation; the JumpReLU-only parts (thresholds, bandwidth, dead-threshold pull) not.
 
 Writes to --out: config.json and sae.safetensors (the SAE), log.jsonl (one record per --log-every
 steps) and checkpoint.safetensors (weights, Adam state, step, lambda; written atomically).
@@ -16,7 +22,6 @@ steps) and checkpoint.safetensors (weights, Adam state, step, lambda; written at
 import argparse
 import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -24,11 +29,12 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save
 from tqdm import tqdm
 
 import harvest
-from jumprelu import JumpReLUSAE
+from baselines import ARCHITECTURES, make_sae
+from jumprelu import atomic_write
 
 # SPEC section 3, exactly: Gemma Scope's recipe, built for billions of tokens.
 PAPER = dict(lr=7e-5, betas=(0.0, 0.999), lr_warmup_steps=1000, lr_decay_fraction=0.0, batch_size=4096,
@@ -88,6 +94,10 @@ def batches(shards, batch_size, seed, start_step=0, buffer_rows=2**18):
             step += n
             continue
         buffer = np.concatenate([shards[s][0][i:i + BLOCK] for s, i in group])
+        if not np.isfinite(buffer).all():                # one pass per buffer, ~1% of a CPU step's time
+            s, i = next((s, i) for s, i in group if not np.isfinite(shards[s][0][i:i + BLOCK]).all())
+            name = getattr(shards[s][0], "filename", None) or f"shard {s}"
+            raise ValueError(f"{name} holds NaN or Inf activations in rows {i} to {i + BLOCK - 1}, met at step {step}")
         for b in range(n):
             if step >= start_step:
                 yield torch.from_numpy(buffer[order[b * batch_size:(b + 1) * batch_size]].astype(np.float32))
@@ -174,6 +184,10 @@ def init_from_data(sae, x_ND, target_l0, hp):
         W_dec_FD = sae.W_dec - (sae.W_dec @ top_KD.T) @ top_KD
         sae.W_dec.copy_(W_dec_FD / W_dec_FD.norm(dim=1, keepdim=True))
         sae.W_enc.copy_(sae.W_dec.T)
+    if sae.architecture != "jumprelu":
+        if hp["b_dec_init"] == "mean":
+            sae.b_dec.copy_(x_ND.mean(0))
+        return
     pre_NF = sae.pre_acts(x_ND)
     if hp["bandwidth"] == "auto":
         sae.bandwidth = AUTO_BANDWIDTH * pre_NF.std(0).median().item()
@@ -194,24 +208,33 @@ def save_checkpoint(path, sae, opt, fired_at, state):
     """Weights, Adam moments and the latents' last firing steps as tensors, the rest as JSON in the
     file's metadata; written to a temporary file and renamed, so a kill never leaves half a file."""
     tensors = {f"param.{n}": p.detach().cpu().contiguous() for n, p in sae.named_parameters()}
+    tensors.update({f"buffer.{n}": b.detach().cpu().contiguous() for n, b in sae.named_buffers()})
     tensors["fired_at"] = fired_at.cpu()
     for n, p in sae.named_parameters():
         for k, v in opt.state.get(p, {}).items():
             tensors[f"adam.{n}.{k}"] = v.detach().cpu().reshape(v.shape).contiguous()
     tensors["rng.torch"] = torch.get_rng_state()
-    tmp = Path(str(path) + ".tmp")
-    save_file(tensors, str(tmp), metadata={"state": json.dumps(state)})
-    os.replace(tmp, path)
+    data = save(tensors, metadata={"state": json.dumps(state)})
+    atomic_write(path, lambda f: f.write(data))
 
 
 def load_checkpoint(path, sae, opt, fired_at):
+    """Restore a checkpoint into sae, opt and fired_at; returns its JSON state. One-sentence
+    ValueError for a damaged file or one written for another architecture or width."""
     try:
         with safe_open(str(path), "pt") as f:
             state = json.loads(f.metadata()["state"])
             tensors = {k: f.get_tensor(k) for k in f.keys()}
+        assert isinstance(state, dict) and isinstance(state.get("step"), int)
+        expected = {f"param.{n}": p.shape for n, p in sae.named_parameters()}
+        expected.update({f"buffer.{n}": b.shape for n, b in sae.named_buffers()}, fired_at=fired_at.shape)
+        assert all(k in tensors and tensors[k].shape == shape for k, shape in expected.items())
     except Exception as e:
-        raise ValueError(f"{path} cannot be read ({type(e).__name__}); delete it to start afresh.") from None
+        raise ValueError(f"{path} is damaged or belongs to another SAE ({type(e).__name__}); delete it to start "
+                         "afresh or pass the settings it was made with.") from None
     with torch.no_grad():
+        for n, b in sae.named_buffers():
+            b.copy_(tensors[f"buffer.{n}"])
         for n, p in sae.named_parameters():
             p.copy_(tensors[f"param.{n}"])
             moments = {k.split(".")[-1]: v for k, v in tensors.items() if k.startswith(f"adam.{n}.")}
@@ -223,6 +246,18 @@ def load_checkpoint(path, sae, opt, fired_at):
 
 
 # --- Training --------------------------------------------------------------------------------
+
+
+def _logged_step(line):
+    """The step of a log.jsonl line; infinity for a line a kill cut short (it is dropped)."""
+    try:
+        return json.loads(line)["step"] if line.endswith("\n") else math.inf
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return math.inf
+
+
+def last_good(ckpt):
+    return f"the last good checkpoint is {ckpt}" if Path(ckpt).is_file() else "no checkpoint was written yet"
 
 
 def matmul_ceiling(device, B, d_in, d_sae, dtype):
@@ -244,16 +279,21 @@ def fvu(x_BD, x_hat_BD):
     return ((x_BD - x_hat_BD).pow(2).sum() / (x_BD - x_BD.mean(0)).pow(2).sum()).item()
 
 
-def train(acts, out, *, d_sae=None, steps=600, target_l0=None, l0_coefficient=None, recipe="small",
-          seed=0, log_every=25, checkpoint_every=100, resume=False, device=None, autocast=None,
+def train(acts, out, *, arch="jumprelu", d_sae=None, steps=600, target_l0=None, l0_coefficient=None,
+          recipe="small", seed=0, log_every=25, checkpoint_every=100, resume=False, device=None, autocast=None,
           quiet=False, **overrides):
-    """Train a JumpReLUSAE on the harvested folder `acts`; write it to `out`. Returns the last log record."""
+    """Train an SAE of `arch` on the harvested folder `acts`; write it to `out`. Returns the last log record."""
     out = Path(out)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     autocast = (device == "cuda") if autocast is None else autocast
     hp = {**RECIPES[recipe], **{k: v for k, v in overrides.items() if v is not None}}
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"--arch must be one of {', '.join(ARCHITECTURES)}, not {arch!r}.")
+    topk = arch in ("topk", "batchtopk")
     if target_l0 is None and l0_coefficient is None:
         raise ValueError("set the sparsity with --target-l0 K or --l0-coefficient LAMBDA.")
+    if topk and (target_l0 is None or target_l0 != int(target_l0) or target_l0 < 1):
+        raise ValueError(f"--arch {arch} needs --target-l0 K, a positive whole number (its k), not {target_l0}.")
     manifest, shards = harvest.open_split(acts, "train")
     _, heldout = harvest.open_split(acts, "heldout")
     d_in = manifest["d_in"]
@@ -266,24 +306,27 @@ def train(acts, out, *, d_sae=None, steps=600, target_l0=None, l0_coefficient=No
         raise ValueError(f"{acts} holds NaN or Inf activations; harvest it again.")
     scale = input_scale(sample)
     x_eval = sample_rows(heldout, B, seed).to(device) * scale
-    sae = JumpReLUSAE(d_in, d_sae, bandwidth=hp["bandwidth"] if hp["bandwidth"] != "auto" else 0.001,
-                      threshold_init=hp["threshold_init"] if hp["threshold_init"] != "quantile" else 0.001,
-                      device=device)
+    if arch == "jumprelu":
+        sae = make_sae(arch, d_in, d_sae, device=device,
+                       bandwidth=hp["bandwidth"] if hp["bandwidth"] != "auto" else 0.001,
+                       threshold_init=hp["threshold_init"] if hp["threshold_init"] != "quantile" else 0.001)
+    else:
+        sae = make_sae(arch, d_in, d_sae, k=int(target_l0) if topk else None, device=device)
     init_from_data(sae, sample[:4096].to(device) * scale, target_l0 or 32, hp)
-    thresholds = [sae.log_threshold]
-    others = [p for p in sae.parameters() if p is not sae.log_threshold]
+    thresholds = [sae.log_threshold] if arch == "jumprelu" else []
+    others = [p for p in sae.parameters() if all(p is not t for t in thresholds)]
     opt = torch.optim.Adam([{"params": others, "lr_scale": 1.0},
                             {"params": thresholds, "lr_scale": hp["threshold_lr_scale"]}],
                            lr=hp["lr"], betas=hp["betas"], eps=1e-8)
     # sparsity "l0": the paper's lambda * L0, lambda set by a controller for --target-l0;
     # "target_row" / "target_batch": lambda (2/K)(L0 - K)^2 per row (Gemma Scope 2) or on the
     # batch mean, with a fixed lambda: a force towards K from both sides.
-    if not target_l0:
-        hp["sparsity"] = "l0"                        # a fixed lambda: the paper's penalty
+    if not target_l0 or arch != "jumprelu":
+        hp["sparsity"] = "l0"            # a fixed lambda (the paper's penalty), or a baseline's L1 term
     quadratic = hp["sparsity"] != "l0"
     if quadratic:
         l0_coefficient = l0_coefficient or hp["target_l0_coefficient"]
-    controller = TargetL0(target_l0, l0_coefficient or 1e-3) if target_l0 and not quadratic else None
+    controller = TargetL0(target_l0, l0_coefficient or 1e-3) if target_l0 and not quadratic and not topk else None
     state = {"step": 0, "l0_coefficient": controller.value if controller else l0_coefficient}
     fired_at = torch.full((d_sae,), -1, device=device)      # the last step each latent fired (-1: never)
 
@@ -293,41 +336,57 @@ def train(acts, out, *, d_sae=None, steps=600, target_l0=None, l0_coefficient=No
         if not ckpt.is_file():
             raise ValueError(f"--resume: {ckpt} does not exist; start without --resume.")
         state = load_checkpoint(ckpt, sae, opt, fired_at)
+        if state.get("arch", "jumprelu") != arch or state.get("d_sae") not in (None, d_sae):
+            raise ValueError(f"{ckpt} holds a {state.get('arch', 'jumprelu')} SAE of width {state.get('d_sae')}, "
+                             f"not this --arch {arch} of width {d_sae}; pass the same settings or another --out.")
         if state["step"] >= steps:
             raise ValueError(f"{ckpt} is already at step {state['step']}; pass a larger --steps to train on.")
-        scale, sae.bandwidth = state["scale"], state["bandwidth"]
+        scale = state["scale"]
+        if arch == "jumprelu":
+            sae.bandwidth = state["bandwidth"]
         if controller:
             controller.load(state["controller"])
     log_path = out / "log.jsonl"
     if not resume and log_path.exists():
         log_path.unlink()
+    if resume and log_path.exists():     # drop the records of steps after the checkpoint: they are redone
+        kept = [line for line in log_path.read_text().splitlines(keepends=True) if _logged_step(line) <= state["step"]]
+        atomic_write(log_path, lambda f: f.write("".join(kept).encode()))
 
     # The step's matmuls, 2 FLOPs per multiply-add: x @ W_enc and f @ W_dec forward, then the
     # gradients of W_dec, f and W_enc (none for the input x): 5 x 2 x B x d_in x d_sae.
     flops_per_step = 10 * B * d_in * d_sae
-    stream = batches(shards, B, seed, start_step=state["step"])
+    stream = batches(shards, B, seed, start_step=state["step"], buffer_rows=hp.get("buffer_rows", 2**18))
     lam = state["l0_coefficient"]
     record, t_log, step_log = {}, time.perf_counter(), state["step"]
     bar = tqdm(total=steps, initial=state["step"], unit="step", desc="train", disable=quiet)
     for step in range(state["step"], steps):
-        x_BD = next(stream).to(device, non_blocking=True) * scale
+        try:
+            x_BD = next(stream).to(device, non_blocking=True) * scale
+        except ValueError as e:
+            raise ValueError(f"{e}; training stopped, {last_good(ckpt)}; re-harvest that shard.") from None
         lam = controller.value if controller else l0_coefficient_at(step, l0_coefficient, hp["l0_warmup_steps"])
         lr = lr_at(step, steps, hp["lr"], hp["lr_warmup_steps"], hp["lr_decay_fraction"])
         for group in opt.param_groups:
             group["lr"] = lr * group["lr_scale"]
         batch_target = hp["sparsity"] == "target_batch"      # its term is on the batch mean, added here
+        dead_F = fired_at < step + 1 - min(hp["dead_window_tokens"] // B, step + 1)
         with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=autocast):
-            out_ = sae.loss(x_BD, 0.0 if batch_target else lam, target_l0 if hp["sparsity"] == "target_row" else None)
+            if topk:
+                out_ = sae.loss(x_BD, dead_F=dead_F)           # AuxK on the dead latents
+            elif arch == "jumprelu":
+                out_ = sae.loss(x_BD, 0.0 if batch_target else lam, target_l0 if hp["sparsity"] == "target_row" else None)
+            else:
+                out_ = sae.loss(x_BD, lam)                      # lam is the L1 coefficient
         loss = out_["loss"]
         if batch_target:
             loss = loss + lam * (2.0 / target_l0) * (out_["l0"] - target_l0) ** 2
-        dead_F = fired_at < step + 1 - min(hp["dead_window_tokens"] // B, step + 1)
-        if hp["dead_threshold_pull"] and dead_F.any():
+        if arch == "jumprelu" and hp["dead_threshold_pull"] and dead_F.any():
             # A dead latent's pre-activations never reach its kernel window, so no estimator
             # gradient can lower its threshold: pull its log-threshold down until it fires again.
             loss = loss + hp["dead_threshold_pull"] * sae.log_threshold[dead_F].sum()
         if not torch.isfinite(loss):
-            raise ValueError(f"the loss became {loss.item()} at step {step}; the last good checkpoint is {ckpt}.")
+            raise ValueError(f"the loss became {loss.item()} at step {step}; {last_good(ckpt)}; lower --lr and --resume.")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         sae.remove_parallel_decoder_grad_()
@@ -341,7 +400,8 @@ def train(acts, out, *, d_sae=None, steps=600, target_l0=None, l0_coefficient=No
 
         if (step + 1) % log_every == 0 or step + 1 == steps:
             with torch.no_grad(), torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=autocast):
-                ev = sae.loss(x_eval, lam)
+                f_eval = sae.encode(x_eval)                     # inference: BatchTopK uses its threshold
+                ev = {"l0": (f_eval != 0).float().sum(-1).mean(), "x_hat": sae.decode(f_eval)}
             dt = time.perf_counter() - t_log
             tokens_per_s = (step + 1 - step_log) * B / dt
             # Measured now, not at start-up: on a shared machine the ceiling moves with the load.
@@ -356,27 +416,30 @@ def train(acts, out, *, d_sae=None, steps=600, target_l0=None, l0_coefficient=No
             with open(log_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
             if not quiet:
+                lam_text = f"lambda {lam:.3g} " if lam is not None else ""      # TopK has none
                 bar.write(f"step {step + 1}: loss {record['loss']:.4f} mse {record['mse']:.4f} L0 {l0:.1f} | held-out "
                           f"L0 {record['heldout_l0']:.1f} FVU {record['heldout_fvu']:.4f} | dead {record['dead_fraction']:.1%} "
-                          f"lambda {lam:.3g} lr {lr:.3g} | {tokens_per_s:,.0f} tok/s, MFU {record['mfu']:.0%}")
+                          f"{lam_text}lr {lr:.3g} | {tokens_per_s:,.0f} tok/s, MFU {record['mfu']:.0%}")
             bar.set_postfix(l0=f"{record['heldout_l0']:.1f}", fvu=f"{record['heldout_fvu']:.3f}",
                             dead=f"{record['dead_fraction']:.1%}", tok_s=f"{tokens_per_s:,.0f}",
                             mfu=f"{record['mfu']:.0%}")
             t_log, step_log = time.perf_counter(), step + 1
         if (step + 1) % checkpoint_every == 0 or step + 1 == steps:
-            state = {"step": step + 1, "scale": scale, "bandwidth": sae.bandwidth,
+            state = {"step": step + 1, "scale": scale, "bandwidth": getattr(sae, "bandwidth", None),
+                     "arch": arch, "d_sae": d_sae,
                      "l0_coefficient": controller.value if controller else l0_coefficient,
                      "controller": controller.state() if controller else None,
                      "recipe": recipe, "hp": hp, "seed": seed}
             save_checkpoint(ckpt, sae, opt, fired_at, state)
     bar.close()
 
-    final = JumpReLUSAE(d_in, d_sae, bandwidth=sae.bandwidth)
+    final = make_sae(arch, d_in, d_sae, k=int(target_l0) if topk else None,
+                     **({"bandwidth": sae.bandwidth} if arch == "jumprelu" else {}))
     final.load_state_dict(sae.state_dict())
     final.metadata = {"model": manifest["model"], "layer": manifest["layer"], "site": manifest["site"],
                       "hook": manifest["hook"], "context": manifest["context"], "acts": str(acts),
-                      "recipe": recipe, "steps": steps, "tokens": steps * B,
-                      "target_l0": target_l0, "l0_coefficient": lam}
+                      "recipe": recipe, "steps": steps, "tokens": steps * B, "seed": seed,
+                      "target_l0": target_l0, "l0_coefficient": None if topk else lam}
     final.fold_input_scale_(scale)
     final.save(out)
     return record
@@ -387,12 +450,16 @@ def main(argv=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="\n\n".join(__doc__.split("\n\n")[1:]))
     p.add_argument("--acts", required=True, help="folder written by harvest.py")
-    p.add_argument("--out", required=True, help="SAE folder to write")
+    p.add_argument("--out", required=True, help="SAE folder to write (with several sparsities: the parent folder)")
+    p.add_argument("--arch", choices=list(ARCHITECTURES), default="jumprelu",
+                   help="jumprelu (default), or a baseline of SPEC section 4")
     p.add_argument("--d-sae", type=int, default=None, help="number of latents (default 8 x d_in)")
     p.add_argument("--steps", type=int, default=600, help="training steps (default 600)")
     sparsity = p.add_mutually_exclusive_group()
-    sparsity.add_argument("--target-l0", type=float, default=None, help="hold the L0 at K (default 32)")
-    sparsity.add_argument("--l0-coefficient", type=float, default=None, help="fixed lambda of the L0 term")
+    sparsity.add_argument("--target-l0", type=float, nargs="+", default=None,
+                          help="hold the L0 at K (default 32; k for topk/batchtopk); several values train a sweep")
+    sparsity.add_argument("--l0-coefficient", type=float, nargs="+", default=None,
+                          help="fixed lambda of the L0 term (of the L1 term for relu/gated); several values train a sweep")
     p.add_argument("--recipe", choices=sorted(RECIPES), default="small", help="small (default) or paper (SPEC section 3)")
     p.add_argument("--sparsity", choices=("l0", "target_batch", "target_row"), default=None,
                    help="with --target-l0: the paper's lambda*L0 with a controller on lambda (l0), or lambda (2/K)(L0-K)^2 "
@@ -407,17 +474,26 @@ def main(argv=None):
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
     args = p.parse_args(argv)
     if args.target_l0 is None and args.l0_coefficient is None:
-        args.target_l0 = 32
+        args.target_l0 = [32]
     overrides = {k: getattr(args, k) for k in ("lr", "batch_size", "bandwidth", "threshold_lr_scale", "sparsity",
                                                "lr_warmup_steps", "l0_warmup_steps", "lr_decay_fraction")}
-    try:
-        r = train(args.acts, args.out, d_sae=args.d_sae, steps=args.steps, target_l0=args.target_l0,
-                  l0_coefficient=args.l0_coefficient, recipe=args.recipe, seed=args.seed, log_every=args.log_every,
-                  checkpoint_every=args.checkpoint_every, resume=args.resume, device=args.device, **overrides)
-    except ValueError as e:
-        sys.exit(f"error: {e}")
-    print(f"wrote the SAE to {args.out}: held-out L0 {r['heldout_l0']:.1f}, FVU {r['heldout_fvu']:.3f}, "
-          f"dead {r['dead_fraction']:.1%} (log: {args.out}/log.jsonl)")
+    # One run per sparsity value; a sweep writes each SAE to OUT/<arch>_l0_<K> (or _lambda_<value>).
+    key, values = ("target_l0", args.target_l0) if args.target_l0 else ("l0_coefficient", args.l0_coefficient)
+    runs = [(args.out if len(values) == 1 else str(Path(args.out) / f"{args.arch}_{'l0' if key == 'target_l0' else 'lambda'}"
+             f"_{v:g}"), v) for v in values]
+    for out, value in runs:
+        if len(runs) > 1:
+            print(f"== {args.arch}, {key.replace('_', ' ')} {value:g} -> {out}")
+        try:
+            r = train(args.acts, out, arch=args.arch, d_sae=args.d_sae, steps=args.steps, recipe=args.recipe,
+                      seed=args.seed, log_every=args.log_every, checkpoint_every=args.checkpoint_every,
+                      resume=args.resume, device=args.device, **{key: value}, **overrides)
+        except ValueError as e:
+            sys.exit(f"error: {e}")
+        except OSError as e:     # a full disk: the checkpoint and SAE folder on disk are still whole
+            sys.exit(f"error: writing to {out} failed ({e.strerror or e}); free space, then rerun with --resume.")
+        print(f"wrote the SAE to {out}: held-out L0 {r['heldout_l0']:.1f}, FVU {r['heldout_fvu']:.3f}, "
+              f"dead {r['dead_fraction']:.1%} (log: {out}/log.jsonl)")
 
 
 if __name__ == "__main__":
