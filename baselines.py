@@ -83,36 +83,13 @@ class _SAE(nn.Module):
         return {"loss": loss, "mse": mse, "l0": _l0(f_BF), "aux": aux, "pre": pre_BF, "f": f_BF, "x_hat": x_hat_BD}
 
     # --- SPEC section 3: the unit-norm decoder and the input scale --------------------------
-
-    @torch.no_grad()
-    def remove_parallel_decoder_grad_(self):
-        """Before the optimiser step: drop the part of each decoder row's gradient along the row."""
-        if self.W_dec.grad is not None:
-            W_FD, g_FD = self.W_dec, self.W_dec.grad
-            g_FD -= (g_FD * W_FD).sum(1, keepdim=True) * W_FD / W_FD.pow(2).sum(1, keepdim=True)
-
-    @torch.no_grad()
-    def normalize_decoder_(self):
-        """After the optimiser step: rescale each decoder row to unit norm."""
-        self.W_dec /= self.W_dec.norm(dim=1, keepdim=True)
-
-    @torch.no_grad()
-    def fold_input_scale_(self, scale):
-        """Make weights trained on x * scale take raw x: W_enc * s, W_dec / s, b_dec / s.
-
-        Pre-activations, hence features, are unchanged: x @ (s W_enc) = (x s) @ W_enc for ReLU,
-        and (x - b_dec/s) @ (s W_enc) = (x s - b_dec) @ W_enc for the others. The encoder biases,
-        r_mag and BatchTopK's threshold stay as they are. metadata["input_scale"] records s
-        (cumulatively).
-        """
-        scale = float(scale)
-        if not (scale > 0 and math.isfinite(scale)):
-            raise ValueError(f"The input scale must be a positive finite number, got {scale}.")
-        self.W_enc.mul_(scale)
-        self.W_dec.div_(scale)
-        self.b_dec.div_(scale)
-        self.metadata["input_scale"] = self.metadata.get("input_scale", 1.0) * scale
-        return self
+    # JumpReLUSAE's own methods, shared: they touch only W_enc, W_dec, b_dec and metadata. Folding
+    # leaves the features unchanged here too: x @ (s W_enc) = (x s) @ W_enc for ReLU, and
+    # (x - b_dec/s) @ (s W_enc) = (x s - b_dec) @ W_enc for the others; the encoder biases, r_mag
+    # and BatchTopK's threshold stay as they are.
+    remove_parallel_decoder_grad_ = JumpReLUSAE.remove_parallel_decoder_grad_
+    normalize_decoder_ = JumpReLUSAE.normalize_decoder_
+    fold_input_scale_ = JumpReLUSAE.fold_input_scale_
 
     # --- SPEC section 7: the folder format --------------------------------------------------
 

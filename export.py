@@ -22,8 +22,8 @@ and it needs no extra package.
 """
 
 import argparse
+import io
 import json
-import os
 import sys
 import warnings
 from pathlib import Path
@@ -35,6 +35,7 @@ from torch import nn
 import baselines
 import harvest
 from evaluate import check_width
+from jumprelu import atomic_write
 
 OPSET = 17
 # When a latent is active, per architecture (the "active" entry of the ONNX metadata).
@@ -115,20 +116,19 @@ def export(sae, path, what="encoder", fp16=False, topk=None):
         raise ValueError(f"--topk must be between 1 and d_sae={sae.d_sae}, not {topk}.")
     module = Exportable(sae, what, fp16, topk).eval()
     names = module.output_names()
-    tmp = Path(str(path) + ".tmp")
+    buffer = io.BytesIO()
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)   # the TorchScript exporter, chosen on purpose
-        torch.onnx.export(module, (torch.zeros(2, sae.d_in),), str(tmp), input_names=["x"], output_names=names,
+        torch.onnx.export(module, (torch.zeros(2, sae.d_in),), buffer, input_names=["x"], output_names=names,
                           dynamic_axes={n: {0: "batch"} for n in ["x"] + names}, opset_version=OPSET,
                           dynamo=False)
-    model = onnx.load(str(tmp))
+    model = onnx.load_from_string(buffer.getvalue())
     meta = {**sae.config(), "what": what, "fp16": fp16, "topk": topk,
             "active": ACTIVE[sae.architecture], "input": "raw activations, float32 [batch, d_in]"}
     for key, value in meta.items():
         model.metadata_props.add(key=key, value=json.dumps(value))
     onnx.checker.check_model(model)
-    onnx.save(model, str(tmp))
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: f.write(model.SerializeToString()))
     return module
 
 

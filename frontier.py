@@ -21,8 +21,10 @@ from pathlib import Path
 
 
 import evaluate
+import harvest
 import train
 from baselines import ARCHITECTURES
+from jumprelu import atomic_write
 
 
 def run_name(arch, target, seed):
@@ -128,8 +130,8 @@ def main(argv=None):
     results = Path(args.results)
     results.parent.mkdir(parents=True, exist_ok=True)
     table = markdown(records, settings)
-    Path(f"{results}.md").write_text(table)
-    Path(f"{results}.json").write_text(json.dumps({"settings": settings, "records": records}, indent=1) + "\n")
+    atomic_write(f"{results}.md", lambda f: f.write(table.encode()))
+    harvest.write_json(f"{results}.json", {"settings": settings, "records": records})
     plot(records, f"{results}.png")
     print(table)
     print(f"wrote {results}.md, {results}.json and {results}.png ({settings['minutes']} min)")

@@ -94,7 +94,7 @@ def batches(shards, batch_size, seed, start_step=0, buffer_rows=2**18):
             step += n
             continue
         buffer = np.concatenate([shards[s][0][i:i + BLOCK] for s, i in group])
-        if not np.isfinite(buffer).all():                # one pass per buffer, ~1% of a CPU step's time
+        if not np.isfinite(buffer).all():        # 0.3 s per 2^18 rows here: under 0.5% of the steps using them
             s, i = next((s, i) for s, i in group if not np.isfinite(shards[s][0][i:i + BLOCK]).all())
             name = getattr(shards[s][0], "filename", None) or f"shard {s}"
             raise ValueError(f"{name} holds NaN or Inf activations in rows {i} to {i + BLOCK - 1}, met at step {step}")
