@@ -121,3 +121,18 @@ def test_top_contexts_mark_the_token_where_the_latent_fires_most(tiny_model, tin
     lines = text.splitlines()
     assert lines[0] == "latent 2:" and f"[[{token}]]" in lines[1]
     assert "latent 3:" in lines and "(never fires on the held-out tokens)" in text
+
+
+def test_evaluate_takes_every_architecture_side_by_side(tiny_model, tiny_acts, tmp_path):
+    import baselines
+    folders = []
+    for seed, arch in enumerate(baselines.ARCHITECTURES):
+        torch.manual_seed(seed)          # untrained Gated, BatchTopK and ReLU SAEs of one seed coincide
+        sae = baselines.make_sae(arch, 32, 64, k=4 if "topk" in arch else None)
+        folders.append(sae.save(tmp_path / arch))
+    records = evaluate.evaluate(folders, tiny_acts, lm=True, lm_windows=4, device="cpu", progress=False)
+    assert [r["architecture"] for r in records] == list(baselines.ARCHITECTURES)
+    assert all(np.isfinite(r["delta_lm_loss"]) for r in records)
+    topk = records[list(baselines.ARCHITECTURES).index("topk")]
+    assert 0 < topk["l0"] <= 4
+    assert len({r["ce_spliced"] for r in records}) == len(records)      # each SAE spliced in, not one
