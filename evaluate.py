@@ -21,15 +21,15 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-import baselines
+import formats
 import harvest
 
 DENSE = 0.1   # a latent firing on more than 10% of tokens is "dense" (SPEC section 5)
 
 
 def load_sae(folder, device="cpu"):
-    """An SAE folder of any architecture (config.json says which)."""
-    return baselines.load_sae(folder, device=device)
+    """An SAE of any architecture: our folder, a Gemma Scope params.npz or a SAELens folder."""
+    return formats.load_any(folder, device=device)
 
 
 def check_width(sae, manifest, folder, acts):
@@ -217,7 +217,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="\n\n".join(__doc__.split("\n\n")[1:]))
-    p.add_argument("sae_dirs", nargs="+", help="SAE folders")
+    p.add_argument("sae_dirs", nargs="+", help="SAE folders (ours, SAELens's, or Gemma Scope params.npz)")
     p.add_argument("--acts", required=True, help="harvested folder whose held-out split is used")
     p.add_argument("--lm", action="store_true", help="also splice into the model: delta LM loss, CE recovered, KL")
     p.add_argument("--lm-windows", type=int, default=64, help="held-out windows for --lm (default 64)")

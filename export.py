@@ -32,9 +32,8 @@ import numpy as np
 import torch
 from torch import nn
 
-import baselines
 import harvest
-from evaluate import check_width
+from evaluate import check_width, load_sae
 from jumprelu import atomic_write
 
 OPSET = 17
@@ -236,7 +235,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="\n\n".join(__doc__.split("\n\n")[1:]))
-    p.add_argument("sae_dir", help="SAE folder (config.json + sae.safetensors)")
+    p.add_argument("sae_dir", help="SAE folder (ours or SAELens's) or a Gemma Scope params.npz")
     p.add_argument("--out", required=True, help="ONNX file to write")
     p.add_argument("--what", choices=("encoder", "sae"), default="encoder", help="encoder only, or the whole SAE (adds x_hat)")
     p.add_argument("--fp16", action="store_true", help="float16 weights and matrix products")
@@ -245,7 +244,7 @@ def main(argv=None):
     p.add_argument("--tol", type=float, default=None, help="relative tolerance (default 1e-5, 2e-2 with --fp16)")
     args = p.parse_args(argv)
     try:
-        sae = baselines.load_sae(args.sae_dir)
+        sae = load_sae(args.sae_dir)
         acts = args.acts or sae.metadata.get("acts")
         if acts and not (Path(acts) / harvest.MANIFEST).is_file():
             print(f"note: {acts} is not here; checking on random inputs only.")

@@ -1,5 +1,6 @@
 """Reproduce the paper's headline: the sparsity-fidelity frontier of JumpReLU against the baselines.
 
+    python harvest.py --out runs/acts           # once (demo.sh does it too): SmolLM2 layer 6, 425k tokens
     python frontier.py --acts runs/acts --out runs/frontier --results results/frontier_cpu
 
 Trains every architecture (JumpReLU, ReLU, Gated, TopK, BatchTopK) at each --targets L0 with the
@@ -79,7 +80,8 @@ def plot(records, path):
             line, = ax.plot([r["l0"] for r in main], [r[metric] for r in main], "o-", color=f"C{i}", label=arch)
             ax.plot([r["l0"] for r in extra], [r[metric] for r in extra], "o", mfc="none", color=line.get_color())
         ax.set_xscale("log")
-        ax.set_yscale("log")
+        if all(r[metric] > 0 for r in records):      # a delta LM loss can be <= 0 on a toy model
+            ax.set_yscale("log")
         ax.set_xlabel("L0 (active latents per held-out token)")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3, which="both")
@@ -102,8 +104,8 @@ def main(argv=None):
     p.add_argument("--seeds-at", type=int, default=25, help="the target trained with extra seeds (default 25)")
     p.add_argument("--seeds", type=int, default=2, help="seeds at --seeds-at (default 2)")
     p.add_argument("--d-sae", type=int, default=2304, help="latents (default 2,304: 4 x SmolLM2's d_in)")
-    p.add_argument("--steps", type=int, default=400, help="training steps of 2,048 tokens (default 400)")
-    p.add_argument("--lm-windows", type=int, default=64, help="held-out windows for delta LM loss (default 64)")
+    p.add_argument("--steps", type=int, default=250, help="training steps of 2,048 tokens (default 250)")
+    p.add_argument("--lm-windows", type=int, default=32, help="held-out windows for delta LM loss (default 32)")
     p.add_argument("--machine", default=None, help="a description of the machine for the table's caption")
     args = p.parse_args(argv)
     if args.seeds_at not in args.targets:

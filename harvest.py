@@ -174,6 +174,11 @@ def hook_module(model, layer, site):
     block = layers[layer]
     if site == "resid":
         return block
+    # Gemma 2/3 and OLMo 2 normalise each sub-block's output before adding it to the residual stream:
+    # the site is that norm's output (what TransformerLens calls hook_attn_out / hook_mlp_out). In
+    # Llama-like blocks post_attention_layernorm is the pre-MLP norm, hence the test on the other name.
+    if isinstance(getattr(block, "post_feedforward_layernorm", None), torch.nn.Module):
+        return getattr(block, {"mlp": "post_feedforward_layernorm", "attn": "post_attention_layernorm"}[site])
     names = {"mlp": ("mlp", "feed_forward", "ffn"), "attn": ("self_attn", "attn", "attention")}[site]
     for name in names:
         if isinstance(getattr(block, name, None), torch.nn.Module):

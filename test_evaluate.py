@@ -1,5 +1,7 @@
 """Tests for evaluate.py: metrics with known answers, and the splice into a live (tiny) model."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -136,3 +138,22 @@ def test_evaluate_takes_every_architecture_side_by_side(tiny_model, tiny_acts, t
     topk = records[list(baselines.ARCHITECTURES).index("topk")]
     assert 0 < topk["l0"] <= 4
     assert len({r["ce_spliced"] for r in records}) == len(records)      # each SAE spliced in, not one
+
+
+def test_frontier_trains_every_run_once_and_writes_table_json_and_plot(tiny_acts, tmp_path, capsys):
+    import frontier
+    args = ["--acts", str(tiny_acts), "--out", str(tmp_path / "runs"), "--results", str(tmp_path / "res" / "f"),
+            "--archs", "jumprelu", "topk", "--targets", "4", "8", "--seeds-at", "4", "--d-sae", "64", "--steps", "3",
+            "--lm-windows", "2"]
+    frontier.main(args)
+    table = (tmp_path / "res" / "f.md").read_text()
+    rows = [line for line in table.splitlines() if line.startswith("| jumprelu") or line.startswith("| topk")]
+    assert len(rows) == 6                          # 2 architectures x 2 targets, and a second seed at L0 4
+    records = json.loads((tmp_path / "res" / "f.json").read_text())["records"]
+    assert sorted((r["architecture"], r["target"], r["seed"]) for r in records) == sorted(
+        [(a, t, 0) for a in ("jumprelu", "topk") for t in (4, 8)] + [("jumprelu", 4, 1), ("topk", 4, 1)])
+    assert all(r["l0"] <= 4 for r in records if r["architecture"] == "topk" and r["target"] == 4)
+    assert (tmp_path / "res" / "f.png").stat().st_size > 10_000
+    capsys.readouterr()
+    frontier.main(args)                             # run again: every SAE is there already
+    assert capsys.readouterr().out.count("done already") == 6

@@ -1,0 +1,444 @@
+"""Read the SAEs researchers already have (Gemma Scope, SAELens) and write ours in SAELens's layout.
+
+    python formats.py gemma-scope/layer_12/width_16k/average_l0_82 --out runs/gs_l12   # -> our folder
+    python formats.py runs/sae_l0_32 --out runs/sae_l0_32_saelens --saelens            # -> SAELens folder
+
+    from formats import load_any, save_saelens
+    sae = load_any("path")             # our folder, a Gemma Scope params.npz, or a SAELens folder
+    sae.save("runs/imported")          # then evaluate.py and export.py as for our own SAEs
+    save_saelens(sae, "for_saelens")   # sae_lens.SAE.load_from_disk("for_saelens") reads it
+
+Every loader gives the features of the source's own forward pass (SPEC section 1), written out
+in its docstring. Where the source computes something our classes do not (a pre-encoder bias
+on a ReLU SAE, SAELens's decoder-norm rescaling in TopK), the difference is folded into the
+weights exactly in real arithmetic, computed in float64 and rounded once to float32, so
+features agree to float32 rounding. What cannot be folded (per-input normalisation, a scale
+the folder does not hold, thresholds <= 0) is refused with a one-sentence error. Weights are
+float32: float16 and bfloat16 files widen exactly, float64 files are rounded.
+"""
+
+import argparse
+import json
+import math
+import re
+import sys
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+
+import baselines
+import jumprelu
+from jumprelu import JumpReLUSAE
+
+GEMMA_SCOPE_FILE = "params.npz"
+SAELENS_CONFIG = "cfg.json"
+SAELENS_WEIGHTS = "sae_weights.safetensors"
+# SAELens reads a cfg.json whose sae_lens_version is 6.0.0 or later in the layout written here
+# (sae_lens/loading/pretrained_sae_loaders.py, handle_config_defaulting); older ones get renamed keys.
+SAELENS_FORMAT_VERSION = "6.0.0"
+DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# Our config.json entries that SAELens metadata must not overwrite when it becomes our metadata.
+RESERVED = {"architecture", "d_in", "d_sae", "k", "bandwidth", "pre_encoder_bias", "dtype", "sha256"}
+# SAELens metadata entries that describe its own format, not the SAE's provenance.
+SAELENS_FORMAT_KEYS = {"model_name", "hook_name", "sae_lens_version", "sae_lens_training_version",
+                       "training_architecture", "training_architecture_details"}
+
+
+# --- Building an SAE from tensors ----------------------------------------------------------
+
+
+def _assemble(sae, tensors, device):
+    """Give `sae`, built on the meta device (no memory, no initialisation), these float32 tensors
+    on `device`. `tensors` must name every parameter and buffer of its state dict."""
+    assert set(tensors) == set(sae.state_dict()), (sorted(tensors), sorted(sae.state_dict()))
+    sae = sae.to_empty(device=device or "cpu")
+    with torch.no_grad():
+        for name, t in tensors.items():
+            getattr(sae, name).copy_(t.float())
+    return sae
+
+
+def _jumprelu_sae(W_enc, b_enc, W_dec, b_dec, *, threshold=None, log_threshold=None, pre_encoder_bias,
+                  bandwidth=0.001, device=None):
+    """A JumpReLUSAE with these weights; theta from `threshold` (through jumprelu._log_of, exact) or
+    from `log_threshold` as it is."""
+    d_in, d_sae = W_enc.shape
+    sae = JumpReLUSAE(d_in, d_sae, bandwidth=bandwidth, pre_encoder_bias=pre_encoder_bias, device="meta")
+    log_F = log_threshold.float() if log_threshold is not None else jumprelu._log_of(threshold)
+    return _assemble(sae, {"W_enc": W_enc, "b_enc": b_enc, "W_dec": W_dec, "b_dec": b_dec,
+                           "log_threshold": log_F}, device)
+
+
+def _check_threshold(where, threshold):
+    bad = int((~(threshold > 0)).sum())
+    if bad:
+        raise ValueError(f"{where} has {bad} thresholds <= 0 (such a latent is a plain ReLU), which a JumpReLU "
+                         "SAE cannot hold; set them to a small positive value at the source if that is acceptable.")
+
+
+# --- Gemma Scope ---------------------------------------------------------------------------
+
+
+def load_gemma_scope(path, device=None):
+    """A JumpReLUSAE from Gemma Scope's `params.npz` (or a folder holding it).
+
+    Gemma Scope's own definition of the forward pass (its tutorial, raw activations in):
+        pre = x @ W_enc + b_enc;  f = (pre > threshold) * ReLU(pre);  x_hat = f @ W_dec + b_dec
+    With every threshold > 0 (checked), f = pre * H(pre - threshold): our JumpReLUSAE without the
+    pre-encoder bias. Arrays: W_enc [d_in, d_sae], W_dec [d_sae, d_in], b_enc [d_sae],
+    b_dec [d_in], threshold [d_sae] (SAELens also accepts w_enc / w_dec, and so do we). The
+    thresholds become log_threshold through jumprelu._log_of: exact where exp of a float32 reaches
+    them, else a few float32 steps away (about 92% exact for thresholds in [0.01, 3], at most 4
+    steps off), so a latent can decide differently only within those steps of its threshold.
+    """
+    path = Path(path)
+    file = path / GEMMA_SCOPE_FILE if path.is_dir() else path
+    if not file.is_file():
+        raise ValueError(f"{path} has no {GEMMA_SCOPE_FILE}; pass a Gemma Scope params.npz or the folder that holds it.")
+    try:
+        npz = np.load(file, allow_pickle=False)
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
+        raise ValueError(f"{file} cannot be read as a .npz archive ({str(e)[:80]}); it is truncated or damaged.") from None
+    if not isinstance(npz, np.lib.npyio.NpzFile):
+        raise ValueError(f"{file} holds a single array, not the arrays of an SAE; pass Gemma Scope's params.npz.")
+    try:
+        with npz:
+            arrays = {re.sub(r"^w_", "W_", key): npz[key] for key in npz.files}
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
+        raise ValueError(f"{file} cannot be read ({str(e)[:80]}); it is truncated or damaged.") from None
+    for name in ("W_enc", "W_dec", "b_enc", "b_dec", "threshold"):
+        if name not in arrays:
+            raise ValueError(f"{file} has no array {name!r}; a Gemma Scope params.npz holds W_enc, W_dec, b_enc, "
+                             "b_dec and threshold.")
+        if arrays[name].dtype.kind != "f":
+            raise ValueError(f"{file} holds {name} as {arrays[name].dtype}, not floating point; it is not a "
+                             "Gemma Scope SAE.")
+    if arrays["W_enc"].ndim != 2:
+        raise ValueError(f"{file} holds W_enc of shape {list(arrays['W_enc'].shape)}, not [d_in, d_sae].")
+    d_in, d_sae = arrays["W_enc"].shape
+    expected = {"W_dec": (d_sae, d_in), "b_enc": (d_sae,), "b_dec": (d_in,), "threshold": (d_sae,)}
+    for name, shape in expected.items():
+        if arrays[name].shape != shape:
+            raise ValueError(f"{file} holds {name} of shape {list(arrays[name].shape)}, but W_enc "
+                             f"[{d_in}, {d_sae}] implies {list(shape)}; the arrays do not belong together.")
+    tensors = {name: torch.from_numpy(np.asarray(arrays[name])).float() for name in ("W_enc", *expected)}
+    for name, t in tensors.items():
+        if not bool(t.isfinite().all()):
+            raise ValueError(f"{file} holds NaN or Inf in {name}; the file is damaged.")
+    _check_threshold(file, tensors["threshold"])
+    sae = _jumprelu_sae(tensors["W_enc"], tensors["b_enc"], tensors["W_dec"], tensors["b_dec"],
+                        threshold=tensors["threshold"], pre_encoder_bias=False, device=device)
+    sae.metadata = {"source": "gemma-scope", "source_path": str(file)}
+    return sae
+
+
+# --- SAELens -------------------------------------------------------------------------------
+
+
+def _saelens_major(cfg):
+    """SAELens's major version from cfg.json (top level or metadata), 0 when absent or unreadable."""
+    meta = cfg.get("metadata") if isinstance(cfg.get("metadata"), dict) else {}
+    version = cfg.get("sae_lens_version") or meta.get("sae_lens_version")
+    match = re.match(r"\s*(\d+)\.", str(version or ""))
+    return int(match.group(1)) if match else 0
+
+
+def _read_saelens_config(folder):
+    """cfg.json in SAELens 6's layout, with the renames SAELens applies to older configs
+    (handle_pre_6_0_config): hook_point -> hook_name, activation_fn_str -> activation_fn, a topk
+    activation -> the topk architecture, a bool normalize_activations -> "none" or
+    "expected_average_only_in", missing architecture -> "standard", missing
+    apply_b_dec_to_input -> True. Returns (cfg, metadata)."""
+    try:
+        cfg = json.loads((folder / SAELENS_CONFIG).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{folder}/{SAELENS_CONFIG} is not valid JSON ({e}); restore the file.") from None
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{folder}/{SAELENS_CONFIG} must hold a JSON object, not {type(cfg).__name__}.")
+    if _saelens_major(cfg) >= 6:
+        meta = cfg.get("metadata") if isinstance(cfg.get("metadata"), dict) else {}
+        return cfg, meta
+    renames = {"hook_point": "hook_name", "hook_point_head_index": "hook_head_index", "activation_fn_str": "activation_fn"}
+    cfg = {renames.get(k, k): v for k, v in cfg.items()}
+    cfg.setdefault("architecture", "standard")
+    cfg.setdefault("apply_b_dec_to_input", True)
+    kwargs = cfg.get("activation_fn_kwargs") if isinstance(cfg.get("activation_fn_kwargs"), dict) else {}
+    if cfg.get("activation_fn") == "topk" and kwargs.get("k") is not None:
+        cfg["architecture"], cfg["k"] = "topk", kwargs["k"]
+    if isinstance(cfg.get("normalize_activations"), bool):
+        cfg["normalize_activations"] = "expected_average_only_in" if cfg["normalize_activations"] else "none"
+    return cfg, {k: cfg[k] for k in ("model_name", "hook_name") if k in cfg}
+
+
+def _saelens_tensors(folder, dtype):
+    """The weights, rounded to the cfg dtype as SAELens does on load, then widened to float32
+    (rounded for float64)."""
+    try:
+        tensors = load_safetensors((folder / SAELENS_WEIGHTS).read_bytes())
+    except Exception as e:  # safetensors raises its own error types for damaged headers
+        raise ValueError(f"{folder}/{SAELENS_WEIGHTS} cannot be read as safetensors ({str(e)[:80]}); "
+                         "it is truncated or damaged.") from None
+    for name, t in tensors.items():
+        if not t.is_floating_point():
+            raise ValueError(f"{folder}/{SAELENS_WEIGHTS} holds {name} as {t.dtype}, not floating point; it is damaged.")
+        if not bool(t.isfinite().all()):
+            raise ValueError(f"{folder}/{SAELENS_WEIGHTS} holds NaN or Inf in {name}; the SAE diverged or the "
+                             "file is damaged.")
+    return {name: t.to(dtype).float() for name, t in tensors.items()}
+
+
+def _take(folder, tensors, names, shapes):
+    """Pop `names` from `tensors`, checking that each is there with its shape."""
+    out = {}
+    for name in names:
+        if name not in tensors:
+            raise ValueError(f"{folder}/{SAELENS_WEIGHTS} has no tensor {name!r}; it is not a complete SAELens SAE.")
+        t = tensors.pop(name)
+        if tuple(t.shape) != shapes[name]:
+            raise ValueError(f"{folder}/{SAELENS_WEIGHTS} holds {name} of shape {list(t.shape)}, but "
+                             f"{SAELENS_CONFIG} implies {list(shapes[name])}; the folder is inconsistent.")
+        out[name] = t
+    return out
+
+
+def _whole(k, d_sae):
+    """k as an int when it is a whole number from 1 to d_sae (SAELens's BatchTopK k is a float), else None."""
+    if isinstance(k, bool) or not isinstance(k, (int, float)) or not math.isfinite(k) or k != int(k):
+        return None
+    return int(k) if 1 <= k <= d_sae else None
+
+
+def load_saelens(folder, device=None):
+    """An SAE of ours from a SAELens folder (`cfg.json` + `sae_weights.safetensors`), SAELens 6
+    layout or older (see _read_saelens_config).
+
+    SAELens's forward pass (sae_lens/saes/*.py), with h = x - b_dec * apply_b_dec_to_input:
+        standard   f = ReLU(h @ W_enc + b_enc)                                  -> ReLUSAE
+        jumprelu   pre = h @ W_enc + b_enc; f = ReLU(pre) * (pre > threshold)   -> JumpReLUSAE
+        topk       pre = h @ W_enc + b_enc (* ||W_dec_i|| with rescale_acts_by_decoder_norm);
+                   f = ReLU of the row's k largest, 0 elsewhere                 -> TopKSAE
+        gated      f = (h @ W_enc + b_gate > 0) * ReLU(h @ (W_enc * exp(r_mag)) + b_mag) -> GatedSAE
+        x_hat = f @ W_dec + b_dec (f / ||W_dec_i|| with the rescale; f * scaling_factor when
+        SAELens 5's finetuning_scaling_factor is on).
+    SAELens saves a trained BatchTopK SAE as "jumprelu" with every threshold equal to its global
+    threshold (batchtopk_sae.py); when its metadata says so and the input is centred, it becomes
+    our BatchTopKSAE (f = pre where pre > max(threshold, 0)), otherwise a JumpReLUSAE. A BatchTopK
+    training checkpoint (architecture "batchtopk", a topk_threshold buffer) reads the same way.
+    Folds (exact in real arithmetic): a ReLU SAE's pre-encoder bias into b_enc
+    (b_enc - b_dec @ W_enc); an uncentred TopK / Gated / BatchTopK SAE, which ours always centre,
+    into b_enc + b_dec @ W_enc (b_gate, and b_mag with exp(r_mag)); the decoder-norm rescale into
+    W_enc * n, b_enc * n, W_dec / n. metadata gets "model" and "hook" from SAELens's model_name
+    and hook_name, and SAELens's other metadata entries.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ValueError(f"{folder} is not a folder; pass the folder that holds {SAELENS_CONFIG} and {SAELENS_WEIGHTS}.")
+    for name in (SAELENS_CONFIG, SAELENS_WEIGHTS):
+        if not (folder / name).is_file():
+            raise ValueError(f"{folder} has no {name}; it is not a SAELens SAE folder.")
+    cfg, meta = _read_saelens_config(folder)
+    where = f"{folder}/{SAELENS_CONFIG}"
+    arch = cfg.get("architecture")
+    if arch not in ("standard", "jumprelu", "topk", "gated", "batchtopk"):
+        raise ValueError(f"{folder} holds a SAELens {arch!r} SAE; this reads standard, jumprelu, topk, gated and "
+                         "batchtopk ones.")
+    for key in ("d_in", "d_sae"):
+        if isinstance(cfg.get(key), bool) or not isinstance(cfg.get(key), int) or cfg[key] < 1:
+            raise ValueError(f"{where} has no valid {key!r} (a positive integer); it is damaged.")
+    norm = cfg.get("normalize_activations")
+    if norm not in (None, "none"):
+        hint = ("the scale it expects is not in the folder: fold it in SAELens (fold_activation_norm_scaling_factor) "
+                "and save again" if norm == "expected_average_only_in" else "the SAE cannot be used without it")
+        raise ValueError(f"{where} normalises the activations ({norm!r}), which no SAE here can hold exactly; {hint}.")
+    activation = cfg.get("activation_fn", "relu")
+    if activation not in ("relu", "topk") or (activation == "topk" and arch != "topk"):
+        raise ValueError(f"{where} uses the activation {activation!r} in a {arch} SAE, which no SAE here computes.")
+    if cfg.get("normalize_decoder"):
+        raise ValueError(f"{where} sets normalize_decoder, which no SAE here computes; fold the decoder norms first.")
+    dtype_name = str(cfg.get("dtype", "float32")).removeprefix("torch.")
+    if dtype_name not in DTYPES:
+        raise ValueError(f"{where} has dtype {cfg.get('dtype')!r}, none of {', '.join(DTYPES)}.")
+    d_in, d_sae, centred = cfg["d_in"], cfg["d_sae"], bool(cfg.get("apply_b_dec_to_input", True))
+    shapes = {"W_enc": (d_in, d_sae), "W_dec": (d_sae, d_in), "b_dec": (d_in,), "topk_threshold": ()}
+    shapes.update({name: (d_sae,) for name in ("b_enc", "b_gate", "b_mag", "r_mag", "threshold", "log_threshold")})
+    tensors = _saelens_tensors(folder, DTYPES[dtype_name])
+    w = _take(folder, tensors, ("W_enc", "W_dec", "b_dec"), shapes)
+    # SAELens 5: decode (f * scaling_factor) @ W_dec, the same as f @ (scaling_factor[:, None] * W_dec).
+    if "scaling_factor" in tensors:
+        s_F = _take(folder, tensors, ("scaling_factor",), {"scaling_factor": (d_sae,)})["scaling_factor"]
+        if not bool((s_F == 1).all()):
+            if not cfg.get("finetuning_scaling_factor"):
+                raise ValueError(f"{folder}/{SAELENS_WEIGHTS} holds a scaling_factor but {SAELENS_CONFIG} does not "
+                                 "set finetuning_scaling_factor; the folder is inconsistent.")
+            w["W_dec"] = (w["W_dec"].double() * s_F.double()[:, None]).float()
+    training = meta.get("training_architecture_details")
+    training = training if isinstance(training, dict) else {}
+
+    if arch == "gated":
+        w.update(_take(folder, tensors, ("b_gate", "b_mag", "r_mag"), shapes))
+    elif arch == "jumprelu":
+        w.update(_take(folder, tensors, ("b_enc",), shapes))
+        name = "log_threshold" if "log_threshold" in tensors and "threshold" not in tensors else "threshold"
+        w.update(_take(folder, tensors, (name,), shapes))
+    else:
+        w.update(_take(folder, tensors, ("b_enc",), shapes))
+        if arch == "batchtopk":
+            w.update(_take(folder, tensors, ("topk_threshold",), shapes))
+    if tensors:
+        raise ValueError(f"{folder}/{SAELENS_WEIGHTS} holds tensors a SAELens {arch} SAE does not have "
+                         f"({', '.join(sorted(tensors))}); it is not a {arch} SAE folder.")
+
+    if arch in ("topk", "batchtopk") and cfg.get("rescale_acts_by_decoder_norm"):
+        n_F = w["W_dec"].double().norm(dim=1)
+        if not bool((n_F > 0).all()):
+            raise ValueError(f"{folder}/{SAELENS_WEIGHTS} has decoder rows of norm 0, which "
+                             "rescale_acts_by_decoder_norm divides by; the SAE is damaged.")
+        w["W_enc"] = w["W_enc"].double() * n_F
+        w["b_enc"] = w["b_enc"].double() * n_F
+        w["W_dec"] = w["W_dec"].double() / n_F[:, None]
+    hW = lambda: w["b_dec"].double() @ w["W_enc"].double()           # b_dec @ W_enc [d_sae], for the folds
+
+    if arch == "standard":
+        # ReLUSAE has no pre-encoder bias: (x - b_dec) @ W_enc + b_enc = x @ W_enc + (b_enc - b_dec @ W_enc).
+        if centred:
+            w["b_enc"] = w["b_enc"].double() - hW()
+        sae = baselines.ReLUSAE(d_in, d_sae, device="meta")
+        sae = _assemble(sae, w, device)
+    elif arch == "gated":
+        # Ours always centre: x @ W_enc + b = (x - b_dec) @ W_enc + (b + b_dec @ W_enc), on both paths.
+        if not centred:
+            hW_F = hW()
+            w["b_gate"] = w["b_gate"].double() + hW_F
+            w["b_mag"] = w["b_mag"].double() + hW_F * w["r_mag"].double().exp()
+        sae = _assemble(baselines.GatedSAE(d_in, d_sae, device="meta"), w, device)
+    elif arch == "topk":
+        k = _whole(cfg.get("k"), d_sae)
+        if k is None:
+            raise ValueError(f"{where} has no valid 'k' (a whole number from 1 to d_sae={d_sae}); it is damaged.")
+        if not centred:
+            w["b_enc"] = w["b_enc"].double() + hW()
+        sae = _assemble(baselines.TopKSAE(d_in, d_sae, k, device="meta"), w, device)
+    else:                                                             # jumprelu, batchtopk
+        if arch == "batchtopk":
+            theta = w.pop("topk_threshold").reshape(())
+            k = _whole(cfg.get("k"), d_sae)
+        else:
+            theta_F = w["threshold"] if "threshold" in w else w["log_threshold"].double().exp()
+            uniform = bool((theta_F == theta_F[0]).all())
+            k = _whole(training.get("k"), d_sae) if meta.get("training_architecture") == "batchtopk" else None
+            theta = theta_F[0] if uniform and k is not None and centred else None
+        if theta is not None:                                         # our BatchTopKSAE
+            if k is None:
+                raise ValueError(f"{where} has no valid 'k' (a whole number from 1 to d_sae={d_sae}) for its "
+                                 "BatchTopK SAE; it is damaged.")
+            if not centred:
+                w["b_enc"] = w["b_enc"].double() + hW()
+            w = {name: w[name] for name in ("W_enc", "b_enc", "W_dec", "b_dec")}
+            sae = _assemble(baselines.BatchTopKSAE(d_in, d_sae, k, device="meta"), {**w, "threshold": theta}, device)
+        else:
+            if "threshold" in w:
+                _check_threshold(f"{folder}/{SAELENS_WEIGHTS}", w["threshold"])
+            bandwidth = training.get("jumprelu_bandwidth", 0.001)
+            ok = isinstance(bandwidth, (int, float)) and not isinstance(bandwidth, bool) and 0 < bandwidth < math.inf
+            sae = _jumprelu_sae(w["W_enc"], w["b_enc"], w["W_dec"], w["b_dec"], threshold=w.get("threshold"),
+                                log_threshold=w.get("log_threshold"), pre_encoder_bias=centred,
+                                bandwidth=bandwidth if ok else 0.001, device=device)
+    sae.metadata = {k: v for k, v in meta.items()
+                    if k not in SAELENS_FORMAT_KEYS and k not in RESERVED and v is not None}
+    for ours, theirs in (("model", "model_name"), ("hook", "hook_name")):
+        if meta.get(theirs) is not None:
+            sae.metadata[ours] = meta[theirs]
+    return sae
+
+
+def save_saelens(sae, folder):
+    """Write `sae` (any architecture of baselines.ARCHITECTURES) as a SAELens 6 folder that
+    `sae_lens.SAE.load_from_disk(folder)` reads (checked against SAELens 6.54: cfg.json in the
+    layout of SAEConfig.to_dict, the state-dict names of its inference classes, float32).
+
+        jumprelu   -> "jumprelu", apply_b_dec_to_input = pre_encoder_bias; W_enc, W_dec, b_enc, b_dec, threshold
+        relu       -> "standard", apply_b_dec_to_input False; W_enc, W_dec, b_enc, b_dec
+        gated      -> "gated", apply_b_dec_to_input True; W_enc, W_dec, b_dec, b_gate, b_mag, r_mag
+        topk       -> "topk" with k, rescale_acts_by_decoder_norm False; W_enc, W_dec, b_enc, b_dec
+        batchtopk  -> "jumprelu" with every threshold = the global one (as SAELens saves its own
+                      BatchTopK SAEs; f = ReLU(pre) * (pre > t) = ours for any t), metadata
+                      training_architecture "batchtopk" and k, which load_saelens reads back.
+    Our metadata goes into SAELens's: model -> model_name, hook -> hook_name (a Hugging Face
+    module path, not a TransformerLens hook name), the rest as it is. Both files are written to a
+    temporary name and renamed (jumprelu.atomic_write), the weights first.
+    """
+    arch = sae.architecture
+    if arch not in baselines.ARCHITECTURES:
+        raise ValueError(f"save_saelens writes {', '.join(baselines.ARCHITECTURES)} SAEs, not {arch!r}.")
+    names = {"jumprelu": ("W_enc", "W_dec", "b_enc", "b_dec", "threshold"),
+             "relu": ("W_enc", "W_dec", "b_enc", "b_dec"), "topk": ("W_enc", "W_dec", "b_enc", "b_dec"),
+             "gated": ("W_enc", "W_dec", "b_dec", "b_gate", "b_mag", "r_mag"),
+             "batchtopk": ("W_enc", "W_dec", "b_enc", "b_dec")}[arch]
+    tensors = {name: getattr(sae, name).detach().float().cpu().contiguous() for name in names}
+    md = dict(sae.metadata)
+    meta = {k: v for k, v in md.items() if k not in ("model", "hook")}
+    meta.update(sae_lens_version=SAELENS_FORMAT_VERSION, sae_lens_training_version=SAELENS_FORMAT_VERSION,
+                model_name=md.get("model"), hook_name=md.get("hook"))
+    cfg = {"architecture": {"relu": "standard", "batchtopk": "jumprelu"}.get(arch, arch), "d_in": sae.d_in,
+           "d_sae": sae.d_sae, "dtype": "float32", "device": "cpu",
+           "apply_b_dec_to_input": bool(getattr(sae, "pre_encoder_bias", arch != "relu")),
+           "normalize_activations": "none", "reshape_activations": "none"}
+    if arch == "jumprelu":
+        meta.update(training_architecture="jumprelu", training_architecture_details={"jumprelu_bandwidth": sae.bandwidth})
+    elif arch == "topk":
+        cfg.update(k=sae.k, rescale_acts_by_decoder_norm=False)
+    elif arch == "batchtopk":
+        tensors["threshold"] = sae.threshold.detach().float().cpu().expand(sae.d_sae).contiguous()
+        meta.update(training_architecture="batchtopk", training_architecture_details={"k": sae.k})
+    cfg["metadata"] = meta
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    data = save_safetensors(tensors)
+    jumprelu.atomic_write(folder / SAELENS_WEIGHTS, lambda f: f.write(data))
+    jumprelu.atomic_write(folder / SAELENS_CONFIG, lambda f: f.write((json.dumps(cfg, indent=2) + "\n").encode()))
+    return folder
+
+
+# --- Any of the three ----------------------------------------------------------------------
+
+
+def load_any(path, device=None):
+    """Our folder (config.json + sae.safetensors), a Gemma Scope params.npz (or its folder), or a
+    SAELens folder (cfg.json + sae_weights.safetensors), told apart by the files they hold."""
+    path = Path(path)
+    if path.is_dir() and (path / jumprelu.CONFIG_NAME).is_file() and (path / jumprelu.WEIGHTS_NAME).is_file():
+        return baselines.load_sae(path, device=device)
+    if (path.is_file() and path.suffix == ".npz") or (path.is_dir() and (path / GEMMA_SCOPE_FILE).is_file()):
+        return load_gemma_scope(path, device=device)
+    if path.is_dir() and (path / SAELENS_CONFIG).is_file() and (path / SAELENS_WEIGHTS).is_file():
+        return load_saelens(path, device=device)
+    raise ValueError(f"{path} is none of the SAE layouts read here: a folder with {jumprelu.CONFIG_NAME} and "
+                     f"{jumprelu.WEIGHTS_NAME} (this project), a Gemma Scope {GEMMA_SCOPE_FILE} or its folder, or a "
+                     f"SAELens folder with {SAELENS_CONFIG} and {SAELENS_WEIGHTS}.")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="\n\n".join(__doc__.split("\n\n")[1:]))
+    p.add_argument("src", help="our SAE folder, a Gemma Scope params.npz (or its folder), or a SAELens folder")
+    p.add_argument("--out", required=True, help="folder to write")
+    p.add_argument("--saelens", action="store_true", help="write SAELens's layout (default: this project's)")
+    args = p.parse_args(argv)
+    try:
+        sae = load_any(args.src)
+        save_saelens(sae, args.out) if args.saelens else sae.save(args.out)
+    except ValueError as e:
+        sys.exit(f"error: {e}")
+    except OSError as e:
+        sys.exit(f"error: writing to {args.out} failed ({e.strerror or e}); free space or fix the folder and rerun.")
+    print(f"wrote {args.out} ({'SAELens' if args.saelens else 'this project'}'s layout): a {sae.architecture} SAE, "
+          f"d_in {sae.d_in}, d_sae {sae.d_sae}" + (f", k {sae.k}" if hasattr(sae, "k") else ""))
+
+
+if __name__ == "__main__":
+    main()
