@@ -3,6 +3,7 @@
     python harvest.py --out runs/acts                      # SmolLM2-135M (offline), layer 6, Python docs
     python harvest.py --out runs/acts --tokens 2e6 --layer 12 --site mlp
     python harvest.py --out runs/acts --model gpt2 --text my_corpus/ --resume
+    torchrun --nproc-per-node 8 harvest.py --out runs/acts --tokens 1e8   # one process per GPU
 
 The text is packed into windows of --context tokens (documents joined by the EOS token). Each
 window runs through the model only up to the hooked layer (later layers are wasted work), and
@@ -16,10 +17,18 @@ Folder layout (row r of a shard is window r // (context-1), position 1 + r % (co
     heldout/...                    the same for the held-out windows
 Shards are written to a temporary name and renamed; the manifest lists a shard only once it is
 complete, so a killed run leaves a consistent folder and --resume carries on from it.
+
+Under torchrun, N processes (one per GPU, cuda:LOCAL_RANK) each read the whole text but run only
+the windows i with i % N == RANK; the split still depends on the global index i, so both splits
+hold the same windows as a single-process harvest. Each process writes its own shards
+(train/acts_r01_00000.npy...) and manifest.rank01.json; once all are complete, rank 0 writes
+manifest.json listing rank 0's shards, then rank 1's..., so the rows come in another order than
+from one process, but each split holds the same windows and rows. --resume needs the same N.
 """
 
 import argparse
 import ast
+import datetime
 import hashlib
 import importlib.util
 import itertools
@@ -94,17 +103,21 @@ def text_files(paths):
             yield f.read_text(encoding="utf-8", errors="replace")
 
 
-def hub_dataset(name):
-    """A hub data set's "text" field, streamed (needs the datasets library and a network)."""
+def hub_dataset(name, column="text"):
+    """A hub data set's `column` (a string per row), streamed (needs the datasets library and a network)."""
     try:
         import datasets
     except ImportError:
         raise ValueError("--dataset needs the datasets library: pip install datasets (or pass --text FILES).") from None
     try:
         for row in datasets.load_dataset(name, split="train", streaming=True):
-            yield row["text"]
-    except (OSError, ConnectionError) as e:
-        raise ValueError(f"could not stream {name!r} from the hub ({type(e).__name__}); with no network pass --text FILES.") from None
+            if column not in row:
+                raise ValueError(f"--dataset {name} has no column {column!r}; pass one of its columns "
+                                 f"({', '.join(map(str, row))}) as --dataset-column.")
+            yield row[column]
+    except OSError as e:               # ConnectionError is an OSError too
+        raise ValueError(f"could not stream {name!r} from the hub ({type(e).__name__}): there is no network "
+                         f"or no such data set, so pass local text with --text FILES.") from None
 
 
 def token_windows(docs, tokenizer, context):
@@ -231,10 +244,15 @@ def manifest_digest(manifest):
     return hashlib.sha256(json.dumps({k: v for k, v in manifest.items() if k != "sha256"}, sort_keys=True).encode()).hexdigest()
 
 
-def write_manifest(folder, manifest):
+def write_manifest(folder, manifest, name=MANIFEST):
     """The manifest, with its own sha256, through an atomic rename."""
     manifest["sha256"] = manifest_digest(manifest)
-    write_json(Path(folder) / MANIFEST, manifest)
+    write_json(Path(folder) / name, manifest)
+
+
+def rank_manifest(rank, world):
+    """The manifest one process keeps: manifest.json alone, manifest.rank01.json... under torchrun."""
+    return MANIFEST if world == 1 else f"manifest.rank{rank:02d}.json"
 
 
 def save_npy(path, array):
@@ -279,11 +297,11 @@ def check_manifest(manifest):
     return None
 
 
-def read_manifest(folder):
+def read_manifest(folder, name=MANIFEST):
     """The manifest of a harvested folder, with a one-sentence error when it is missing or damaged."""
-    path = Path(folder) / MANIFEST
+    path = Path(folder) / name
     if not path.is_file():
-        raise ValueError(f"{folder} has no {MANIFEST}; pass a folder written by harvest.py.")
+        raise ValueError(f"{folder} has no {name}; pass a folder written by harvest.py.")
     try:
         manifest = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
@@ -337,15 +355,58 @@ def open_split(folder, split="train", verify=True):
     return manifest, shards
 
 
+# --- Several processes (torchrun) ----------------------------------------------------------
+
+
+def folder_worlds(out):
+    """The numbers of processes that wrote the manifests in `out` (empty if it holds none)."""
+    worlds = {read_manifest(out).get("world_size", 1)} if (Path(out) / MANIFEST).is_file() else set()
+    return worlds | {read_manifest(out, p.name).get("world_size") for p in Path(out).glob("manifest.rank*.json")}
+
+
+def merge_ranks(out, world):
+    """Write manifest.json from the `world` processes' manifests once all are complete (else None).
+    It lists rank 0's shards, then rank 1's...: the row order differs from a single-process harvest,
+    but each split holds the same set of windows, and the same rows for each window."""
+    names = [rank_manifest(r, world) for r in range(world)]
+    if not all((Path(out) / name).is_file() for name in names):
+        return None
+    parts = [read_manifest(out, name) for name in names]
+    if not all(p["complete"] for p in parts):
+        return None
+    if any(p["settings"] != parts[0]["settings"] or p.get("world_size") != world for p in parts):
+        raise ValueError(f"the processes' manifests in {out} disagree on their settings; harvest into a new --out.")
+    merged = {k: v for k, v in parts[0].items() if k not in ("rank", "sha256")}
+    merged["splits"] = {s: {"rows": sum(p["splits"][s]["rows"] for p in parts),
+                            "windows": sum(p["splits"][s]["windows"] for p in parts),
+                            "shards": [shard for p in parts for shard in p["splits"][s]["shards"]]} for s in SPLITS}
+    merged["tokens"] = sum(p["tokens"] for p in parts)
+    merged["text_exhausted"] = any(p["text_exhausted"] for p in parts)
+    if merged["splits"]["train"]["rows"] == 0:
+        raise ValueError("the text gave no complete training window; pass more text or a smaller --context.")
+    write_manifest(out, merged)
+    return merged
+
+
 # --- The harvest ---------------------------------------------------------------------------
 
 
 def harvest(out, *, model_name=DEFAULT_MODEL, gguf_file=None, layer=None, site="resid", tokens=500_000,
-            text=None, dataset=None, context=128, batch_size=16, dtype="float16", heldout_every=20,
-            shard_rows=2**16, resume=False, device=None):
-    """Write the activations of `site` after decoder `layer` for about `tokens` rows (both splits)."""
+            text=None, dataset=None, dataset_column="text", context=128, batch_size=16, dtype="float16",
+            heldout_every=20, shard_rows=2**16, resume=False, device=None, rank=None, world=None):
+    """Write the activations of `site` after decoder `layer` for about `tokens` rows (both splits).
+
+    `rank` of `world` processes (default: torchrun's RANK and WORLD_SIZE, else 0 of 1) harvests the
+    windows i with i % world == rank. Under torchrun with a process group (main() starts one), rank 0
+    waits for the others and writes manifest.json; without one, the last process to finish does."""
     out = Path(out)
+    rank = int(os.environ.get("RANK", 0)) if rank is None else rank
+    world = int(os.environ.get("WORLD_SIZE", 1)) if world is None else world
+    if not 0 <= rank < world:
+        raise ValueError(f"rank {rank} is not one of the {world} processes; launch with torchrun --nproc-per-node N.")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and world > 1:
+        device = f"cuda:{os.environ.get('LOCAL_RANK', rank)}"       # one GPU per process
     if site not in SITES:
         raise ValueError(f"--site must be one of {', '.join(SITES)}, not {site!r}.")
     if context < 2:
@@ -353,40 +414,51 @@ def harvest(out, *, model_name=DEFAULT_MODEL, gguf_file=None, layer=None, site="
     if resume and (out / MANIFEST).is_file():
         done = read_manifest(out)
         if done.get("complete") and (done.get("text_exhausted") or done["tokens"] >= int(tokens) - context):
-            print(f"{out} already holds a complete harvest of {done['tokens']:,} tokens; nothing to do.")
+            if rank == 0:
+                print(f"{out} already holds a complete harvest of {done['tokens']:,} tokens; nothing to do.")
             return done
-    model, tokenizer = load_model(model_name, device, torch.bfloat16 if device == "cuda" else torch.float32, gguf_file)
+    name = rank_manifest(rank, world)
+    other_worlds = folder_worlds(out) - {world} if out.is_dir() else set()
+    if resume and other_worlds:
+        n = other_worlds.pop()
+        raise ValueError(f"{out} was harvested by {n} process{'es' * (n != 1)}, not {world}; resume it with "
+                         f"as many (torchrun --nproc-per-node {n}) or choose a new --out.")
+    if not resume and ((out / MANIFEST).is_file() or (out / name).is_file() or other_worlds):
+        raise ValueError(f"{out} already holds a harvest; pass --resume to extend it or choose a new --out.")
+    cuda = torch.device(device).type == "cuda"
+    model, tokenizer = load_model(model_name, device, torch.bfloat16 if cuda else torch.float32, gguf_file)
     n_layers = len(decoder_layers(model))
     layer = n_layers // 5 if layer is None else layer      # 6 of SmolLM2's 30 (the paper's early-middle site)
     reader = SiteReader(model, layer, site)
-    source = {"text": [str(p) for p in text]} if text else {"dataset": dataset} if dataset else {"text": "python-docs"}
+    source = ({"text": [str(p) for p in text]} if text else {"text": "python-docs"} if not dataset
+              else {"dataset": dataset} if dataset_column == "text" else {"dataset": dataset, "column": dataset_column})
     settings = dict(model=model_name, gguf_file=gguf_file, layer=layer, site=site, context=context,
                     dtype=dtype, heldout_every=heldout_every, source=source)
 
-    docs = text_files(text) if text else hub_dataset(dataset) if dataset else python_docs()
+    docs = text_files(text) if text else hub_dataset(dataset, dataset_column) if dataset else python_docs()
     windows = token_windows(docs, tokenizer, context)
     first = next(windows, None)                          # before anything is written
     if first is None:
         raise ValueError(f"the text source {source} holds fewer than --context {context} tokens; pass more text.")
     windows = itertools.chain([first], windows)
 
-    if resume and (out / MANIFEST).is_file():
-        manifest = read_manifest(out)
+    if resume and (out / name).is_file():
+        manifest = read_manifest(out, name)
         changed = [k for k, v in settings.items() if manifest["settings"].get(k) != v]
         if changed:
             raise ValueError(f"--resume with other settings than {out} was made with ({', '.join(changed)}); use a new --out.")
     else:
-        if (out / MANIFEST).is_file():
-            raise ValueError(f"{out} already holds a harvest; pass --resume to extend it or choose a new --out.")
         d_in = reader(torch.tensor([[tokenizer.eos_token_id or 0] * 2], device=device)).shape[-1]
         manifest = {"format": 1, "model": model_name, "gguf_file": gguf_file, "layer": layer, "site": site,
                     "hook": hook_name(model, reader.module), "d_in": int(d_in), "dtype": dtype,
                     "context": context, "text": source, "settings": settings, "complete": False,
                     "rows_per_window": context - 1, "tokens": 0,
                     "splits": {s: {"rows": 0, "windows": 0, "shards": []} for s in SPLITS}}
+        if world > 1:
+            manifest.update(rank=rank, world_size=world)
         for s in SPLITS:
             (out / s).mkdir(parents=True, exist_ok=True)
-        write_manifest(out, manifest)
+        write_manifest(out, manifest, name)
 
     rows_per_window = context - 1
     target_windows = max(1, int(tokens) // rows_per_window)
@@ -396,6 +468,7 @@ def harvest(out, *, model_name=DEFAULT_MODEL, gguf_file=None, layer=None, site="
     buffers = {s: ([], []) for s in SPLITS}             # (acts, token windows) waiting for a shard
     shard_windows = max(1, shard_rows // rows_per_window)
     np_dtype = {"float16": np.float16, "float32": np.float32}[dtype]
+    prefix = "" if world == 1 else f"r{rank:02d}_"     # acts_00000.npy, or acts_r01_00000.npy under torchrun
 
     def flush(split):
         acts, toks = buffers[split]
@@ -404,41 +477,44 @@ def harvest(out, *, model_name=DEFAULT_MODEL, gguf_file=None, layer=None, site="
         entry = manifest["splits"][split]
         i = len(entry["shards"])
         a, t = np.concatenate(acts), np.concatenate(toks).astype(np.int32)
-        acts_sha256 = save_npy(out / split / f"acts_{i:05d}.npy", a)
-        tokens_sha256 = save_npy(out / split / f"tokens_{i:05d}.npy", t)
-        entry["shards"].append({"acts": f"{split}/acts_{i:05d}.npy", "tokens": f"{split}/tokens_{i:05d}.npy",
+        acts, toks = f"{split}/acts_{prefix}{i:05d}.npy", f"{split}/tokens_{prefix}{i:05d}.npy"
+        acts_sha256, tokens_sha256 = save_npy(out / acts, a), save_npy(out / toks, t)
+        entry["shards"].append({"acts": acts, "tokens": toks,
                                 "rows": len(a), "windows": len(t),
                                 "acts_sha256": acts_sha256, "tokens_sha256": tokens_sha256})
         entry["rows"] += len(a)
         entry["windows"] += len(t)
         manifest["tokens"] = sum(manifest["splits"][s]["rows"] for s in SPLITS)
-        write_manifest(out, manifest)             # the shard counts only from here on
+        write_manifest(out, manifest, name)       # the shard counts only from here on
         buffers[split] = ([], [])
 
     def run(batch):
-        ids = torch.tensor([w for _, w in batch], device=device)
+        ids = torch.tensor([w for _, _, w in batch], device=device)
         acts = reader(ids)[:, 1:].float().cpu().numpy().astype(np_dtype)   # the first position is left out
         if not np.isfinite(acts).all():
             raise ValueError(f"the model gave NaN or Inf activations (or they overflow {dtype}) in a window near "
-                             f"token {(start + bar.n // rows_per_window) * context:,}; try --dtype float32.")
-        for (split, window), a in zip(batch, acts):
+                             f"token {batch[0][0] * context:,}; try --dtype float32.")
+        for (_, split, window), a in zip(batch, acts):
             buffers[split][0].append(a)
             buffers[split][1].append(np.asarray(window)[None])
             if len(buffers[split][0]) >= shard_windows:
                 flush(split)
 
-    bar = tqdm(total=target_windows * rows_per_window, initial=start * rows_per_window, unit="tok",
-               unit_scale=True, desc=f"harvest {site} L{layer}")
+    share = len(range(rank, target_windows, world))      # this process's windows
+    bar = tqdm(total=share * rows_per_window, initial=start * rows_per_window, unit="tok", unit_scale=True,
+               desc=f"harvest {site} L{layer}" + (f" (rank 0 of {world})" if world > 1 else ""), disable=rank != 0)
     batch, seen = [], 0
     for index, window in enumerate(windows):
         if index >= target_windows:
             break
-        split = "heldout" if index % heldout_every == heldout_every - 1 else "train"
         seen = index + 1
+        if index % world != rank:                          # another process's window (torchrun)
+            continue
+        split = "heldout" if index % heldout_every == heldout_every - 1 else "train"
         if skip[split] > 0:                                # on disk already (--resume)
             skip[split] -= 1
             continue
-        batch.append((split, window))
+        batch.append((index, split, window))
         if len(batch) == batch_size:
             run(batch)
             bar.update(len(batch) * rows_per_window)
@@ -449,13 +525,19 @@ def harvest(out, *, model_name=DEFAULT_MODEL, gguf_file=None, layer=None, site="
     bar.close()
     for s in SPLITS:
         flush(s)
-    if manifest["splits"]["train"]["rows"] == 0:
+    if world == 1 and manifest["splits"]["train"]["rows"] == 0:      # merge_ranks checks the whole
         raise ValueError("the text gave no complete training window; pass more text or a smaller --context.")
     manifest["text_exhausted"] = seen < target_windows
-    if manifest["text_exhausted"]:
+    if manifest["text_exhausted"] and rank == 0:
         print(f"note: the text ran out after {seen * rows_per_window:,} tokens (asked for {int(tokens):,}).")
     manifest["complete"] = True
-    write_manifest(out, manifest)
+    write_manifest(out, manifest, name)
+    if world > 1:
+        group = torch.distributed.is_available() and torch.distributed.is_initialized()
+        if group:
+            torch.distributed.barrier()                    # every process's manifest is complete
+        if rank == 0 or not group:
+            manifest = merge_ranks(out, world) or manifest
     return manifest
 
 
@@ -472,6 +554,7 @@ def main(argv=None):
     src = p.add_mutually_exclusive_group()
     src.add_argument("--text", nargs="+", help=".txt/.jsonl files or folders (default: the Python documentation)")
     src.add_argument("--dataset", help="hub data set name, streamed with the datasets library (needs a network)")
+    p.add_argument("--dataset-column", default="text", help="the --dataset column holding the text (default text)")
     p.add_argument("--context", type=int, default=128, help="tokens per window (default 128)")
     p.add_argument("--batch-size", type=int, default=16, help="windows per forward pass")
     p.add_argument("--dtype", choices=("float16", "float32"), default="float16", help="activation dtype on disk")
@@ -480,15 +563,24 @@ def main(argv=None):
     p.add_argument("--resume", action="store_true", help="carry on a killed harvest in --out")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
     args = p.parse_args(argv)
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    if world > 1:   # torchrun: gloo (CPU or GPU) only for the final barrier; a process resuming a done share waits
+        torch.distributed.init_process_group("gloo", timeout=datetime.timedelta(hours=12))
     try:
         m = harvest(args.out, model_name=args.model, gguf_file=args.gguf_file, layer=args.layer, site=args.site,
-                    tokens=args.tokens, text=args.text, dataset=args.dataset, context=args.context,
-                    batch_size=args.batch_size, dtype=args.dtype, heldout_every=args.heldout_every,
-                    shard_rows=args.shard_rows, resume=args.resume, device=args.device)
+                    tokens=args.tokens, text=args.text, dataset=args.dataset, dataset_column=args.dataset_column,
+                    context=args.context, batch_size=args.batch_size, dtype=args.dtype,
+                    heldout_every=args.heldout_every, shard_rows=args.shard_rows, resume=args.resume,
+                    device=args.device, rank=rank, world=world)
     except ValueError as e:
         sys.exit(f"error: {e}")
     except OSError as e:     # a full disk, a read-only folder: what is on disk is consistent
         sys.exit(f"error: writing to {args.out} failed ({e.strerror or e}); free space or fix it, then rerun with --resume.")
+    finally:
+        if world > 1:
+            torch.distributed.destroy_process_group()
+    if rank != 0:
+        return
     print(f"wrote {m['splits']['train']['rows']:,} training and {m['splits']['heldout']['rows']:,} held-out rows "
           f"of {m['hook']} ({m['site']}, d_in {m['d_in']}) to {args.out}")
 

@@ -5,6 +5,7 @@
     python train.py --acts runs/acts --out runs/topk --arch topk --target-l0 32   # baselines: --arch
     python train.py --acts runs/acts --out runs/sae --l0-coefficient 1e-3 --steps 200000 --recipe paper
     python train.py --acts runs/acts --out runs/sae --resume                  # carry on a killed run
+    torchrun --nproc-per-node 8 train.py --acts runs/acts --out runs/sae --target-l0 32   # 8 GPUs, data parallel
 
 Inputs are multiplied by one scalar so that E||x||^2 = 1 over the training split (SPEC section 3,
 estimated once from a sample); the saved SAE has it folded in and takes raw activations. Sparsity
@@ -17,17 +18,24 @@ orthogonal initialisation; the JumpReLU-only parts (thresholds, bandwidth, dead-
 
 Writes to --out: config.json and sae.safetensors (the SAE), log.jsonl (one record per --log-every
 steps) and checkpoint.safetensors (weights, Adam state, step, lambda; written atomically).
+
+Under torchrun (WORLD_SIZE > 1) training is data parallel: each rank reads its slice of every global
+batch of --batch-size rows, the gradients and the batch L0 are averaged over the ranks, and rank 0
+alone writes the log, the checkpoints and the SAE; the result is that of one process on the same
+batches, up to float rounding. BatchTopK, which ranks the whole batch, trains in one process.
 """
 
 import argparse
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from safetensors import safe_open
 from safetensors.torch import save
 from tqdm import tqdm
@@ -84,8 +92,16 @@ def stream_plan(shard_rows, batch_size, seed, buffer_rows=2**18):
         epoch += 1
 
 
-def batches(shards, batch_size, seed, start_step=0, buffer_rows=2**18):
-    """Float32 training batches [batch_size, d_in] from memory-mapped shards, from `start_step` on."""
+def batches(shards, batch_size, seed, start_step=0, buffer_rows=2**18, rank=0, world=1):
+    """Float32 training batches [batch_size, d_in] from memory-mapped shards, from `start_step` on.
+
+    With `world` > 1 (torchrun), every rank plans the same global batches and yields only its
+    slice, rows [rank B/world, (rank + 1) B/world) of each: the slices of ranks 0, 1, ...
+    concatenated are the one-process batch. Only the rows yielded are read from disk.
+    """
+    if batch_size % world:
+        raise ValueError(f"--batch-size {batch_size} cannot be split evenly over {world} ranks; pass a multiple of {world}.")
+    B_rank = batch_size // world
     plan = stream_plan([len(a) for a, _ in shards], batch_size, seed, buffer_rows)
     step = 0
     for group, order in plan:
@@ -93,15 +109,32 @@ def batches(shards, batch_size, seed, start_step=0, buffer_rows=2**18):
         if step + n <= start_step:                  # a whole buffer before the resume point
             step += n
             continue
-        buffer = np.concatenate([shards[s][0][i:i + BLOCK] for s, i in group])
-        if not np.isfinite(buffer).all():        # 0.3 s per 2^18 rows here: under 0.5% of the steps using them
-            s, i = next((s, i) for s, i in group if not np.isfinite(shards[s][0][i:i + BLOCK]).all())
-            name = getattr(shards[s][0], "filename", None) or f"shard {s}"
-            raise ValueError(f"{name} holds NaN or Inf activations in rows {i} to {i + BLOCK - 1}, met at step {step}")
+        # The buffer's rows as (shard, row) pairs, in the order of its blocks; order permutes them.
+        spans = [(s, i, min(i + BLOCK, len(shards[s][0]))) for s, i in group]
+        shard_R = np.concatenate([np.full(end - i, s) for s, i, end in spans])
+        row_R = np.concatenate([np.arange(i, end) for s, i, end in spans])
         for b in range(n):
             if step >= start_step:
-                yield torch.from_numpy(buffer[order[b * batch_size:(b + 1) * batch_size]].astype(np.float32))
+                picks = order[b * batch_size + rank * B_rank:b * batch_size + (rank + 1) * B_rank]
+                yield read_rows(shards, shard_R[picks], row_R[picks], step)
             step += 1
+
+
+def read_rows(shards, shard_N, row_N, step):
+    """Float32 [N, d_in]: row row_N[j] of shard shard_N[j], read shard by shard in ascending row
+    order. A one-sentence ValueError names the shard and rows if any of them is NaN or Inf."""
+    x_ND = np.empty((len(row_N), shards[0][0].shape[1]), np.float32)
+    for s in np.unique(shard_N):
+        where = np.flatnonzero(shard_N == s)
+        where = where[np.argsort(row_N[where], kind="stable")]
+        rows = shards[s][0][row_N[where]]
+        bad = ~np.isfinite(rows).all(1)
+        if bad.any():
+            name = getattr(shards[s][0], "filename", None) or f"shard {s}"
+            first, last = row_N[where][bad][[0, -1]]
+            raise ValueError(f"{name} holds NaN or Inf activations in rows {first} to {last}, met at step {step}")
+        x_ND[where] = rows
+    return torch.from_numpy(x_ND)
 
 
 def sample_rows(shards, n, seed=0):
@@ -264,12 +297,12 @@ def matmul_ceiling(device, B, d_in, d_sae, dtype):
     """FLOP/s of one [B, d_in] @ [d_in, d_sae] matmul, measured now: what a training step could reach."""
     a, b = torch.randn(B, d_in, device=device, dtype=dtype), torch.randn(d_in, d_sae, device=device, dtype=dtype)
     a @ b
-    if device == "cuda":
+    if torch.device(device).type == "cuda":
         torch.cuda.synchronize()
     t, n = time.perf_counter(), 3
     for _ in range(n):
         a @ b
-    if device == "cuda":
+    if torch.device(device).type == "cuda":
         torch.cuda.synchronize()
     return n * 2 * B * d_in * d_sae / (time.perf_counter() - t)
 
@@ -279,26 +312,62 @@ def fvu(x_BD, x_hat_BD):
     return ((x_BD - x_hat_BD).pow(2).sum() / (x_BD - x_BD.mean(0)).pow(2).sum()).item()
 
 
+def average_gradients_(params, world):
+    """Under torchrun: replace each gradient by its mean over the ranks, with one all_reduce of a
+    flat buffer (gloo has no ReduceOp.AVG, so: sum, then divide)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= world
+    for g, mean in zip(grads, flat.split([g.numel() for g in grads])):
+        g.copy_(mean.view_as(g))
+
+
+def all_mean(t, world):
+    """The mean over the ranks of the tensor t (a detached copy); t itself with one process."""
+    if world == 1:
+        return t
+    t = t.detach().clone()
+    dist.all_reduce(t)
+    return t / world
+
+
 def train(acts, out, *, arch="jumprelu", d_sae=None, steps=600, target_l0=None, l0_coefficient=None,
           recipe="small", seed=0, log_every=25, checkpoint_every=100, resume=False, device=None, autocast=None,
           quiet=False, **overrides):
-    """Train an SAE of `arch` on the harvested folder `acts`; write it to `out`. Returns the last log record."""
+    """Train an SAE of `arch` on the harvested folder `acts`; write it to `out`. Returns the last log
+    record (on rank 0; {} on the other ranks under torchrun)."""
     out = Path(out)
+    # torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; without them this is one process, rank 0 of 1.
+    rank, local_rank, world = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("LOCAL_RANK", 0), ("WORLD_SIZE", 1)))
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    autocast = (device == "cuda") if autocast is None else autocast
+    if world > 1 and torch.device(device).type == "cuda":
+        device = f"cuda:{local_rank}"                   # one GPU per rank
+        torch.cuda.set_device(device)
+    device_type = torch.device(device).type
+    autocast = (device_type == "cuda") if autocast is None else autocast
     hp = {**RECIPES[recipe], **{k: v for k, v in overrides.items() if v is not None}}
     if arch not in ARCHITECTURES:
         raise ValueError(f"--arch must be one of {', '.join(ARCHITECTURES)}, not {arch!r}.")
+    if world > 1 and arch == "batchtopk":
+        raise ValueError("--arch batchtopk ranks the latents of the whole batch, which data parallel training splits "
+                         "over the ranks; train it in one process (python train.py, without torchrun).")
     topk = arch in ("topk", "batchtopk")
     if target_l0 is None and l0_coefficient is None:
         raise ValueError("set the sparsity with --target-l0 K or --l0-coefficient LAMBDA.")
     if topk and (target_l0 is None or target_l0 != int(target_l0) or target_l0 < 1):
         raise ValueError(f"--arch {arch} needs --target-l0 K, a positive whole number (its k), not {target_l0}.")
-    manifest, shards = harvest.open_split(acts, "train")
-    _, heldout = harvest.open_split(acts, "heldout")
+    B = hp["batch_size"]                                  # the global batch, split over the ranks
+    if B % world:
+        raise ValueError(f"--batch-size {B} cannot be split evenly over {world} ranks; pass a multiple of {world}.")
+    verify = local_rank == 0                              # one checksum pass per machine
+    manifest, shards = harvest.open_split(acts, "train", verify=verify)
+    _, heldout = harvest.open_split(acts, "heldout", verify=verify)
     d_in = manifest["d_in"]
     d_sae = d_sae or 8 * d_in
-    B = hp["batch_size"]
+    own_group = world > 1 and not dist.is_initialized()
+    if own_group:
+        dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
 
     torch.manual_seed(seed)
     sample = sample_rows(shards, 16_384, seed)
@@ -313,6 +382,15 @@ def train(acts, out, *, arch="jumprelu", d_sae=None, steps=600, target_l0=None, 
     else:
         sae = make_sae(arch, d_in, d_sae, k=int(target_l0) if topk else None, device=device)
     init_from_data(sae, sample[:4096].to(device) * scale, target_l0 or 32, hp)
+    if world > 1:              # the same seed and sample gave every rank the same start; rank 0's, to be sure
+        with torch.no_grad():
+            for t in (*sae.parameters(), *sae.buffers()):
+                dist.broadcast(t, 0)
+            numbers = torch.tensor([scale, getattr(sae, "bandwidth", 0.0)], dtype=torch.float64, device=device)
+            dist.broadcast(numbers, 0)
+        scale = numbers[0].item()
+        if arch == "jumprelu":
+            sae.bandwidth = numbers[1].item()
     thresholds = [sae.log_threshold] if arch == "jumprelu" else []
     others = [p for p in sae.parameters() if all(p is not t for t in thresholds)]
     opt = torch.optim.Adam([{"params": others, "lr_scale": 1.0},
@@ -330,7 +408,8 @@ def train(acts, out, *, arch="jumprelu", d_sae=None, steps=600, target_l0=None, 
     state = {"step": 0, "l0_coefficient": controller.value if controller else l0_coefficient}
     fired_at = torch.full((d_sae,), -1, device=device)      # the last step each latent fired (-1: never)
 
-    out.mkdir(parents=True, exist_ok=True)
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
     ckpt = out / "checkpoint.safetensors"
     if resume:
         if not ckpt.is_file():
@@ -347,19 +426,20 @@ def train(acts, out, *, arch="jumprelu", d_sae=None, steps=600, target_l0=None, 
         if controller:
             controller.load(state["controller"])
     log_path = out / "log.jsonl"
-    if not resume and log_path.exists():
+    if rank == 0 and not resume and log_path.exists():
         log_path.unlink()
-    if resume and log_path.exists():     # drop the records of steps after the checkpoint: they are redone
+    if rank == 0 and resume and log_path.exists():     # drop the records of steps after the checkpoint: they are redone
         kept = [line for line in log_path.read_text().splitlines(keepends=True) if _logged_step(line) <= state["step"]]
         atomic_write(log_path, lambda f: f.write("".join(kept).encode()))
 
     # The step's matmuls, 2 FLOPs per multiply-add: x @ W_enc and f @ W_dec forward, then the
-    # gradients of W_dec, f and W_enc (none for the input x): 5 x 2 x B x d_in x d_sae.
+    # gradients of W_dec, f and W_enc (none for the input x): 5 x 2 x B x d_in x d_sae, over all ranks.
     flops_per_step = 10 * B * d_in * d_sae
-    stream = batches(shards, B, seed, start_step=state["step"], buffer_rows=hp.get("buffer_rows", 2**18))
+    stream = batches(shards, B, seed, start_step=state["step"], buffer_rows=hp.get("buffer_rows", 2**18),
+                     rank=rank, world=world)
     lam = state["l0_coefficient"]
     record, t_log, step_log = {}, time.perf_counter(), state["step"]
-    bar = tqdm(total=steps, initial=state["step"], unit="step", desc="train", disable=quiet)
+    bar = tqdm(total=steps, initial=state["step"], unit="step", desc="train", disable=quiet or rank != 0)
     for step in range(state["step"], steps):
         try:
             x_BD = next(stream).to(device, non_blocking=True) * scale
@@ -371,7 +451,7 @@ def train(acts, out, *, arch="jumprelu", d_sae=None, steps=600, target_l0=None, 
             group["lr"] = lr * group["lr_scale"]
         batch_target = hp["sparsity"] == "target_batch"      # its term is on the batch mean, added here
         dead_F = fired_at < step + 1 - min(hp["dead_window_tokens"] // B, step + 1)
-        with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=autocast):
+        with torch.autocast(device_type=device_type, dtype=torch.bfloat16, enabled=autocast):
             if topk:
                 out_ = sae.loss(x_BD, dead_F=dead_F)           # AuxK on the dead latents
             elif arch == "jumprelu":
@@ -379,8 +459,12 @@ def train(acts, out, *, arch="jumprelu", d_sae=None, steps=600, target_l0=None, 
             else:
                 out_ = sae.loss(x_BD, lam)                      # lam is the L1 coefficient
         loss = out_["loss"]
+        l0_global = all_mean(out_["l0"].detach(), world)        # the mean L0 of the global batch
         if batch_target:
-            loss = loss + lam * (2.0 / target_l0) * (out_["l0"] - target_l0) ** 2
+            # Under torchrun each rank adds the global term's value, and through l0 - l0.detach()
+            # (zero) the gradient of its own rows' L0: averaged over the ranks, the global gradient.
+            l0_B = out_["l0"] if world == 1 else l0_global + (out_["l0"] - out_["l0"].detach())
+            loss = loss + lam * (2.0 / target_l0) * (l0_B - target_l0) ** 2
         if arch == "jumprelu" and hp["dead_threshold_pull"] and dead_F.any():
             # A dead latent's pre-activations never reach its kernel window, so no estimator
             # gradient can lower its threshold: pull its log-threshold down until it fires again.
@@ -389,24 +473,35 @@ def train(acts, out, *, arch="jumprelu", d_sae=None, steps=600, target_l0=None, 
             raise ValueError(f"the loss became {loss.item()} at step {step}; {last_good(ckpt)}; lower --lr and --resume.")
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        if world > 1:
+            average_gradients_(list(sae.parameters()), world)
         sae.remove_parallel_decoder_grad_()
         opt.step()
         sae.normalize_decoder_()
-        l0 = out_["l0"].item()
+        l0 = l0_global.item()
         if controller:
             controller.update(l0)
-        fired_at[(out_["f"] != 0).any(0)] = step + 1
+        fired_F = (out_["f"] != 0).any(0)
+        if world > 1:                                           # fired on any rank's rows
+            fired = fired_F.int()
+            dist.all_reduce(fired, op=dist.ReduceOp.MAX)
+            fired_F = fired.bool()
+        fired_at[fired_F] = step + 1
         bar.update(1)
 
-        if (step + 1) % log_every == 0 or step + 1 == steps:
-            with torch.no_grad(), torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=autocast):
+        log_now = (step + 1) % log_every == 0 or step + 1 == steps
+        if log_now:
+            loss_mse = all_mean(torch.stack([loss.detach(), out_["mse"].detach()]).float(), world)
+        if log_now and rank == 0:
+            with torch.no_grad(), torch.autocast(device_type=device_type, dtype=torch.bfloat16, enabled=autocast):
                 f_eval = sae.encode(x_eval)                     # inference: BatchTopK uses its threshold
                 ev = {"l0": (f_eval != 0).float().sum(-1).mean(), "x_hat": sae.decode(f_eval)}
             dt = time.perf_counter() - t_log
             tokens_per_s = (step + 1 - step_log) * B / dt
-            # Measured now, not at start-up: on a shared machine the ceiling moves with the load.
-            ceiling = matmul_ceiling(device, B, d_in, d_sae, torch.bfloat16 if autocast else torch.float32)
-            record = {"step": step + 1, "loss": loss.item(), "mse": out_["mse"].item(), "l0": l0,
+            # Measured now, not at start-up: on a shared machine the ceiling moves with the load. One
+            # rank's matmul on its slice of the batch, times the ranks: the world's ceiling.
+            ceiling = world * matmul_ceiling(device, B // world, d_in, d_sae, torch.bfloat16 if autocast else torch.float32)
+            record = {"step": step + 1, "loss": loss_mse[0].item(), "mse": loss_mse[1].item(), "l0": l0,
                       "heldout_l0": ev["l0"].item(), "heldout_fvu": fvu(x_eval, ev["x_hat"].float()),
                       # dead: no firing in the last 2^20 tokens, or since the start if fewer
                       "dead_fraction": (fired_at < step + 1 - min(2**20 // B, step + 1)).float().mean().item(),
@@ -419,7 +514,8 @@ def train(acts, out, *, arch="jumprelu", d_sae=None, steps=600, target_l0=None, 
                 lam_text = f"lambda {lam:.3g} " if lam is not None else ""      # TopK has none
                 bar.write(f"step {step + 1}: loss {record['loss']:.4f} mse {record['mse']:.4f} L0 {l0:.1f} | held-out "
                           f"L0 {record['heldout_l0']:.1f} FVU {record['heldout_fvu']:.4f} | dead {record['dead_fraction']:.1%} "
-                          f"{lam_text}lr {lr:.3g} | {tokens_per_s:,.0f} tok/s, MFU {record['mfu']:.0%}")
+                          f"{lam_text}lr {lr:.3g} | {tokens_per_s:,.0f} tok/s, MFU {record['mfu']:.0%}"
+                          + (f" x {world} ranks" if world > 1 else ""))
             bar.set_postfix(l0=f"{record['heldout_l0']:.1f}", fvu=f"{record['heldout_fvu']:.3f}",
                             dead=f"{record['dead_fraction']:.1%}", tok_s=f"{tokens_per_s:,.0f}",
                             mfu=f"{record['mfu']:.0%}")
@@ -430,8 +526,15 @@ def train(acts, out, *, arch="jumprelu", d_sae=None, steps=600, target_l0=None, 
                      "l0_coefficient": controller.value if controller else l0_coefficient,
                      "controller": controller.state() if controller else None,
                      "recipe": recipe, "hp": hp, "seed": seed}
-            save_checkpoint(ckpt, sae, opt, fired_at, state)
+            if rank == 0:
+                save_checkpoint(ckpt, sae, opt, fired_at, state)
+            if world > 1:
+                dist.barrier()                                  # the checkpoint is whole before anyone goes on
     bar.close()
+    if rank != 0:
+        if own_group:
+            dist.destroy_process_group()
+        return record
 
     final = make_sae(arch, d_in, d_sae, k=int(target_l0) if topk else None,
                      **({"bandwidth": sae.bandwidth} if arch == "jumprelu" else {}))
@@ -442,6 +545,8 @@ def train(acts, out, *, arch="jumprelu", d_sae=None, steps=600, target_l0=None, 
                       "target_l0": target_l0, "l0_coefficient": None if topk else lam}
     final.fold_input_scale_(scale)
     final.save(out)
+    if own_group:
+        dist.destroy_process_group()
     return record
 
 
