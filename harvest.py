@@ -405,8 +405,12 @@ def harvest(out, *, model_name=DEFAULT_MODEL, gguf_file=None, layer=None, site="
     if not 0 <= rank < world:
         raise ValueError(f"rank {rank} is not one of the {world} processes; launch with torchrun --nproc-per-node N.")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and world > 1:
-        device = f"cuda:{os.environ.get('LOCAL_RANK', rank)}"       # one GPU per process
+    if device == "cuda" and world > 1:                              # one GPU per process
+        local_rank = int(os.environ.get("LOCAL_RANK", rank))
+        if local_rank >= torch.cuda.device_count():
+            raise ValueError(f"process {local_rank} of this machine has no GPU of its own ({torch.cuda.device_count()} "
+                             f"found); pass at most that many to torchrun --nproc-per-node.")
+        device = f"cuda:{local_rank}"
     if site not in SITES:
         raise ValueError(f"--site must be one of {', '.join(SITES)}, not {site!r}.")
     if context < 2:
@@ -477,9 +481,10 @@ def harvest(out, *, model_name=DEFAULT_MODEL, gguf_file=None, layer=None, site="
         entry = manifest["splits"][split]
         i = len(entry["shards"])
         a, t = np.concatenate(acts), np.concatenate(toks).astype(np.int32)
-        acts, toks = f"{split}/acts_{prefix}{i:05d}.npy", f"{split}/tokens_{prefix}{i:05d}.npy"
-        acts_sha256, tokens_sha256 = save_npy(out / acts, a), save_npy(out / toks, t)
-        entry["shards"].append({"acts": acts, "tokens": toks,
+        acts_file, tokens_file = f"{split}/acts_{prefix}{i:05d}.npy", f"{split}/tokens_{prefix}{i:05d}.npy"
+        acts_sha256 = save_npy(out / acts_file, a)
+        tokens_sha256 = save_npy(out / tokens_file, t)
+        entry["shards"].append({"acts": acts_file, "tokens": tokens_file,
                                 "rows": len(a), "windows": len(t),
                                 "acts_sha256": acts_sha256, "tokens_sha256": tokens_sha256})
         entry["rows"] += len(a)
