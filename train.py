@@ -324,7 +324,7 @@ def average_gradients_(params, world):
 
 
 def all_mean(t, world):
-    """The mean over the ranks of the tensor t (a detached copy); t itself with one process."""
+    """The mean over the ranks of the detached tensor t; t itself in one process."""
     if world == 1:
         return t
     t = t.detach().clone()
@@ -515,7 +515,7 @@ def train(acts, out, *, arch="jumprelu", d_sae=None, steps=600, target_l0=None, 
                 bar.write(f"step {step + 1}: loss {record['loss']:.4f} mse {record['mse']:.4f} L0 {l0:.1f} | held-out "
                           f"L0 {record['heldout_l0']:.1f} FVU {record['heldout_fvu']:.4f} | dead {record['dead_fraction']:.1%} "
                           f"{lam_text}lr {lr:.3g} | {tokens_per_s:,.0f} tok/s, MFU {record['mfu']:.0%}"
-                          + (f" x {world} ranks" if world > 1 else ""))
+                          + (f" ({world} ranks)" if world > 1 else ""))
             bar.set_postfix(l0=f"{record['heldout_l0']:.1f}", fvu=f"{record['heldout_fvu']:.3f}",
                             dead=f"{record['dead_fraction']:.1%}", tok_s=f"{tokens_per_s:,.0f}",
                             mfu=f"{record['mfu']:.0%}")
@@ -531,20 +531,17 @@ def train(acts, out, *, arch="jumprelu", d_sae=None, steps=600, target_l0=None, 
             if world > 1:
                 dist.barrier()                                  # the checkpoint is whole before anyone goes on
     bar.close()
-    if rank != 0:
-        if own_group:
-            dist.destroy_process_group()
-        return record
 
-    final = make_sae(arch, d_in, d_sae, k=int(target_l0) if topk else None,
-                     **({"bandwidth": sae.bandwidth} if arch == "jumprelu" else {}))
-    final.load_state_dict(sae.state_dict())
-    final.metadata = {"model": manifest["model"], "layer": manifest["layer"], "site": manifest["site"],
-                      "hook": manifest["hook"], "context": manifest["context"], "acts": str(acts),
-                      "recipe": recipe, "steps": steps, "tokens": steps * B, "seed": seed,
-                      "target_l0": target_l0, "l0_coefficient": None if topk else lam}
-    final.fold_input_scale_(scale)
-    final.save(out)
+    if rank == 0:
+        final = make_sae(arch, d_in, d_sae, k=int(target_l0) if topk else None,
+                         **({"bandwidth": sae.bandwidth} if arch == "jumprelu" else {}))
+        final.load_state_dict(sae.state_dict())
+        final.metadata = {"model": manifest["model"], "layer": manifest["layer"], "site": manifest["site"],
+                          "hook": manifest["hook"], "context": manifest["context"], "acts": str(acts),
+                          "recipe": recipe, "steps": steps, "tokens": steps * B, "seed": seed,
+                          "target_l0": target_l0, "l0_coefficient": None if topk else lam}
+        final.fold_input_scale_(scale)
+        final.save(out)
     if own_group:
         dist.destroy_process_group()
     return record
@@ -586,19 +583,23 @@ def main(argv=None):
     key, values = ("target_l0", args.target_l0) if args.target_l0 else ("l0_coefficient", args.l0_coefficient)
     runs = [(args.out if len(values) == 1 else str(Path(args.out) / f"{args.arch}_{'l0' if key == 'target_l0' else 'lambda'}"
              f"_{v:g}"), v) for v in values]
+    rank = int(os.environ.get("RANK", 0))             # under torchrun, rank 0 alone prints
     for out, value in runs:
-        if len(runs) > 1:
+        if len(runs) > 1 and rank == 0:
             print(f"== {args.arch}, {key.replace('_', ' ')} {value:g} -> {out}")
         try:
             r = train(args.acts, out, arch=args.arch, d_sae=args.d_sae, steps=args.steps, recipe=args.recipe,
                       seed=args.seed, log_every=args.log_every, checkpoint_every=args.checkpoint_every,
                       resume=args.resume, device=args.device, **{key: value}, **overrides)
         except ValueError as e:
+            if dist.is_initialized():
+                dist.destroy_process_group()
             sys.exit(f"error: {e}")
         except OSError as e:     # a full disk: the checkpoint and SAE folder on disk are still whole
             sys.exit(f"error: writing to {out} failed ({e.strerror or e}); free space, then rerun with --resume.")
-        print(f"wrote the SAE to {out}: held-out L0 {r['heldout_l0']:.1f}, FVU {r['heldout_fvu']:.3f}, "
-              f"dead {r['dead_fraction']:.1%} (log: {out}/log.jsonl)")
+        if rank == 0:
+            print(f"wrote the SAE to {out}: held-out L0 {r['heldout_l0']:.1f}, FVU {r['heldout_fvu']:.3f}, "
+                  f"dead {r['dead_fraction']:.1%} (log: {out}/log.jsonl)")
 
 
 if __name__ == "__main__":

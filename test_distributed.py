@@ -1,0 +1,123 @@
+"""Tests for train.py under torchrun: two CPU processes (gloo) train what one process trains.
+
+    python -m pytest -q test_distributed.py
+
+Each torchrun test starts two Python processes with torch; on a 2-core machine they take a few
+seconds each.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import baselines
+import train
+
+HERE = Path(__file__).parent
+SETTINGS = dict(d_sae=64, steps=12, target_l0=4, batch_size=128, log_every=2, checkpoint_every=4,
+                lr_decay_fraction=0.0, device="cpu")   # no decay: a run to 8 steps resumed to 12 is a run to 12
+TOLERANCE = dict(rtol=1e-4, atol=1e-4)
+
+
+def _torchrun(acts, out, log, *, world=2, **kw):
+    """Run train.py under torchrun with SETTINGS and kw as flags; (exit code, stdout and stderr)."""
+    flags = []
+    for k, v in {**SETTINGS, **kw}.items():
+        flag = "--" + k.replace("_", "-")
+        flags += [flag] if v is True else [flag, str(v)]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(world),
+           str(HERE / "train.py"), "--acts", str(acts), "--out", str(out), *flags]
+    with open(log, "w") as f:              # a file, not a pipe: nobody has to drain it while we wait
+        code = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=HERE, timeout=300,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"}).returncode
+    return code, Path(log).read_text()
+
+
+def _one_process(acts, out, **kw):
+    """train.train in this process, on one thread like each torchrun rank: the SVD of the
+    initialisation differs in its last bits with the thread count, and the quantile thresholds sit
+    exactly on sample pre-activations, so such bits decide whether a latent fires."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return train.train(acts, out, quiet=True, **{**SETTINGS, **kw})
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _assert_same_sae(one, two):
+    """The two saved SAEs agree within TOLERANCE; returns the largest absolute difference."""
+    a, b = baselines.load_sae(one).state_dict(), baselines.load_sae(two).state_dict()
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], **TOLERANCE, msg=lambda m: f"{name}: {m}")
+    return max((a[n] - b[n]).abs().max().item() for n in a)
+
+
+def _logged_steps(folder):
+    return [json.loads(line)["step"] for line in (folder / "log.jsonl").read_text().splitlines()]
+
+
+def _shards(sizes):
+    """Fake shards whose row r of shard s holds the global row index in every column."""
+    starts = np.cumsum([0] + sizes)
+    return [(np.tile(np.arange(a, a + n, dtype=np.float32)[:, None], (1, 3)), None) for a, n in zip(starts, sizes)]
+
+
+@pytest.mark.parametrize("start", [0, 5, 13])
+def test_the_ranks_slices_make_up_the_one_process_batches(start):
+    shards = _shards([3000, 2048, 5000])
+    one = train.batches(shards, 256, seed=2, start_step=start, buffer_rows=2048)
+    ranks = [train.batches(shards, 256, seed=2, start_step=start, buffer_rows=2048, rank=r, world=2) for r in (0, 1)]
+    for _ in range(30):                                    # 30 x 256 rows: past several buffers and an epoch
+        halves = [next(r) for r in ranks]
+        assert all(h.shape == (128, 3) for h in halves)
+        assert torch.equal(torch.cat(halves), next(one))
+
+
+def test_a_batch_that_does_not_split_over_the_ranks_is_refused(tiny_acts, tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    with pytest.raises(ValueError, match="--batch-size 128 cannot be split evenly over 3 ranks"):
+        _one_process(tiny_acts, tmp_path / "x")
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("arch, sparsity", [("jumprelu", "target_batch"), ("jumprelu", "l0"), ("topk", None)])
+def test_two_ranks_train_what_one_process_trains(tiny_acts, tmp_path, arch, sparsity):
+    extra = {"arch": arch, **({"sparsity": sparsity} if sparsity else {})}
+    one = _one_process(tiny_acts, tmp_path / "one", **extra)
+    code, output = _torchrun(tiny_acts, tmp_path / "two", tmp_path / "two.log", **extra)
+    assert code == 0, output
+    print(f"{arch} {sparsity}: largest difference {_assert_same_sae(tmp_path / 'one', tmp_path / 'two'):.2e}")
+    # Rank 0 alone wrote: one record per log step, one line saying where the SAE went.
+    assert _logged_steps(tmp_path / "two") == [2, 4, 6, 8, 10, 12]
+    assert output.count("wrote the SAE to") == 1 and output.count("step 12: loss") == 1
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == sorted(p.name for p in (tmp_path / "one").iterdir())
+    two = json.loads((tmp_path / "two" / "log.jsonl").read_text().splitlines()[-1])
+    for key in ("loss", "mse", "l0", "dead_fraction", "l0_coefficient"):      # logged over the global batch
+        assert two[key] == (None if one[key] is None else pytest.approx(one[key], rel=1e-3, abs=1e-5)), key
+
+
+def test_a_run_resumed_under_torchrun_ends_where_an_uninterrupted_one_does(tiny_acts, tmp_path):
+    _one_process(tiny_acts, tmp_path / "one")
+    code, output = _torchrun(tiny_acts, tmp_path / "two", tmp_path / "first.log", steps=8)
+    assert code == 0, output
+    code, output = _torchrun(tiny_acts, tmp_path / "two", tmp_path / "resumed.log", resume=True)
+    assert code == 0, output
+    print(f"resumed: largest difference {_assert_same_sae(tmp_path / 'one', tmp_path / 'two'):.2e}")
+    assert _logged_steps(tmp_path / "two") == [2, 4, 6, 8, 10, 12]
+
+
+def test_batchtopk_under_torchrun_is_refused_in_one_sentence(tiny_acts, tmp_path):
+    code, output = _torchrun(tiny_acts, tmp_path / "x", tmp_path / "x.log", arch="batchtopk")
+    assert code != 0
+    errors = [line for line in output.splitlines() if line.startswith("error: ")]
+    assert errors and all("--arch batchtopk" in e and "train it in one process" in e for e in errors)
+    assert all(e.count(". ") == 0 and e.endswith(".") for e in errors)          # one sentence each
+    assert not (tmp_path / "x").exists()
