@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from jumprelu import CONFIG_NAME, WEIGHTS_NAME, JumpReLUSAE, check_shapes, read_folder, write_folder
+from jumprelu import CONFIG_NAME, WEIGHTS_NAME, JumpReLUSAE, check_shapes, read_folder, tied_init, write_folder
 
 
 def _mse(x_BD, x_hat_BD):
@@ -61,13 +61,8 @@ class _SAE(nn.Module):
         self.d_in, self.d_sae = int(d_in), int(d_sae)
         self.metadata = {}
         kw = dict(device=device, dtype=dtype)
-        # SPEC section 3, as in JumpReLUSAE: W_dec He-uniform then unit-norm rows; W_enc = W_dec^T,
-        # untied afterwards; every bias (and Gated's r_mag) zero.
-        W_dec_FD = torch.empty(d_sae, d_in, **kw)
-        nn.init.kaiming_uniform_(W_dec_FD)
-        W_dec_FD /= W_dec_FD.norm(dim=1, keepdim=True)
-        self.W_dec = nn.Parameter(W_dec_FD)
-        self.W_enc = nn.Parameter(W_dec_FD.T.clone())
+        # SPEC section 3, as in JumpReLUSAE; every bias (and Gated's r_mag) zero.
+        self.W_dec, self.W_enc = tied_init(d_in, d_sae, **kw)
         for name in self.BIASES:
             setattr(self, name, nn.Parameter(torch.zeros(d_sae, **kw)))
         self.b_dec = nn.Parameter(torch.zeros(d_in, **kw))

@@ -139,6 +139,15 @@ def _log_of(threshold_F):
     return log_F
 
 
+def tied_init(d_in, d_sae, **kw):
+    """SPEC section 3: W_dec He-uniform, then unit-norm rows (so the He scale itself does not
+    matter); W_enc = W_dec^T, untied afterwards. Returns the parameters (W_dec, W_enc)."""
+    W_dec_FD = torch.empty(d_sae, d_in, **kw)
+    nn.init.kaiming_uniform_(W_dec_FD)
+    W_dec_FD /= W_dec_FD.norm(dim=1, keepdim=True)
+    return nn.Parameter(W_dec_FD), nn.Parameter(W_dec_FD.T.clone())
+
+
 class JumpReLUSAE(nn.Module):
     """A JumpReLU SAE: pre = x @ W_enc + b_enc; f = pre * H(pre - theta); x_hat = f @ W_dec + b_dec.
 
@@ -162,13 +171,7 @@ class JumpReLUSAE(nn.Module):
         self.pre_encoder_bias = bool(pre_encoder_bias)
         self.metadata = {}
         kw = dict(device=device, dtype=dtype)
-        # SPEC section 3: W_dec He-uniform, then unit-norm rows (so the He scale itself
-        # does not matter); W_enc = W_dec^T, untied afterwards; zero biases; theta = 0.001.
-        W_dec_FD = torch.empty(d_sae, d_in, **kw)
-        nn.init.kaiming_uniform_(W_dec_FD)
-        W_dec_FD /= W_dec_FD.norm(dim=1, keepdim=True)
-        self.W_dec = nn.Parameter(W_dec_FD)
-        self.W_enc = nn.Parameter(W_dec_FD.T.clone())
+        self.W_dec, self.W_enc = tied_init(d_in, d_sae, **kw)     # zero biases; theta = 0.001 below
         self.b_enc = nn.Parameter(torch.zeros(d_sae, **kw))
         self.b_dec = nn.Parameter(torch.zeros(d_in, **kw))
         # Thresholds are at least float32 whatever the model dtype: in bf16 their Adam
