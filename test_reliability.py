@@ -355,7 +355,7 @@ def _corrupt_bytes(raw, data):
     return raw[:i]
 
 
-CORRUPTION = settings(max_examples=60, suppress_health_check=list(HealthCheck), deadline=None)
+CORRUPTION = settings(max_examples=max(60, settings.default.max_examples // 4), suppress_health_check=list(HealthCheck), deadline=None)
 
 
 @pytest.fixture(scope="module")
