@@ -119,6 +119,58 @@ def step(z, threshold, bandwidth):
     return _Step.apply(z, threshold, bandwidth)
 
 
+# --- The sparse path: the same loss and gradients from the entries that can matter ----------
+#
+# With L0 ~ 50 of 65,536 latents almost every entry of f is zero, and an entry whose
+# pre-activation lies below its kernel window contributes nothing to the loss or to any
+# gradient: not to x_hat (f = 0), not to d/dpre (H = 0), not to d/dtheta (K = 0). Only the
+# encoder's matmul has to be dense; the decoder and every backward product need only the kept
+# entries, pre > theta - 3/4 epsilon: every active latent, every one inside its window (which
+# reaches epsilon/2 below theta), and a quarter bandwidth of room for rounding (enough while
+# |pre|, |theta| and |b_enc| stay under 2^20 epsilon, as they do on inputs scaled to
+# E||x||^2 = 1). On the kept entries the estimators are the ones above.
+
+
+class _KeptPre(torch.autograd.Function):
+    """pre = x @ W_enc + b_enc at the entries where pre > floor (per latent), as values and their
+    (row, latent) indices in row-major order. Backward: grad W_enc[:, j] = sum over the kept rows b
+    of grad[b, j] * x[b] and grad x[b] = sum over its kept latents j of grad[b, j] * W_enc[:, j],
+    both as embedding bags (weighted sums of gathered rows), never a dense [B, F] product."""
+
+    @staticmethod
+    def forward(ctx, x_BD, W_enc_DF, b_enc_F, floor_F):
+        mm_BF = x_BD @ W_enc_DF                                   # bf16 under autocast, as in pre_acts
+        # mm + b > floor, without a [B, F] sum; a rounding step here is far inside the margin.
+        rows_S, cols_S = (mm_BF > (floor_F - b_enc_F)).nonzero(as_tuple=True)
+        pre_S = mm_BF[rows_S, cols_S] + b_enc_F[cols_S]           # the same sum as pre_acts
+        ctx.save_for_backward(x_BD, W_enc_DF, rows_S, cols_S)
+        ctx.mark_non_differentiable(rows_S, cols_S)
+        return pre_S, rows_S, cols_S
+
+    @staticmethod
+    def backward(ctx, grad_S, _rows, _cols):
+        x_BD, W_enc_DF, rows_S, cols_S = ctx.saved_tensors
+        B, F = x_BD.shape[0], W_enc_DF.shape[1]
+        grad_x = grad_W = grad_b = None
+        if ctx.needs_input_grad[2]:
+            grad_b = torch.zeros(F, dtype=grad_S.dtype, device=grad_S.device).index_add_(0, cols_S, grad_S)
+        grad_S = grad_S.to(x_BD.dtype)
+        if ctx.needs_input_grad[0]:                               # x - b_dec with the pre-encoder bias
+            grad_x = torch.nn.functional.embedding_bag(
+                cols_S, W_enc_DF.t().contiguous(), _starts(rows_S, B), mode="sum", per_sample_weights=grad_S)
+        if ctx.needs_input_grad[1]:
+            order_S = torch.argsort(cols_S, stable=True)
+            grad_W = torch.nn.functional.embedding_bag(
+                rows_S[order_S], x_BD, _starts(cols_S[order_S], F), mode="sum",
+                per_sample_weights=grad_S[order_S]).t()
+        return grad_x, grad_W, grad_b, None
+
+
+def _starts(sorted_S, n):
+    """Where each of the values 0..n-1 starts in a sorted index vector: the bags' offsets."""
+    return torch.searchsorted(sorted_S, torch.arange(n, device=sorted_S.device, dtype=sorted_S.dtype))
+
+
 # --- SPEC section 1: the model --------------------------------------------------------------
 
 
@@ -201,27 +253,55 @@ class JumpReLUSAE(nn.Module):
         """The reconstruction x_hat."""
         return self.decode(self.encode(x_BD))
 
-    def loss(self, x_BD, l0_coefficient, target_l0=None):
+    def loss(self, x_BD, l0_coefficient, target_l0=None, sparse=False):
         """SPEC section 2: ||x - x_hat||^2 + lambda * ||f||_0, both averaged over rows.
 
         The L0 term is `step` on the pre-activations (not a function of f): it trains the
         thresholds only. With `target_l0` K, the sparsity term is Gemma Scope 2's
         lambda * (2/K) * (L0_row - K)^2 per row instead (SPEC section 3), which also lowers
         thresholds when a row has fewer than K active latents. Returns {"loss", "mse", "l0"}
-        plus "pre", "f" and "x_hat" for logging.
+        plus "x_hat" and "fired" (which latents fired on some row) for logging, and "f" and
+        "pre" on the dense path.
+
+        `sparse=True` computes the same loss and gradients (up to float rounding) from the kept
+        entries only (see _KeptPre): for x of shape [B, d_in], faster when few latents are
+        active; also returns "kept", the fraction of [B, d_sae] entries it kept.
         """
-        pre_BF = self.pre_acts(x_BD)
         threshold_F = self.threshold
-        f_BF = jumprelu(pre_BF, threshold_F, self.bandwidth)
-        x_hat_BD = self.decode(f_BF)
-        mse = (x_BD - x_hat_BD).pow(2).sum(-1).mean()
-        l0_B = step(pre_BF, threshold_F, self.bandwidth).sum(-1)
+        if sparse:
+            out = self._sparse_terms(x_BD, threshold_F)
+        else:
+            pre_BF = self.pre_acts(x_BD)
+            f_BF = jumprelu(pre_BF, threshold_F, self.bandwidth)
+            out = {"x_hat": self.decode(f_BF), "l0_rows": step(pre_BF, threshold_F, self.bandwidth).sum(-1),
+                   "pre": pre_BF, "f": f_BF, "fired": (f_BF != 0).flatten(0, -2).any(0)}
+        mse = (x_BD - out["x_hat"]).pow(2).sum(-1).mean()
+        l0_B = out.pop("l0_rows")
         if target_l0 is None:
             sparsity = l0_B.mean()
         else:
             sparsity = ((2.0 / target_l0) * (l0_B - target_l0).pow(2)).mean()
-        return {"loss": mse + l0_coefficient * sparsity, "mse": mse, "l0": l0_B.mean(),
-                "pre": pre_BF, "f": f_BF, "x_hat": x_hat_BD}
+        return {"loss": mse + l0_coefficient * sparsity, "mse": mse, "l0": l0_B.mean(), **out}
+
+    def _sparse_terms(self, x_BD, threshold_F):
+        """x_hat and the rows' L0 from the kept entries: embedding bags over W_dec's rows."""
+        if x_BD.dim() != 2:
+            raise ValueError(f"the sparse path takes a batch of rows [B, d_in], not shape {list(x_BD.shape)}.")
+        B = x_BD.shape[0]
+        x_in_BD = x_BD - self.b_dec if self.pre_encoder_bias else x_BD
+        floor_F = (threshold_F - 0.75 * self.bandwidth).detach()
+        pre_S, rows_S, cols_S = _KeptPre.apply(x_in_BD, self.W_enc, self.b_enc, floor_F)
+        theta_S = threshold_F[cols_S]
+        f_S = jumprelu(pre_S, theta_S, self.bandwidth)
+        on_S = step(pre_S, theta_S, self.bandwidth)
+        # In the weights' dtype also under autocast (CUDA's embedding_bag has no bf16 gradient for
+        # the per-row weights f): float32 gathers, more exact than the dense path's bf16 matmul.
+        x_hat_BD = torch.nn.functional.embedding_bag(
+            cols_S, self.W_dec, _starts(rows_S, B), mode="sum", per_sample_weights=f_S.to(self.W_dec.dtype)) + self.b_dec
+        l0_B = torch.zeros(B, dtype=on_S.dtype, device=on_S.device).index_add(0, rows_S, on_S)
+        fired_F = torch.zeros(self.d_sae, dtype=torch.bool, device=cols_S.device)
+        fired_F[cols_S[f_S.detach() != 0]] = True
+        return {"x_hat": x_hat_BD, "l0_rows": l0_B, "fired": fired_F, "kept": rows_S.numel() / (B * self.d_sae)}
 
     # --- SPEC section 3: the unit-norm decoder and the input scale --------------------------
 
@@ -230,7 +310,10 @@ class JumpReLUSAE(nn.Module):
         """Before the optimiser step: drop the part of each decoder row's gradient along the row."""
         if self.W_dec.grad is not None:
             W_FD, g_FD = self.W_dec, self.W_dec.grad
-            g_FD -= (g_FD * W_FD).sum(1, keepdim=True) * W_FD / W_FD.pow(2).sum(1, keepdim=True)
+            # g -= (g.W / W.W) W, row by row: the two dot products as einsums and one fused
+            # update, three passes over [F, D] instead of nine (4x faster on a CPU).
+            along_F = torch.einsum("fd,fd->f", g_FD, W_FD) / torch.einsum("fd,fd->f", W_FD, W_FD)
+            g_FD.addcmul_(W_FD, along_F.neg_().unsqueeze(1))
 
     @torch.no_grad()
     def normalize_decoder_(self):

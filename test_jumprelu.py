@@ -244,15 +244,20 @@ def _sae_from(p, eps, pre_bias, device="cpu", dtype=torch.float64):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("sparse", [False, True], ids=["dense", "sparse"])
 @given(case=dyadic_sae(), target=st.one_of(st.none(), st.integers(1, 6)))
-def test_sae_forward_loss_and_every_gradient(device, case, target):
+def test_sae_forward_loss_and_every_gradient(device, sparse, case, target):
+    """Both paths against the reference; the thresholds sit at pre-activations, at the window's
+    edges and inside it, so the sparse path must keep the in-window entries below theta too."""
     p, x, lam, eps, pre_bias = case
     sae = _sae_from(p, eps, pre_bias, device)
     # The reference uses the thresholds the model actually holds (exp of a float64 log).
     p = {**p, "theta": sae.threshold.detach().cpu().numpy()}
     ref, ref_grads = ref_sae(p, x, lam, eps, pre_bias, target)
-    out = sae.loss(torch.tensor(x, device=device), lam, target)
-    np.testing.assert_array_equal(out["f"].detach().cpu().numpy(), ref["f"])
+    out = sae.loss(torch.tensor(x, device=device), lam, target, sparse=sparse)
+    if not sparse:
+        np.testing.assert_array_equal(out["f"].detach().cpu().numpy(), ref["f"])
+    np.testing.assert_array_equal(out["fired"].cpu().numpy(), (ref["f"] != 0).any(0))
     for key in ("x_hat", "mse", "l0", "loss"):
         np.testing.assert_allclose(out[key].detach().cpu().numpy(), ref[key], rtol=1e-12, atol=1e-12)
     out["loss"].backward()
@@ -306,6 +311,103 @@ def test_raising_a_threshold_never_raises_l0(case, raise_by):
         sae.log_threshold += torch.tensor(raise_by[: sae.d_sae], dtype=torch.float64)
         after = step(sae.pre_acts(torch.tensor(x)), sae.threshold, eps)
     assert (after <= before).all()
+
+
+# --- The sparse path: the dense path's loss and gradients from the kept entries ---------------
+
+
+def _trained_looking_sae(seed, d_in=32, d_sae=512, B=256, l0=8, pre_bias=False, dtype=torch.float32):
+    """A random SAE whose thresholds make about `l0` of `d_sae` latents fire per row, as after
+    training: the regime the sparse path is for. Returns the SAE and a batch."""
+    g = torch.Generator().manual_seed(seed)
+    sae = JumpReLUSAE(d_in, d_sae, bandwidth=0.05, pre_encoder_bias=pre_bias, dtype=dtype)
+    x_BD = torch.randn(B, d_in, generator=g, dtype=dtype) / math.sqrt(d_in)
+    with torch.no_grad():
+        sae.b_enc.copy_(torch.randn(d_sae, generator=g) * 0.05)
+        sae.b_dec.copy_(torch.randn(d_in, generator=g) * 0.05)
+        pre_BF = sae.pre_acts(x_BD)
+        theta_F = torch.quantile(pre_BF, 1 - l0 / d_sae, dim=0).clamp_min(1e-3)
+        sae.log_threshold.copy_(theta_F.log())
+        sae.bandwidth = 0.3 * pre_BF.std(0).median().item()      # the small recipe's bandwidth
+    return sae, x_BD
+
+
+def _loss_and_grads(sae, x_BD, lam, target, sparse):
+    sae.zero_grad(set_to_none=True)
+    out = sae.loss(x_BD, lam, target, sparse=sparse)
+    out["loss"].backward()
+    return out, {name: q.grad.clone() for name, q in sae.named_parameters()}
+
+
+@given(seed=st.integers(0, 2**31), pre_bias=st.booleans(), target=st.sampled_from([None, 8]),
+       lam=st.floats(0, 1))
+def test_sparse_path_equals_dense_path(seed, pre_bias, target, lam):
+    sae, x_BD = _trained_looking_sae(seed, pre_bias=pre_bias)
+    dense, dense_grads = _loss_and_grads(sae, x_BD, lam, target, sparse=False)
+    sparse, sparse_grads = _loss_and_grads(sae, x_BD, lam, target, sparse=True)
+    assert 0 < sparse["kept"] < 0.1                          # it did keep only a few entries
+    for key in ("loss", "mse", "l0", "x_hat", "fired"):
+        torch.testing.assert_close(sparse[key], dense[key], rtol=1e-5, atol=1e-6, msg=key)
+    for name, grad in dense_grads.items():
+        assert grad.abs().max() > 0, name                    # every gradient is exercised
+        torch.testing.assert_close(sparse_grads[name], grad, rtol=1e-4, atol=1e-5 * grad.abs().max().item(),
+                                   msg=f"gradient of {name}")
+
+
+def test_sparse_path_threshold_gradient_counts_the_window_below_theta():
+    """An inactive latent whose pre-activation is inside its window still gets a threshold
+    gradient; the sparse path must keep it although its f is 0."""
+    sae = JumpReLUSAE(2, 3, bandwidth=0.1, dtype=torch.float64)
+    with torch.no_grad():
+        sae.W_enc.copy_(torch.eye(2, 3, dtype=torch.float64))
+        sae.W_dec.copy_(torch.tensor([[1.0, 0], [0, 1], [0.6, 0.8]], dtype=torch.float64))
+        sae.log_threshold.copy_(torch.tensor([0.5, 0.5, 0.5], dtype=torch.float64).log())
+    x_BD = torch.tensor([[0.47, 0.1]], dtype=torch.float64)    # latent 0: 0.03 below theta, in window
+    _, dense_grads = _loss_and_grads(sae, x_BD, 1.0, None, sparse=False)
+    out, sparse_grads = _loss_and_grads(sae, x_BD, 1.0, None, sparse=True)
+    assert out["l0"].item() == 0
+    assert dense_grads["log_threshold"][0] != 0 and dense_grads["log_threshold"][1] == 0
+    torch.testing.assert_close(sparse_grads["log_threshold"], dense_grads["log_threshold"], rtol=1e-12, atol=0)
+
+
+def test_sparse_path_with_nothing_kept():
+    sae, x_BD = _trained_looking_sae(0, pre_bias=True)
+    with torch.no_grad():
+        sae.log_threshold.fill_(5.0)                         # theta ~ 148: nothing fires or is near
+    dense, dense_grads = _loss_and_grads(sae, x_BD, 0.5, None, sparse=False)
+    sparse, sparse_grads = _loss_and_grads(sae, x_BD, 0.5, None, sparse=True)
+    assert sparse["kept"] == 0 and sparse["l0"].item() == 0 and not sparse["fired"].any()
+    torch.testing.assert_close(sparse["x_hat"], sae.b_dec.detach().expand_as(x_BD))
+    for name, grad in dense_grads.items():
+        torch.testing.assert_close(sparse_grads[name], grad, msg=name)
+
+
+def test_sparse_path_under_bf16_autocast_agrees_with_the_dense_path():
+    """Under autocast both paths round the encoder's matmul to bf16 the same way, so the same
+    latents fire; the sparse path then decodes in float32 where the dense one uses bf16. The
+    thresholds' gradient stays float32."""
+    sae, x_BD = _trained_looking_sae(1)
+    results = []
+    for sparse in (False, True):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = sae.loss(x_BD, 0.1, sparse=sparse)
+        sae.zero_grad(set_to_none=True)
+        out["loss"].backward()
+        assert sae.log_threshold.grad.dtype == torch.float32
+        results.append((out, {name: q.grad.clone() for name, q in sae.named_parameters()}))
+    (dense, dense_grads), (sparse, sparse_grads) = results
+    assert sparse["l0"].item() == dense["l0"].item()
+    assert torch.equal(sparse["fired"], dense["fired"])
+    assert abs(sparse["mse"].item() - dense["mse"].item()) < 1e-2 * dense["mse"].item()
+    for name, grad in dense_grads.items():
+        err = (sparse_grads[name] - grad).norm() / grad.norm()
+        assert err < 2e-2, (name, err.item())
+
+
+def test_sparse_path_takes_a_batch_of_rows():
+    sae = JumpReLUSAE(4, 8)
+    with pytest.raises(ValueError, match="batch of rows"):
+        sae.loss(torch.randn(2, 3, 4), 0.1, sparse=True)
 
 
 def test_finite_differences_agree_for_decoder_parameters():

@@ -332,11 +332,29 @@ def all_mean(t, world):
     return t / world
 
 
+# The auto path: sparse while L0 / d_sae is below this fraction, by device and autocast; the
+# crossovers measured by bench.py (BENCHMARKS.md). A rule of the state rather than a timing, so
+# that a run, and a resumed run, take the same path at every step.
+SPARSE_BELOW = {("cpu", False): 0.02, ("cpu", True): 0.02, ("cuda", False): 0.02, ("cuda", True): 0.001}
+
+
+def choose_path(mode, l0, d_sae, device_type, autocast):
+    """"dense" or "sparse" for a JumpReLU step: `mode` itself unless it is "auto"; then sparse
+    when the last step's L0 is a small enough fraction of the latents (SPARSE_BELOW)."""
+    if mode != "auto":
+        return mode
+    return "sparse" if l0 < SPARSE_BELOW[device_type, bool(autocast)] * d_sae else "dense"
+
+
 def train(acts, out, *, arch="jumprelu", d_sae=None, steps=600, target_l0=None, l0_coefficient=None,
           recipe="small", seed=0, log_every=25, checkpoint_every=100, resume=False, device=None, autocast=None,
-          quiet=False, **overrides):
+          path="auto", compile_loss=False, quiet=False, **overrides):
     """Train an SAE of `arch` on the harvested folder `acts`; write it to `out`. Returns the last log
-    record (on rank 0; {} on the other ranks under torchrun)."""
+    record (on rank 0; {} on the other ranks under torchrun).
+
+    `path` (JumpReLU only): the dense or the sparse loss path, which the tests prove give the same
+    loss and gradients, or "auto": sparse once L0 is a small enough fraction of d_sae (choose_path).
+    `compile_loss`: run the loss through torch.compile."""
     out = Path(out)
     # torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; without them this is one process, rank 0 of 1.
     rank, local_rank, world = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("LOCAL_RANK", 0), ("WORLD_SIZE", 1)))
@@ -353,6 +371,10 @@ def train(acts, out, *, arch="jumprelu", d_sae=None, steps=600, target_l0=None, 
         raise ValueError("--arch batchtopk ranks the latents of the whole batch, which data parallel training splits "
                          "over the ranks; train it in one process (python train.py, without torchrun).")
     topk = arch in ("topk", "batchtopk")
+    if path not in ("auto", "dense", "sparse"):
+        raise ValueError(f"--path must be auto, dense or sparse, not {path!r}.")
+    if path == "sparse" and arch != "jumprelu":
+        raise ValueError(f"--path sparse is JumpReLU's; --arch {arch} trains on the dense path (leave --path at auto).")
     if target_l0 is None and l0_coefficient is None:
         raise ValueError("set the sparsity with --target-l0 K or --l0-coefficient LAMBDA.")
     if topk and (target_l0 is None or target_l0 != int(target_l0) or target_l0 < 1):
@@ -395,7 +417,7 @@ def train(acts, out, *, arch="jumprelu", d_sae=None, steps=600, target_l0=None, 
     others = [p for p in sae.parameters() if all(p is not t for t in thresholds)]
     opt = torch.optim.Adam([{"params": others, "lr_scale": 1.0},
                             {"params": thresholds, "lr_scale": hp["threshold_lr_scale"]}],
-                           lr=hp["lr"], betas=hp["betas"], eps=1e-8)
+                           lr=hp["lr"], betas=hp["betas"], eps=1e-8, fused=device_type == "cuda")
     # sparsity "l0": the paper's lambda * L0, lambda set by a controller for --target-l0;
     # "target_row" / "target_batch": lambda (2/K)(L0 - K)^2 per row (Gemma Scope 2) or on the
     # batch mean, with a fixed lambda: a force towards K from both sides.
@@ -438,6 +460,8 @@ def train(acts, out, *, arch="jumprelu", d_sae=None, steps=600, target_l0=None, 
     stream = batches(shards, B, seed, start_step=state["step"], buffer_rows=hp.get("buffer_rows", 2**18),
                      rank=rank, world=world)
     lam = state["l0_coefficient"]
+    loss_fn = torch.compile(sae.loss) if compile_loss else sae.loss
+    l0 = state.get("last_l0", d_sae)                        # the last step's L0, for choose_path
     record, t_log, step_log = {}, time.perf_counter(), state["step"]
     bar = tqdm(total=steps, initial=state["step"], unit="step", desc="train", disable=quiet or rank != 0)
     for step in range(state["step"], steps):
@@ -451,13 +475,15 @@ def train(acts, out, *, arch="jumprelu", d_sae=None, steps=600, target_l0=None, 
             group["lr"] = lr * group["lr_scale"]
         batch_target = hp["sparsity"] == "target_batch"      # its term is on the batch mean, added here
         dead_F = fired_at < step + 1 - min(hp["dead_window_tokens"] // B, step + 1)
+        step_path = choose_path(path, l0, d_sae, device_type, autocast) if arch == "jumprelu" else "dense"
         with torch.autocast(device_type=device_type, dtype=torch.bfloat16, enabled=autocast):
             if topk:
-                out_ = sae.loss(x_BD, dead_F=dead_F)           # AuxK on the dead latents
+                out_ = loss_fn(x_BD, dead_F=dead_F)            # AuxK on the dead latents
             elif arch == "jumprelu":
-                out_ = sae.loss(x_BD, 0.0 if batch_target else lam, target_l0 if hp["sparsity"] == "target_row" else None)
+                out_ = loss_fn(x_BD, 0.0 if batch_target else lam, target_l0 if hp["sparsity"] == "target_row" else None,
+                               sparse=step_path == "sparse")
             else:
-                out_ = sae.loss(x_BD, lam)                      # lam is the L1 coefficient
+                out_ = loss_fn(x_BD, lam)                       # lam is the L1 coefficient
         loss = out_["loss"]
         l0_global = all_mean(out_["l0"].detach(), world)        # the mean L0 of the global batch
         if batch_target:
@@ -481,7 +507,7 @@ def train(acts, out, *, arch="jumprelu", d_sae=None, steps=600, target_l0=None, 
         l0 = l0_global.item()
         if controller:
             controller.update(l0)
-        fired_F = (out_["f"] != 0).any(0)
+        fired_F = out_["fired"] if "fired" in out_ else (out_["f"] != 0).any(0)
         if world > 1:                                           # fired on any rank's rows
             fired = fired_F.int()
             dist.all_reduce(fired, op=dist.ReduceOp.MAX)
@@ -505,7 +531,7 @@ def train(acts, out, *, arch="jumprelu", d_sae=None, steps=600, target_l0=None, 
                       "heldout_l0": ev["l0"].item(), "heldout_fvu": fvu(x_eval, ev["x_hat"].float()),
                       # dead: no firing in the last 2^20 tokens, or since the start if fewer
                       "dead_fraction": (fired_at < step + 1 - min(2**20 // B, step + 1)).float().mean().item(),
-                      "l0_coefficient": lam, "lr": lr, "tokens_per_s": tokens_per_s,
+                      "l0_coefficient": lam, "lr": lr, "path": step_path, "tokens_per_s": tokens_per_s,
                       "flops_per_s": flops_per_step * tokens_per_s / B,
                       "mfu": flops_per_step * tokens_per_s / B / ceiling}
             with open(log_path, "a") as f:
@@ -522,7 +548,7 @@ def train(acts, out, *, arch="jumprelu", d_sae=None, steps=600, target_l0=None, 
             t_log, step_log = time.perf_counter(), step + 1
         if (step + 1) % checkpoint_every == 0 or step + 1 == steps:
             state = {"step": step + 1, "scale": scale, "bandwidth": getattr(sae, "bandwidth", None),
-                     "arch": arch, "d_sae": d_sae,
+                     "arch": arch, "d_sae": d_sae, "last_l0": l0,
                      "l0_coefficient": controller.value if controller else l0_coefficient,
                      "controller": controller.state() if controller else None,
                      "recipe": recipe, "hp": hp, "seed": seed}
@@ -574,6 +600,10 @@ def main(argv=None):
     p.add_argument("--checkpoint-every", type=int, default=100)
     p.add_argument("--resume", action="store_true", help="continue from --out/checkpoint.safetensors")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
+    p.add_argument("--path", choices=("auto", "dense", "sparse"), default="auto",
+                   help="JumpReLU's loss path: dense, sparse (only the active and in-window latents' rows), or auto "
+                        "(default: sparse once L0 is a small fraction of --d-sae); both give the same loss and gradients")
+    p.add_argument("--compile", action="store_true", help="run the loss through torch.compile (see BENCHMARKS.md)")
     args = p.parse_args(argv)
     if args.target_l0 is None and args.l0_coefficient is None:
         args.target_l0 = [32]
@@ -590,7 +620,8 @@ def main(argv=None):
         try:
             r = train(args.acts, out, arch=args.arch, d_sae=args.d_sae, steps=args.steps, recipe=args.recipe,
                       seed=args.seed, log_every=args.log_every, checkpoint_every=args.checkpoint_every,
-                      resume=args.resume, device=args.device, **{key: value}, **overrides)
+                      resume=args.resume, device=args.device, path=args.path, compile_loss=args.compile,
+                      **{key: value}, **overrides)
         except ValueError as e:
             if dist.is_initialized():
                 dist.destroy_process_group()
