@@ -134,7 +134,7 @@ def test_onnx_benchmark_quick_mode_runs_and_the_runtimes_agree(tmp_path, capsys)
     bench.main(["onnx", "--quick", "--json", str(tmp_path / "b.json")])
     rows = json.loads((tmp_path / "b.json").read_text())["onnx"]
     assert rows and all(r["max_rel_diff"] <= 1e-4 and r["onnxruntime_tokens_per_s"] > 0 for r in rows)
-    assert "ORT/torch" in capsys.readouterr().out
+    assert "ORT / PyTorch" in capsys.readouterr().out
 
 
 def _baseline(arch, d_in=24, d_sae=96, seed=0):

@@ -230,3 +230,61 @@ def test_sweep_from_the_command_line_writes_one_folder_per_sparsity(tiny_acts, t
     assert capsys.readouterr().out.count("wrote the SAE to") == 2
     with pytest.raises(SystemExit, match="needs --target-l0 K, a positive whole number"):
         train.main(["--acts", str(tiny_acts), "--out", str(tmp_path / "x"), "--arch", "topk", "--target-l0", "2.5"])
+
+
+# --- The loss path ------------------------------------------------------------------------------
+
+
+def test_auto_path_goes_sparse_only_when_few_latents_fire():
+    below = train.SPARSE_BELOW
+    assert train.choose_path("auto", 0.5 * below["cpu", False] * 4096, 4096, "cpu", False) == "sparse"
+    assert train.choose_path("auto", 2.0 * below["cpu", False] * 4096, 4096, "cpu", False) == "dense"
+    assert train.choose_path("auto", 50, 16_384, "cuda", True) == "dense"       # bf16 on a GPU: 0.3% is too many
+    assert train.choose_path("auto", 50, 65_536, "cuda", True) == "sparse"
+    assert train.choose_path("dense", 1, 65_536, "cpu", False) == "dense"
+    assert train.choose_path("sparse", 4096, 4096, "cpu", False) == "sparse"
+
+
+def test_sparse_and_dense_paths_train_the_same_sae(tiny_acts, tmp_path):
+    """Eight steps on each path from the same start end at the same weights, up to float rounding
+    carried through Adam; the log says which path each logged step took."""
+    _train(tiny_acts, tmp_path / "dense", path="dense")
+    _train(tiny_acts, tmp_path / "sparse", path="sparse")
+    dense, sparse = JumpReLUSAE.load(tmp_path / "dense"), JumpReLUSAE.load(tmp_path / "sparse")
+    for name in ("W_enc", "b_enc", "W_dec", "b_dec", "threshold"):
+        a, b = getattr(dense, name), getattr(sparse, name)
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4 * a.abs().max().item(), msg=name)
+    logs = {p: [json.loads(line)["path"] for line in (tmp_path / p / "log.jsonl").read_text().splitlines()]
+            for p in ("dense", "sparse")}
+    assert logs == {"dense": ["dense"] * 4, "sparse": ["sparse"] * 4}
+
+
+def test_auto_path_switches_to_sparse_and_resumes_on_the_same_path(tiny_acts, tmp_path, monkeypatch):
+    """With a cut-off that 4 of 64 latents pass, auto starts dense (L0 unknown) and then goes sparse;
+    the checkpoint keeps the last L0, so a resumed run takes the same path at every step."""
+    monkeypatch.setitem(train.SPARSE_BELOW, ("cpu", False), 0.5)
+    _train(tiny_acts, tmp_path / "whole", log_every=1)
+    paths = [json.loads(line)["path"] for line in (tmp_path / "whole" / "log.jsonl").read_text().splitlines()]
+    assert paths == ["dense"] + ["sparse"] * 7
+    real_lr_at = train.lr_at
+
+    def dying_lr_at(step, *a, **k):        # the run dies at step 6, after the checkpoint of step 4
+        if step == 6:
+            raise KeyboardInterrupt
+        return real_lr_at(step, *a, **k)
+
+    monkeypatch.setattr(train, "lr_at", dying_lr_at)
+    with pytest.raises(KeyboardInterrupt):
+        _train(tiny_acts, tmp_path / "resumed", log_every=1)
+    monkeypatch.setattr(train, "lr_at", real_lr_at)
+    _train(tiny_acts, tmp_path / "resumed", log_every=1, resume=True)
+    paths = [json.loads(line)["path"] for line in (tmp_path / "resumed" / "log.jsonl").read_text().splitlines()]
+    assert paths == ["dense"] + ["sparse"] * 7
+    whole, resumed = JumpReLUSAE.load(tmp_path / "whole"), JumpReLUSAE.load(tmp_path / "resumed")
+    for name in ("W_enc", "b_enc", "W_dec", "b_dec", "threshold"):
+        assert torch.equal(getattr(whole, name), getattr(resumed, name)), name
+
+
+def test_sparse_path_is_jumprelus_alone(tiny_acts, tmp_path):
+    with pytest.raises(ValueError, match="--path sparse is JumpReLU's"):
+        _train(tiny_acts, tmp_path / "relu", arch="relu", path="sparse")
