@@ -323,7 +323,10 @@ def bench_onnx(shapes, batch, steps, device):
                 if provider not in ort.get_available_providers():
                     print(f"onnxruntime here has no {provider} (install onnxruntime-gpu): no {dev} row.")
                     continue
-                sess = ort.InferenceSession(str(path), providers=[provider])
+                # float32 matmuls on CUDA too: the CUDA provider's default TF32 rounds the inputs to
+                # 10 mantissa bits and moves pre-activations across thresholds (different work).
+                sess = ort.InferenceSession(str(path), providers=[(provider, {"use_tf32": "0"}) if dev == "cuda"
+                                                                  else provider])
                 sae_d = sae.to(dev)
                 x_t = torch.from_numpy(x).to(dev)
                 with torch.no_grad():

@@ -134,9 +134,11 @@ def export(sae, path, what="encoder", fp16=False, topk=None):
 def session(path):
     """An onnxruntime session on CUDA when it is available, else on CPU."""
     import onnxruntime as ort
-    providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in ort.get_available_providers()]
-    if not torch.cuda.is_available():
-        providers = ["CPUExecutionProvider"]
+    providers = ["CPUExecutionProvider"]
+    if torch.cuda.is_available() and "CUDAExecutionProvider" in ort.get_available_providers():
+        # use_tf32 0: the CUDA provider's default TF32 matmuls round the inputs to 10 mantissa bits,
+        # which moves pre-activations across thresholds; the graph promises float32.
+        providers.insert(0, ("CUDAExecutionProvider", {"use_tf32": "0"}))
     return ort.InferenceSession(str(path), providers=providers)
 
 

@@ -18,7 +18,9 @@ import onnxruntime as ort
 
 def load(path):
     """An onnxruntime session (CUDA if available, else CPU) and the SAE config from its metadata."""
-    providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in ort.get_available_providers()]
+    providers = ["CPUExecutionProvider"]
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        providers.insert(0, ("CUDAExecutionProvider", {"use_tf32": "0"}))   # float32 as exported, not TF32
     sess = ort.InferenceSession(path, providers=providers)
     meta = {k: json.loads(v) for k, v in sess.get_modelmeta().custom_metadata_map.items()}
     return sess, meta
