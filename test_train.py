@@ -146,20 +146,25 @@ def test_saved_sae_takes_raw_activations(tiny_acts, tmp_path):
     assert [r["step"] for r in log] == [2, 4, 6, 8]
 
 
-@pytest.mark.parametrize("extra", [{"dead_window_tokens": 256}, {"sparsity": "l0"}])   # pull active; PI controller
-def test_resume_after_a_kill_ends_with_identical_weights(tiny_acts, tmp_path, monkeypatch, extra):
-    _train(tiny_acts, tmp_path / "whole", **extra)
+def _killed_at_step_6(monkeypatch, run):
+    """run() dies at step 6, after the checkpoint of step 4, as a killed process would."""
     real_lr_at = train.lr_at
 
-    def dying_lr_at(step, *a, **k):        # the run dies at step 6, after the checkpoint of step 4
+    def dying_lr_at(step, *a, **k):
         if step == 6:
             raise KeyboardInterrupt
         return real_lr_at(step, *a, **k)
 
     monkeypatch.setattr(train, "lr_at", dying_lr_at)
     with pytest.raises(KeyboardInterrupt):
-        _train(tiny_acts, tmp_path / "killed", **extra)
+        run()
     monkeypatch.setattr(train, "lr_at", real_lr_at)
+
+
+@pytest.mark.parametrize("extra", [{"dead_window_tokens": 256}, {"sparsity": "l0"}])   # pull active; PI controller
+def test_resume_after_a_kill_ends_with_identical_weights(tiny_acts, tmp_path, monkeypatch, extra):
+    _train(tiny_acts, tmp_path / "whole", **extra)
+    _killed_at_step_6(monkeypatch, lambda: _train(tiny_acts, tmp_path / "killed", **extra))
     assert _checkpoint_sae(tmp_path / "killed")[1]["step"] == 4
     _train(tiny_acts, tmp_path / "killed", resume=True, **extra)
     with pytest.raises(ValueError, match="already at step 8"):
@@ -266,17 +271,7 @@ def test_auto_path_switches_to_sparse_and_resumes_on_the_same_path(tiny_acts, tm
     _train(tiny_acts, tmp_path / "whole", log_every=1)
     paths = [json.loads(line)["path"] for line in (tmp_path / "whole" / "log.jsonl").read_text().splitlines()]
     assert paths == ["dense"] + ["sparse"] * 7
-    real_lr_at = train.lr_at
-
-    def dying_lr_at(step, *a, **k):        # the run dies at step 6, after the checkpoint of step 4
-        if step == 6:
-            raise KeyboardInterrupt
-        return real_lr_at(step, *a, **k)
-
-    monkeypatch.setattr(train, "lr_at", dying_lr_at)
-    with pytest.raises(KeyboardInterrupt):
-        _train(tiny_acts, tmp_path / "resumed", log_every=1)
-    monkeypatch.setattr(train, "lr_at", real_lr_at)
+    _killed_at_step_6(monkeypatch, lambda: _train(tiny_acts, tmp_path / "resumed", log_every=1))
     _train(tiny_acts, tmp_path / "resumed", log_every=1, resume=True)
     paths = [json.loads(line)["path"] for line in (tmp_path / "resumed" / "log.jsonl").read_text().splitlines()]
     assert paths == ["dense"] + ["sparse"] * 7

@@ -456,6 +456,8 @@ def train(acts, out, *, arch="jumprelu", d_sae=None, steps=600, target_l0=None, 
 
     # The step's matmuls, 2 FLOPs per multiply-add: x @ W_enc and f @ W_dec forward, then the
     # gradients of W_dec, f and W_enc (none for the input x): 5 x 2 x B x d_in x d_sae, over all ranks.
+    # The sparse path does only the first of them densely: its "mfu" is dense-equivalent and can
+    # pass 100% (the log's "path" says which path the step took).
     flops_per_step = 10 * B * d_in * d_sae
     stream = batches(shards, B, seed, start_step=state["step"], buffer_rows=hp.get("buffer_rows", 2**18),
                      rank=rank, world=world)
