@@ -242,10 +242,13 @@ def test_sweep_from_the_command_line_writes_one_folder_per_sparsity(tiny_acts, t
 
 def test_auto_path_goes_sparse_only_when_few_latents_fire():
     below = train.SPARSE_BELOW
-    assert train.choose_path("auto", 0.5 * below["cpu", False] * 4096, 4096, "cpu", False) == "sparse"
-    assert train.choose_path("auto", 2.0 * below["cpu", False] * 4096, 4096, "cpu", False) == "dense"
+    assert train.choose_path("auto", 0.5 * below["cpu", False, False] * 4096, 4096, "cpu", False) == "sparse"
+    assert train.choose_path("auto", 2.0 * below["cpu", False, False] * 4096, 4096, "cpu", False) == "dense"
     assert train.choose_path("auto", 50, 16_384, "cuda", True) == "dense"       # bf16 on a GPU: 0.3% is too many
     assert train.choose_path("auto", 50, 65_536, "cuda", True) == "sparse"
+    assert train.choose_path("auto", 50, 65_536, "cuda", True, compiled=True) == "dense"   # compiled dense wins
+    assert train.choose_path("auto", 50, 262_144, "cuda", True, compiled=True) == "sparse"
+    assert train.choose_path("auto", 50, 16_384, "cuda", False) == "sparse"     # float32 on a GPU
     assert train.choose_path("dense", 1, 65_536, "cpu", False) == "dense"
     assert train.choose_path("sparse", 4096, 4096, "cpu", False) == "sparse"
 
@@ -267,7 +270,7 @@ def test_sparse_and_dense_paths_train_the_same_sae(tiny_acts, tmp_path):
 def test_auto_path_switches_to_sparse_and_resumes_on_the_same_path(tiny_acts, tmp_path, monkeypatch):
     """With a cut-off that 4 of 64 latents pass, auto starts dense (L0 unknown) and then goes sparse;
     the checkpoint keeps the last L0, so a resumed run takes the same path at every step."""
-    monkeypatch.setitem(train.SPARSE_BELOW, ("cpu", False), 0.5)
+    monkeypatch.setitem(train.SPARSE_BELOW, ("cpu", False, False), 0.5)
     _train(tiny_acts, tmp_path / "whole", log_every=1)
     paths = [json.loads(line)["path"] for line in (tmp_path / "whole" / "log.jsonl").read_text().splitlines()]
     assert paths == ["dense"] + ["sparse"] * 7
@@ -283,3 +286,13 @@ def test_auto_path_switches_to_sparse_and_resumes_on_the_same_path(tiny_acts, tm
 def test_sparse_path_is_jumprelus_alone(tiny_acts, tmp_path):
     with pytest.raises(ValueError, match="--path sparse is JumpReLU's"):
         _train(tiny_acts, tmp_path / "relu", arch="relu", path="sparse")
+
+
+def test_compiled_loss_trains_the_same_sae(tiny_acts, tmp_path):
+    """--compile (the default on CUDA) runs the same loss through torch.compile: same SAE up to rounding."""
+    _train(tiny_acts, tmp_path / "eager", path="dense", compile_loss=False)
+    _train(tiny_acts, tmp_path / "compiled", path="dense", compile_loss=True)
+    eager, compiled = JumpReLUSAE.load(tmp_path / "eager"), JumpReLUSAE.load(tmp_path / "compiled")
+    for name in ("W_enc", "b_enc", "W_dec", "b_dec", "threshold"):
+        a, b = getattr(eager, name), getattr(compiled, name)
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4 * a.abs().max().item(), msg=name)
