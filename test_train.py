@@ -296,3 +296,21 @@ def test_compiled_loss_trains_the_same_sae(tiny_acts, tmp_path):
     for name in ("W_enc", "b_enc", "W_dec", "b_dec", "threshold"):
         a, b = getattr(eager, name), getattr(compiled, name)
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4 * a.abs().max().item(), msg=name)
+
+
+def test_compiled_training_runs_the_sparse_path_eagerly(tiny_acts, tmp_path, monkeypatch):
+    """The sparse path keeps a different number of entries each step; compiled, it recompiled at
+    every step on a GPU. Only the dense steps may go through the compiled loss."""
+    monkeypatch.setitem(train.SPARSE_BELOW, ("cpu", False, True), 0.5)
+    calls = []
+
+    def fake_compile(fn):
+        def compiled(*a, **k):
+            calls.append(k.get("sparse"))
+            return fn(*a, **k)
+        return compiled
+
+    monkeypatch.setattr(train.torch, "compile", fake_compile)
+    _train(tiny_acts, tmp_path / "sae", compile_loss=True, log_every=1)
+    paths = [json.loads(line)["path"] for line in (tmp_path / "sae" / "log.jsonl").read_text().splitlines()]
+    assert paths == ["dense"] + ["sparse"] * 7 and calls == [False]

@@ -471,7 +471,9 @@ def train(acts, out, *, arch="jumprelu", d_sae=None, steps=600, target_l0=None, 
     stream = batches(shards, B, seed, start_step=state["step"], buffer_rows=hp.get("buffer_rows", 2**18),
                      rank=rank, world=world)
     lam = state["l0_coefficient"]
-    loss_fn = torch.compile(sae.loss) if compile_loss else sae.loss
+    # Compiled, the dense path fuses its elementwise passes; the sparse path stays eager: its kept
+    # entries change in number every step, which recompiled it step after step on an H100.
+    compiled_loss = torch.compile(sae.loss) if compile_loss else sae.loss
     l0 = state.get("last_l0", d_sae)                        # the last step's L0, for choose_path
     record, t_log, step_log = {}, time.perf_counter(), state["step"]
     bar = tqdm(total=steps, initial=state["step"], unit="step", desc="train", disable=quiet or rank != 0)
@@ -487,6 +489,7 @@ def train(acts, out, *, arch="jumprelu", d_sae=None, steps=600, target_l0=None, 
         batch_target = hp["sparsity"] == "target_batch"      # its term is on the batch mean, added here
         dead_F = fired_at < step + 1 - min(hp["dead_window_tokens"] // B, step + 1)
         step_path = choose_path(path, l0, d_sae, device_type, autocast, compile_loss) if arch == "jumprelu" else "dense"
+        loss_fn = sae.loss if step_path == "sparse" else compiled_loss
         with torch.autocast(device_type=device_type, dtype=torch.bfloat16, enabled=autocast):
             if topk:
                 out_ = loss_fn(x_BD, dead_F=dead_F)            # AuxK on the dead latents
