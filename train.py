@@ -473,6 +473,8 @@ def train(acts, out, *, arch="jumprelu", d_sae=None, steps=600, target_l0=None, 
     lam = state["l0_coefficient"]
     # Compiled, the dense path fuses its elementwise passes; the sparse path stays eager: its kept
     # entries change in number every step, which recompiled it step after step on an H100.
+    if compile_loss:
+        torch._dynamo.reset()    # what an earlier compile in this process cached tripped dynamo (torch 2.13)
     compiled_loss = torch.compile(sae.loss) if compile_loss else sae.loss
     l0 = state.get("last_l0", d_sae)                        # the last step's L0, for choose_path
     record, t_log, step_log = {}, time.perf_counter(), state["step"]
