@@ -23,6 +23,7 @@ Each section prints a Markdown table (BENCHMARKS.md holds them) and all rows go 
 import argparse
 import copy
 import functools
+import itertools
 import json
 import math
 import platform
@@ -36,6 +37,7 @@ import numpy as np
 import torch
 
 from jumprelu import JumpReLUSAE
+from train import matmul_ceiling
 
 # The paths must agree with the eager dense path within these (||a - b|| / ||b|| of the loss and
 # each gradient): float32 rounding, and bf16 rounding where the sparse path decodes in float32.
@@ -71,13 +73,6 @@ def median_time(fn, steps, device, warmup=2):
     return statistics.median(times)
 
 
-def matmul_ceiling(B, d_in, d_sae, dtype, device, steps=10):
-    """FLOP/s of one [B, d_in] @ [d_in, d_sae] matmul in `dtype`, on random data, measured now."""
-    a = torch.randn(B, d_in, device=device, dtype=dtype)
-    b = torch.randn(d_in, d_sae, device=device, dtype=dtype)
-    return 2 * B * d_in * d_sae / median_time(lambda: a @ b, steps, device)
-
-
 # --- Training ---------------------------------------------------------------------------------
 
 
@@ -92,22 +87,27 @@ def trained_looking_sae(d_in, d_sae, batch, l0, device, seed=0):
     calibration, *xs = [torch.randn(batch, d_in, device=device) / math.sqrt(d_in) for _ in range(4)]
     with torch.no_grad():
         pre_BF = sae.pre_acts(calibration)
-        q = torch.tensor(1 - l0 / d_sae, device=device)
         # torch.quantile refuses large inputs: the k-th largest value per latent is the same thing.
-        k = max(1, round((1 - q.item()) * batch))
+        k = max(1, round(l0 / d_sae * batch))
         theta_F = pre_BF.topk(k, dim=0).values[-1].clamp_min(1e-3)
         sae.log_threshold.copy_(theta_F.log())
         sae.bandwidth = 0.3 * pre_BF.std(0).median().item()       # train.py's "auto" bandwidth
     return sae, xs
 
 
-def make_step(sae, sparse, dtype, compiled, device, lr=1e-5):
-    """train.py's step on `sae` (Adam as train.py builds it). Returns step(x) -> the loss's dict."""
-    opt = torch.optim.Adam(sae.parameters(), lr=lr, betas=(0.9, 0.999), eps=1e-8, fused=device == "cuda")
+def loss_of(sae, sparse, compiled):
+    """sae.loss on one path, compiled or not."""
     loss = functools.partial(sae.loss, l0_coefficient=1e-3, sparse=sparse)
     if compiled:
         torch._dynamo.reset()            # each row compiles afresh, within dynamo's recompile limit
         loss = torch.compile(loss)
+    return loss
+
+
+def make_step(sae, sparse, dtype, compiled, device, lr=1e-5):
+    """train.py's step on `sae` (Adam as train.py builds it). Returns step(x) -> the loss's dict."""
+    opt = torch.optim.Adam(sae.parameters(), lr=lr, betas=(0.9, 0.999), eps=1e-8, fused=device == "cuda")
+    loss = loss_of(sae, sparse, compiled)
 
     def step(x_BD):
         with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=dtype == "bf16"):
@@ -123,10 +123,7 @@ def make_step(sae, sparse, dtype, compiled, device, lr=1e-5):
 
 def loss_and_grads(sae, x_BD, sparse, dtype, compiled, device):
     """The loss and every gradient from one forward and backward, without an optimiser step."""
-    loss = functools.partial(sae.loss, l0_coefficient=1e-3, sparse=sparse)
-    if compiled:
-        torch._dynamo.reset()
-        loss = torch.compile(loss)
+    loss = loss_of(sae, sparse, compiled)
     sae.zero_grad(set_to_none=True)
     with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=dtype == "bf16"):
         out = loss(x_BD)
@@ -174,7 +171,8 @@ def bench_train(shapes, batch, steps, device, dtypes, modes, l0=50):
         base, xs = trained_looking_sae(d_in, d_sae, batch, l0, device)
         flops = 10 * batch * d_in * d_sae
         for dtype in dtypes:
-            ceiling = matmul_ceiling(batch, d_in, d_sae, torch.bfloat16 if dtype == "bf16" else torch.float32, device)
+            ceiling = matmul_ceiling(device, batch, d_in, d_sae, torch.bfloat16 if dtype == "bf16" else torch.float32,
+                                     repeats=10)
             reference = loss_and_grads(base, xs[0], False, dtype, False, device)
             dense_s = None
             for compiled in modes:
@@ -182,9 +180,8 @@ def bench_train(shapes, batch, steps, device, dtypes, modes, l0=50):
                     sae = copy.deepcopy(base)
                     diff = difference(loss_and_grads(sae, xs[0], sparse, dtype, compiled, device), reference)
                     step = make_step(sae, sparse, dtype, compiled, device)
-                    i = iter(range(10**9))
-                    out = {}
-                    seconds = median_time(lambda: out.update(step(xs[next(i) % len(xs)])), steps, device)
+                    batches, out = itertools.cycle(xs), {}
+                    seconds = median_time(lambda: out.update(step(next(batches))), steps, device)
                     if not sparse and not compiled:
                         dense_s = seconds
                     rows.append({"d_in": d_in, "d_sae": d_sae, "batch": batch, "dtype": dtype,

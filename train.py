@@ -293,18 +293,19 @@ def last_good(ckpt):
     return f"the last good checkpoint is {ckpt}" if Path(ckpt).is_file() else "no checkpoint was written yet"
 
 
-def matmul_ceiling(device, B, d_in, d_sae, dtype):
-    """FLOP/s of one [B, d_in] @ [d_in, d_sae] matmul, measured now: what a training step could reach."""
+def matmul_ceiling(device, B, d_in, d_sae, dtype, repeats=3):
+    """FLOP/s of one [B, d_in] @ [d_in, d_sae] matmul on random data, measured now: what a training
+    step could reach (bench.py's ceiling too)."""
     a, b = torch.randn(B, d_in, device=device, dtype=dtype), torch.randn(d_in, d_sae, device=device, dtype=dtype)
     a @ b
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize()
-    t, n = time.perf_counter(), 3
-    for _ in range(n):
+    t = time.perf_counter()
+    for _ in range(repeats):
         a @ b
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize()
-    return n * 2 * B * d_in * d_sae / (time.perf_counter() - t)
+    return repeats * 2 * B * d_in * d_sae / (time.perf_counter() - t)
 
 
 def fvu(x_BD, x_hat_BD):
