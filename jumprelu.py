@@ -291,7 +291,9 @@ class JumpReLUSAE(nn.Module):
         x_in_BD = x_BD - self.b_dec if self.pre_encoder_bias else x_BD
         floor_F = (threshold_F - 0.75 * self.bandwidth).detach()
         pre_S, rows_S, cols_S = _KeptPre.apply(x_in_BD, self.W_enc, self.b_enc, floor_F)
-        theta_S = threshold_F[cols_S]
+        # index_select, not threshold_F[cols_S]: the latter's CPU backward accumulates in parallel,
+        # in a varying order, so two identical steps gave different threshold gradients.
+        theta_S = threshold_F.index_select(0, cols_S)
         f_S = jumprelu(pre_S, theta_S, self.bandwidth)
         on_S = step(pre_S, theta_S, self.bandwidth)
         # In the weights' dtype also under autocast (CUDA's embedding_bag has no bf16 gradient for
