@@ -588,6 +588,7 @@ def train(acts, out, *, arch="jumprelu", d_sae=None, steps=600, target_l0=None, 
         final.fold_input_scale_(scale)
         final.save(out)
     if own_group:
+        dist.barrier()           # no rank tears the group down while rank 0 still writes (seen: an abort under load)
         dist.destroy_process_group()
     return record
 
