@@ -5,26 +5,25 @@ W_dec [d_sae, d_in], b_dec [d_in] plus its own encoder biases; `pre_acts`, `enco
 `forward`, `loss`, the decoder constraint, `fold_input_scale_`, and `save` / `load` in the same
 folder format, whose config.json "architecture" says which class reads it back.
 
-    from baselines import make_sae, load_sae
+    from baselines import make_sae
     sae = make_sae("topk", d_in=576, d_sae=4608, k=32)
-    out = sae.loss(x_BD, dead_F=dead_F)       # {"loss", "mse", "l0", "aux", "pre", "f", "x_hat"}
-    sae.save("my_sae"); sae = load_sae("my_sae")   # any architecture, jumprelu included
+    out = sae.loss(x_BD, None, dead_F)        # {"loss", "mse", "l0", "aux", "fired", "pre", "f", "x_hat"}
+    sae.save("my_sae")                        # formats.load_sae("my_sae") reads any architecture back
 
-ReLU and Gated train with `loss(x_BD, l1_coefficient)`, TopK and BatchTopK with
-`loss(x_BD, dead_F=None, aux_coefficient=1/32)`. All four start from JumpReLUSAE's
+Every loss takes JumpReLUSAE's arguments, `loss(x_BD, coefficient, dead_F=None)`: ReLU and Gated
+use the coefficient (of their L1 term) and no dead mask, TopK and BatchTopK the dead mask (for
+AuxK) and no coefficient, since k sets their sparsity. All four start from JumpReLUSAE's
 initialisation (the same seed gives the same decoder). Shape suffixes: B batch rows,
 D model width (d_in), F latents (d_sae). `python baselines.py` prints a tiny worked example.
 """
 
-import json
 import math
 import operator
-from pathlib import Path
 
 import torch
 from torch import nn
 
-from jumprelu import CONFIG_NAME, WEIGHTS_NAME, JumpReLUSAE, check_shapes, read_folder, tied_init, write_folder
+from jumprelu import CONFIG_NAME, WEIGHTS_NAME, JumpReLUSAE, check_shapes, metadata_of, read_folder, tied_init, write_folder
 
 
 def _mse(x_BD, x_hat_BD):
@@ -75,7 +74,8 @@ class _SAE(nn.Module):
         return self.decode(self.encode(x_BD))
 
     def _result(self, loss, mse, aux, pre_BF, f_BF, x_hat_BD):
-        return {"loss": loss, "mse": mse, "l0": _l0(f_BF), "aux": aux, "pre": pre_BF, "f": f_BF, "x_hat": x_hat_BD}
+        return {"loss": loss, "mse": mse, "l0": _l0(f_BF), "aux": aux, "fired": (f_BF != 0).any(0), "pre": pre_BF,
+                "f": f_BF, "x_hat": x_hat_BD}
 
     # --- SPEC section 3: the unit-norm decoder and the input scale --------------------------
     # JumpReLUSAE's own methods, shared: they touch only W_enc, W_dec, b_dec and metadata. Folding
@@ -119,8 +119,7 @@ class _SAE(nn.Module):
         with torch.no_grad():
             for name in sae.tensor_names():
                 getattr(sae, name).copy_(tensors[name])
-        known = set(sae.config()) - {"dtype"}
-        sae.metadata = {k: v for k, v in cfg.items() if k not in known and k != "dtype"}
+        sae.metadata = metadata_of(cfg, sae.config())
         return sae
 
 
@@ -140,8 +139,8 @@ class ReLUSAE(_SAE):
     def encode(self, x_BD):
         return self.pre_acts(x_BD).relu()
 
-    def loss(self, x_BD, l1_coefficient):
-        """MSE + lambda * mean over rows of sum_i f_i ||W_dec,i||; "aux" is 0."""
+    def loss(self, x_BD, l1_coefficient, dead_F=None):
+        """MSE + lambda * mean over rows of sum_i f_i ||W_dec,i||; "aux" is 0 (dead_F is not used)."""
         pre_BF = self.pre_acts(x_BD)
         f_BF = pre_BF.relu()
         x_hat_BD = self.decode(f_BF)
@@ -182,8 +181,8 @@ class GatedSAE(_SAE):
     def encode(self, x_BD):
         return self._gate_and_features(x_BD)[1]
 
-    def loss(self, x_BD, l1_coefficient):
-        """MSE + lambda * sum_i ReLU(pi_gate)_i ||W_dec,i|| + aux, each averaged over rows.
+    def loss(self, x_BD, l1_coefficient, dead_F=None):
+        """MSE + lambda * sum_i ReLU(pi_gate)_i ||W_dec,i|| + aux, each averaged over rows (dead_F is not used).
 
         aux = ||x - x_hat_frozen(ReLU(pi_gate))||^2 decodes the gate's own activations with a
         detached W_dec and b_dec: H passes no gradient, so this is what teaches the gate which
@@ -244,11 +243,12 @@ class TopKSAE(_SAE):
     def encode(self, x_BD):
         return topk_relu(self.pre_acts(x_BD), self.k)
 
-    def loss(self, x_BD, dead_F=None, aux_coefficient=1 / 32):
+    def loss(self, x_BD, coefficient=None, dead_F=None, aux_coefficient=1 / 32):
         """MSE + aux_coefficient * AuxK on the latents where the bool mask dead_F [d_sae] is True.
 
         dead_F marks the latents that have not fired for a window of tokens; the caller keeps
-        that count (train.py does). Without it, "aux" is 0 and the loss is the MSE.
+        that count (train.py does). Without it, "aux" is 0 and the loss is the MSE. `coefficient`
+        is not used: k sets the sparsity.
         """
         pre_BF = self.pre_acts(x_BD)
         f_BF = topk_relu(pre_BF, self.k)
@@ -284,7 +284,7 @@ class BatchTopKSAE(TopKSAE):
         pre_BF = self.pre_acts(x_BD)
         return torch.where(pre_BF.to(self.threshold.dtype) > self.threshold, pre_BF.relu(), 0)
 
-    def loss(self, x_BD, dead_F=None, aux_coefficient=1 / 32, *, update_threshold=True):
+    def loss(self, x_BD, coefficient=None, dead_F=None, aux_coefficient=1 / 32, *, update_threshold=True):
         """The training forward (k * B largest over the batch): MSE + aux_coefficient * AuxK."""
         pre_BF = self.pre_acts(x_BD)
         f_BF = batch_topk_relu(pre_BF, self.k)
@@ -322,27 +322,13 @@ def make_sae(arch, d_in, d_sae, k=None, device=None, **kwargs):
     return ARCHITECTURES[arch](d_in, d_sae, device=device, **kwargs)
 
 
-def load_sae(folder, device=None):
-    """Load an SAE folder of any architecture, dispatching on config.json's "architecture"."""
-    try:
-        arch = json.loads((Path(folder) / CONFIG_NAME).read_text()).get("architecture")
-    except (OSError, ValueError, AttributeError):
-        # No folder, no config.json, bad JSON or not an object: read_folder says which, in one sentence.
-        read_folder(folder, None)
-        raise
-    if not isinstance(arch, str) or arch not in ARCHITECTURES:
-        raise ValueError(f"{folder}/{CONFIG_NAME} names architecture {arch!r}, "
-                         f"which is none of {', '.join(ARCHITECTURES)}.")
-    return ARCHITECTURES[arch].load(folder, device=device)
-
-
 if __name__ == "__main__":
     torch.manual_seed(0)
     x_BD = torch.randn(64, 8) / math.sqrt(8)
     dead_F = torch.arange(32) % 4 == 0
     for arch in ("relu", "gated", "topk", "batchtopk"):
         sae = make_sae(arch, 8, 32, k=4)
-        out = sae.loss(x_BD, 1e-2) if arch in ("relu", "gated") else sae.loss(x_BD, dead_F=dead_F)
+        out = sae.loss(x_BD, 1e-2, dead_F)
         out["loss"].backward()
         print(f"{arch:>9}: loss {out['loss'].item():.4f}  mse {out['mse'].item():.4f}  "
               f"aux {out['aux'].item():.4f}  l0 {out['l0'].item():.2f}")

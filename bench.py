@@ -20,9 +20,7 @@ eager dense path in the same dtype (||a - b|| / ||b||, the largest over the loss
 Each section prints a Markdown table (BENCHMARKS.md holds them) and all rows go to --json.
 """
 
-import argparse
 import copy
-import functools
 import itertools
 import json
 import math
@@ -36,8 +34,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import cli
+import train
 from jumprelu import JumpReLUSAE
-from train import matmul_ceiling
 
 # The paths must agree with the eager dense path within these (||a - b|| / ||b|| of the loss and
 # each gradient): float32 rounding, and bf16 rounding where the sparse path decodes in float32.
@@ -95,38 +94,23 @@ def trained_looking_sae(d_in, d_sae, batch, l0, device, seed=0):
     return sae, xs
 
 
-def loss_of(sae, sparse, compiled):
-    """sae.loss on one path, compiled or not."""
-    loss = functools.partial(sae.loss, l0_coefficient=1e-3, sparse=sparse)
-    if compiled:
-        torch._dynamo.reset()            # each row compiles afresh, within dynamo's recompile limit
-        loss = torch.compile(loss)
-    return loss
-
-
-def make_step(sae, sparse, dtype, compiled, device, lr=1e-5):
-    """train.py's step on `sae` (Adam as train.py builds it). Returns step(x) -> the loss's dict."""
-    opt = torch.optim.Adam(sae.parameters(), lr=lr, betas=(0.9, 0.999), eps=1e-8, fused=device == "cuda")
-    loss = loss_of(sae, sparse, compiled)
-
-    def step(x_BD):
-        with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=dtype == "bf16"):
-            out = loss(x_BD)
-        opt.zero_grad(set_to_none=True)
-        out["loss"].backward()
-        sae.remove_parallel_decoder_grad_()
-        opt.step()
-        sae.normalize_decoder_()
-        return out
-    return step
+def make_step(sae, sparse, dtype, compiled, device):
+    """train.py's step (train.train_step, with train.py's Adam of the small recipe) on `sae`, with the
+    paper's lambda * L0 at lambda 1e-3. Returns step(x) -> the loss's dict. The learning rate is
+    1e-5, so that the timed steps stay in the regime the thresholds were set for."""
+    opt = train.make_optimizer(sae, {**train.SMALL, "lr": 1e-5}, device)
+    loss = train.make_loss(sae, sparse=sparse, compiled=compiled)
+    fired_at = torch.zeros(sae.d_sae, dtype=torch.long, device=device)
+    return lambda x_BD: train.train_step(sae, opt, loss, x_BD, 1e-3, fired_at, 0, dead_steps=1,
+                                         autocast=dtype == "bf16")
 
 
 def loss_and_grads(sae, x_BD, sparse, dtype, compiled, device):
     """The loss and every gradient from one forward and backward, without an optimiser step."""
-    loss = loss_of(sae, sparse, compiled)
+    loss = train.make_loss(sae, sparse=sparse, compiled=compiled)
     sae.zero_grad(set_to_none=True)
     with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=dtype == "bf16"):
-        out = loss(x_BD)
+        out = loss(x_BD, 1e-3)
     out["loss"].backward()
     grads = {name: q.grad.detach().clone() for name, q in sae.named_parameters()}
     sae.zero_grad(set_to_none=True)
@@ -171,7 +155,7 @@ def bench_train(shapes, batch, steps, device, dtypes, modes, l0=50):
         base, xs = trained_looking_sae(d_in, d_sae, batch, l0, device)
         flops = 10 * batch * d_in * d_sae
         for dtype in dtypes:
-            ceiling = matmul_ceiling(device, batch, d_in, d_sae, torch.bfloat16 if dtype == "bf16" else torch.float32,
+            ceiling = train.matmul_ceiling(device, batch, d_in, d_sae, torch.bfloat16 if dtype == "bf16" else torch.float32,
                                      repeats=10)
             reference = loss_and_grads(base, xs[0], False, dtype, False, device)
             dense_s = None
@@ -366,9 +350,7 @@ def print_onnx(rows):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="\n\n".join(__doc__.split("\n\n")[1:]))
+    p = cli.parser(__doc__)
     p.add_argument("what", nargs="*", metavar="SECTION", help="train, harvest and/or onnx (default: all three)")
     p.add_argument("--quick", action="store_true", help="small shapes and one step: checks that the paths agree (CI)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")

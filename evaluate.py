@@ -13,7 +13,6 @@ place of the activation at the hook site (every position but the first), and wit
 The cross-entropies cover the predictions made at spliced positions (1 to context-2).
 """
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -21,20 +20,17 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-import formats
+import acts
+import cli
 import harvest
+from formats import load_sae
 
 DENSE = 0.1   # a latent firing on more than 10% of tokens is "dense" (SPEC section 5)
 
 
-def load_sae(folder, device="cpu"):
-    """An SAE of any architecture: our folder, a Gemma Scope params.npz or a SAELens folder."""
-    return formats.load_any(folder, device=device)
-
-
-def check_width(sae, manifest, folder, acts):
+def check_width(sae, manifest, folder, acts_dir):
     if sae.d_in != manifest["d_in"]:
-        raise ValueError(f"{folder} takes d_in={sae.d_in} but {acts} holds d_in={manifest['d_in']} activations; "
+        raise ValueError(f"{folder} takes d_in={sae.d_in} but {acts_dir} holds d_in={manifest['d_in']} activations; "
                          "pair the SAE with the activations it was trained on.")
 
 
@@ -43,9 +39,9 @@ def activation_metrics(sae, shards, batch_size=4096, device="cpu"):
     """L0, MSE, FVU, dead and dense fractions and per-latent firing frequencies over the rows."""
     n, sq_err, sum_x, sum_sq = 0, 0.0, None, 0.0
     fires_F = torch.zeros(sae.d_sae, dtype=torch.float64, device=device)
-    for acts, _ in shards:
-        for i in range(0, len(acts), batch_size):
-            x_BD = torch.from_numpy(np.array(acts[i:i + batch_size], dtype=np.float32)).to(device)
+    for rows_ND, _ in shards:
+        for i in range(0, len(rows_ND), batch_size):
+            x_BD = torch.from_numpy(np.array(rows_ND[i:i + batch_size], dtype=np.float32)).to(device)
             f_BF = sae.encode(x_BD)
             x_hat_BD = sae.decode(f_BF)
             active_BF = f_BF != 0
@@ -122,9 +118,9 @@ def lm_metrics(model, module, windows, saes, batch_size=8, device="cpu", progres
 def top_contexts(sae, shards, tokenizer, latents, context_rows, k=5, width=12, device="cpu"):
     """The k held-out tokens on which each latent fires most, each with `width` tokens before it."""
     best = {i: [] for i in latents}
-    for s, (acts, windows) in enumerate(shards):
-        for r0 in range(0, len(acts), 4096):
-            x = torch.from_numpy(np.array(acts[r0:r0 + 4096], dtype=np.float32)).to(device)
+    for s, (rows_ND, _) in enumerate(shards):
+        for r0 in range(0, len(rows_ND), 4096):
+            x = torch.from_numpy(np.array(rows_ND[r0:r0 + 4096], dtype=np.float32)).to(device)
             f = sae.encode(x)[:, latents]
             for j, latent in enumerate(latents):
                 vals, rows = f[:, j].topk(min(k, len(f)))
@@ -180,14 +176,14 @@ def plot(records, folder):
     return [folder / "sparsity_fidelity.png", folder / "firing_frequency.png"]
 
 
-def evaluate(sae_dirs, acts, *, lm=False, lm_windows=64, device=None, progress=True):
+def evaluate(sae_dirs, acts_dir, *, lm=False, lm_windows=64, device=None, progress=True):
     """One record per SAE folder (without the per-latent frequencies' bulk in the printed table)."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    manifest, shards = harvest.open_split(acts, "heldout")
+    manifest, shards = acts.open_split(acts_dir, "heldout")
     saes, records = [], []
     for folder in sae_dirs:
         sae = load_sae(folder, device)
-        check_width(sae, manifest, folder, acts)
+        check_width(sae, manifest, folder, acts_dir)
         metrics = activation_metrics(sae, shards, device=device)
         records.append({"name": Path(folder).name, "path": str(folder), "architecture": sae.config()["architecture"],
                         "d_sae": sae.d_sae, **metrics})
@@ -214,9 +210,7 @@ def table(records):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="\n\n".join(__doc__.split("\n\n")[1:]))
+    p = cli.parser(__doc__)
     p.add_argument("sae_dirs", nargs="+", help="SAE folders (ours, SAELens's, or Gemma Scope params.npz)")
     p.add_argument("--acts", required=True, help="harvested folder whose held-out split is used")
     p.add_argument("--lm", action="store_true", help="also splice into the model: delta LM loss, CE recovered, KL")
@@ -230,13 +224,13 @@ def main(argv=None):
         records = evaluate(args.sae_dirs, args.acts, lm=args.lm, lm_windows=args.lm_windows, device=args.device)
         print(table(records))
         if args.json:
-            harvest.write_json(args.json, [{**r, "firing_frequency": r["firing_frequency"].tolist()} for r in records])
+            acts.write_json(args.json, [{**r, "firing_frequency": r["firing_frequency"].tolist()} for r in records])
             print(f"wrote {args.json}")
         if args.plot:
             print("wrote " + ", ".join(map(str, plot(records, args.plot))))
         if args.latents:
             latents = [int(i) for i in args.latents.split(",")]
-            manifest, shards = harvest.open_split(args.acts, "heldout")
+            manifest, shards = acts.open_split(args.acts, "heldout")
             tokenizer = harvest.load_tokenizer(manifest["model"], manifest.get("gguf_file"))
             for folder in args.sae_dirs:
                 sae = load_sae(folder)

@@ -21,7 +21,7 @@ We use PyTorch's TorchScript-based exporter (dynamo=False): the graph is a handf
 and it needs no extra package.
 """
 
-import argparse
+import copy
 import io
 import json
 import sys
@@ -32,9 +32,11 @@ import numpy as np
 import torch
 from torch import nn
 
-import harvest
-from evaluate import check_width, load_sae
-from jumprelu import atomic_write
+import acts
+import cli
+from evaluate import check_width
+from formats import load_sae
+from jumprelu import atomic_write, jumprelu
 
 OPSET = 17
 # When a latent is active, per architecture (the "active" entry of the ONNX metadata).
@@ -49,57 +51,36 @@ def pre_encoder_bias(sae):
     return getattr(sae, "pre_encoder_bias", sae.architecture in ("gated", "topk", "batchtopk"))
 
 
-class Exportable(nn.Module):
-    """The SAE as a plain graph: MatMul, Add, Greater, Where (and MatMul, Add for x_hat; TopK).
-
-    pre = h @ W_enc + b_enc with h = x (or x - b_dec), then per architecture (SPEC sections 1, 4):
-    jumprelu  where(pre > theta, pre, 0)        relu       where(pre > 0, pre, 0)
-    batchtopk where(pre > max(t, 0), pre, 0)    topk       ReLU of the row's k largest, others 0
-    gated     where(h @ W_enc + b_gate > 0, ReLU((h @ W_enc) exp(r_mag) + b_mag), 0)
-    """
+class Graph(nn.Module):
+    """What is exported: the SAE's own `encode` (and `decode` for --what sae), top-k on request,
+    float32 in and out. With fp16 the weights and matrix products are float16 and the thresholds
+    stay float32, as in a float16 SAE. JumpReLU's thresholds are a constant, theta as the folder
+    holds it: traced, `encode` computes exp(log_threshold) in the runtime, and onnxruntime's Exp
+    differs from PyTorch's in the last bit for about 7% of float32 inputs."""
 
     def __init__(self, sae, what="encoder", fp16=False, topk=None):
         super().__init__()
         self.what, self.topk, self.fp16 = what, topk, fp16
-        self.arch, self.k = sae.architecture, getattr(sae, "k", None)
-        dtype = torch.float16 if fp16 else torch.float32
-        self.pre_encoder_bias = pre_encoder_bias(sae)
-        biases = ("b_gate", "b_mag") if self.arch == "gated" else ("b_enc",)
-        for name in ("W_enc", "W_dec", "b_dec") + biases:
-            self.register_buffer(name, getattr(sae, name).detach().to(dtype).clone())
-        if self.arch == "gated":
-            self.register_buffer("mag_scale", sae.r_mag.detach().exp().to(dtype).clone())
-        # The comparison's right-hand side, float32: theta per latent, 0 for ReLU, max(t, 0) for BatchTopK.
-        threshold = {"jumprelu": lambda: sae.threshold, "batchtopk": lambda: sae.threshold.clamp_min(0).reshape(())}
-        self.register_buffer("threshold", threshold.get(self.arch, lambda: torch.zeros(()))().detach().float().clone())
+        self.dtype = torch.float16 if fp16 else torch.float32
+        self.sae = copy.deepcopy(sae).cpu().eval()
+        keep = {"log_threshold", "threshold"}                        # float32 whatever the weights' dtype
+        for name, t in (*self.sae.named_parameters(), *self.sae.named_buffers()):
+            if name not in keep:
+                t.data = t.data.to(self.dtype)
+        if sae.architecture == "jumprelu":
+            self.register_buffer("threshold", sae.threshold.detach().float().cpu().clone())
 
     def features(self, x):
-        h = x.half() if self.fp16 else x
-        if self.pre_encoder_bias:
-            h = h - self.b_dec
-        hW = h @ self.W_enc
-        if self.arch == "gated":
-            gate = (hW + self.b_gate).float()
-            mag = (hW * self.mag_scale + self.b_mag).float()
-            return torch.where(gate > 0, torch.relu(mag), torch.zeros_like(mag))
-        pre = (hW + self.b_enc).float()
-        if self.arch == "topk":
-            values, indices = pre.topk(self.k, dim=-1)
-            return torch.zeros_like(pre).scatter(-1, indices, torch.relu(values))
-        return torch.where(pre > self.threshold, pre, torch.zeros_like(pre))
+        h = x.to(self.dtype)
+        if self.sae.architecture == "jumprelu":                      # encode, with theta a constant
+            return jumprelu(self.sae.pre_acts(h), self.threshold, self.sae.bandwidth).float()
+        return self.sae.encode(h).float()
 
     def forward(self, x):
         features = self.features(x)
-        outputs = []
-        if self.topk:
-            values, indices = features.topk(self.topk, dim=-1)
-            outputs += [indices, values]
-        else:
-            outputs.append(features)
+        outputs = list(features.topk(self.topk, dim=-1))[::-1] if self.topk else [features]   # indices, values
         if self.what == "sae":
-            f = features.half() if self.fp16 else features
-            x_hat = f @ self.W_dec + self.b_dec
-            outputs.append(x_hat.float() if self.fp16 else x_hat)
+            outputs.append(self.sae.decode(features.to(self.dtype)).float())
         return tuple(outputs) if len(outputs) > 1 else outputs[0]
 
     def output_names(self):
@@ -113,7 +94,7 @@ def export(sae, path, what="encoder", fp16=False, topk=None):
         raise ValueError(f"--what must be encoder or sae, not {what!r}.")
     if topk is not None and not 1 <= topk <= sae.d_sae:
         raise ValueError(f"--topk must be between 1 and d_sae={sae.d_sae}, not {topk}.")
-    module = Exportable(sae, what, fp16, topk).eval()
+    module = Graph(sae, what, fp16, topk).eval()
     names = module.output_names()
     buffer = io.BytesIO()
     with torch.no_grad(), warnings.catch_warnings():
@@ -152,7 +133,7 @@ def compare(sess, module, sae, x, tie_tol):
     """
     x_t = torch.from_numpy(x)
     with torch.no_grad():
-        reference = Exportable(sae, module.what, fp16=False, topk=module.topk)
+        reference = Graph(sae, module.what, fp16=False, topk=module.topk)
         want = reference(x_t)
         features = reference.features(x_t).numpy()
     want = [w.numpy() for w in ([want] if isinstance(want, torch.Tensor) else want)]
@@ -217,7 +198,7 @@ def near_boundary(sae, x, tie_tol):
     return np.abs(pre - theta) <= bound, bound
 
 
-def verify(path, module, sae, acts=None, tol=None, rows=512, seed=0):
+def verify(path, module, sae, acts_dir=None, tol=None, rows=512, seed=0):
     """Parity of the ONNX file with PyTorch on random and (if available) real activations."""
     tol = tol or (2e-2 if module.fp16 else 1e-5)
     tie_tol = 8 * (2.0**-11 if module.fp16 else 2.0**-24)     # 8 unit roundoffs of the dtype
@@ -225,8 +206,8 @@ def verify(path, module, sae, acts=None, tol=None, rows=512, seed=0):
     rng = np.random.default_rng(seed)
     scale = 1.0 / sae.metadata.get("input_scale", 1.0) / np.sqrt(sae.d_in)   # raw-space magnitude
     inputs = {"random": (rng.standard_normal((rows, sae.d_in)) * scale).astype(np.float32)}
-    if acts is not None:
-        _, shards = harvest.open_split(acts, "heldout")
+    if acts_dir is not None:
+        _, shards = acts.open_split(acts_dir, "heldout")
         inputs["real"] = np.asarray(shards[0][0][:rows], dtype=np.float32)
     reports = {name: compare(sess, module, sae, x, tie_tol) for name, x in inputs.items()}
     ok = all(r["max_rel"] <= tol for r in reports.values())
@@ -234,9 +215,7 @@ def verify(path, module, sae, acts=None, tol=None, rows=512, seed=0):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="\n\n".join(__doc__.split("\n\n")[1:]))
+    p = cli.parser(__doc__)
     p.add_argument("sae_dir", help="SAE folder (ours or SAELens's) or a Gemma Scope params.npz")
     p.add_argument("--out", required=True, help="ONNX file to write")
     p.add_argument("--what", choices=("encoder", "sae"), default="encoder", help="encoder only, or the whole SAE (adds x_hat)")
@@ -247,14 +226,14 @@ def main(argv=None):
     args = p.parse_args(argv)
     try:
         sae = load_sae(args.sae_dir)
-        acts = args.acts or sae.metadata.get("acts")
-        if acts and not (Path(acts) / harvest.MANIFEST).is_file():
-            print(f"note: {acts} is not here; checking on random inputs only.")
-            acts = None
-        if acts:
-            check_width(sae, harvest.read_manifest(acts), args.sae_dir, acts)
+        acts_dir = args.acts or sae.metadata.get("acts")
+        if acts_dir and not (Path(acts_dir) / acts.MANIFEST).is_file():
+            print(f"note: {acts_dir} is not here; checking on random inputs only.")
+            acts_dir = None
+        if acts_dir:
+            check_width(sae, acts.read_manifest(acts_dir), args.sae_dir, acts_dir)
         module = export(sae, args.out, args.what, args.fp16, args.topk)
-        ok, reports, provider, tol = verify(args.out, module, sae, acts, args.tol)
+        ok, reports, provider, tol = verify(args.out, module, sae, acts_dir, args.tol)
     except ValueError as e:
         sys.exit(f"error: {e}")
     for name, r in reports.items():

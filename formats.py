@@ -3,8 +3,8 @@
     python formats.py gemma-scope/layer_12/width_16k/average_l0_82 --out runs/gs_l12   # -> our folder
     python formats.py runs/sae_l0_32 --out runs/sae_l0_32_saelens --saelens            # -> SAELens folder
 
-    from formats import load_any, save_saelens
-    sae = load_any("path")             # our folder, a Gemma Scope params.npz, or a SAELens folder
+    from formats import load_sae, save_saelens
+    sae = load_sae("path")             # our folder, a Gemma Scope params.npz, or a SAELens folder
     sae.save("runs/imported")          # then evaluate.py and export.py as for our own SAEs
     save_saelens(sae, "for_saelens")   # sae_lens.SAE.load_from_disk("for_saelens") reads it
 
@@ -17,7 +17,6 @@ the folder does not hold, thresholds <= 0) is refused with a one-sentence error.
 float32: float16 and bfloat16 files widen exactly, float64 files are rounded.
 """
 
-import argparse
 import json
 import math
 import re
@@ -31,6 +30,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 import baselines
+import cli
 import jumprelu
 from jumprelu import JumpReLUSAE
 
@@ -64,11 +64,11 @@ def _assemble(sae, tensors, device):
 
 def _jumprelu_sae(W_enc, b_enc, W_dec, b_dec, *, threshold=None, log_threshold=None, pre_encoder_bias,
                   bandwidth=0.001, device=None):
-    """A JumpReLUSAE with these weights; theta from `threshold` (through jumprelu._log_of, exact) or
+    """A JumpReLUSAE with these weights; theta from `threshold` (through jumprelu.exact_log, exact) or
     from `log_threshold` as it is."""
     d_in, d_sae = W_enc.shape
     sae = JumpReLUSAE(d_in, d_sae, bandwidth=bandwidth, pre_encoder_bias=pre_encoder_bias, device="meta")
-    log_F = log_threshold.float() if log_threshold is not None else jumprelu._log_of(threshold)
+    log_F = log_threshold.float() if log_threshold is not None else jumprelu.exact_log(threshold)
     return _assemble(sae, {"W_enc": W_enc, "b_enc": b_enc, "W_dec": W_dec, "b_dec": b_dec,
                            "log_threshold": log_F}, device)
 
@@ -91,7 +91,7 @@ def load_gemma_scope(path, device=None):
     With every threshold > 0 (checked), f = pre * H(pre - threshold): our JumpReLUSAE without the
     pre-encoder bias. Arrays: W_enc [d_in, d_sae], W_dec [d_sae, d_in], b_enc [d_sae],
     b_dec [d_in], threshold [d_sae] (SAELens also accepts w_enc / w_dec, and so do we). The
-    thresholds become log_threshold through jumprelu._log_of: exact where exp of a float32 reaches
+    thresholds become log_threshold through jumprelu.exact_log: exact where exp of a float32 reaches
     them, else a few float32 steps away (about 92% exact for thresholds in [0.01, 3], at most 4
     steps off), so a latent can decide differently only within those steps of its threshold.
     """
@@ -153,12 +153,7 @@ def _read_saelens_config(folder):
     activation -> the topk architecture, a bool normalize_activations -> "none" or
     "expected_average_only_in", missing architecture -> "standard", missing
     apply_b_dec_to_input -> True. Returns (cfg, metadata)."""
-    try:
-        cfg = json.loads((folder / SAELENS_CONFIG).read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{folder}/{SAELENS_CONFIG} is not valid JSON ({e}); restore the file.") from None
-    if not isinstance(cfg, dict):
-        raise ValueError(f"{folder}/{SAELENS_CONFIG} must hold a JSON object, not {type(cfg).__name__}.")
+    cfg = jumprelu.read_json_object(folder / SAELENS_CONFIG, "restore the file")
     if _saelens_major(cfg) >= 6:
         meta = cfg.get("metadata") if isinstance(cfg.get("metadata"), dict) else {}
         return cfg, meta
@@ -235,12 +230,24 @@ def load_saelens(folder, device=None):
     and hook_name, and SAELens's other metadata entries.
     """
     folder = Path(folder)
-    if not folder.is_dir():
-        raise ValueError(f"{folder} is not a folder; pass the folder that holds {SAELENS_CONFIG} and {SAELENS_WEIGHTS}.")
-    for name in (SAELENS_CONFIG, SAELENS_WEIGHTS):
-        if not (folder / name).is_file():
-            raise ValueError(f"{folder} has no {name}; it is not a SAELens SAE folder.")
+    jumprelu.check_files(folder, (SAELENS_CONFIG, SAELENS_WEIGHTS), "a SAELens SAE folder")
     cfg, meta = _read_saelens_config(folder)
+    _check_saelens_config(folder, cfg)
+    w = _saelens_weights(folder, cfg)
+    training = meta.get("training_architecture_details")
+    training = training if isinstance(training, dict) else {}
+    sae = _saelens_sae(folder, cfg, meta, training, w, device)
+    sae.metadata = {k: v for k, v in meta.items()
+                    if k not in SAELENS_FORMAT_KEYS and k not in RESERVED and v is not None}
+    for ours, theirs in (("model", "model_name"), ("hook", "hook_name")):
+        if meta.get(theirs) is not None:
+            sae.metadata[ours] = meta[theirs]
+    return sae
+
+
+def _check_saelens_config(folder, cfg):
+    """One-sentence errors for what no SAE here computes: another architecture or activation,
+    per-input normalisation, a decoder normalised in the forward pass, an unknown dtype."""
     where = f"{folder}/{SAELENS_CONFIG}"
     arch = cfg.get("architecture")
     if arch not in ("standard", "jumprelu", "topk", "gated", "batchtopk"):
@@ -259,13 +266,17 @@ def load_saelens(folder, device=None):
         raise ValueError(f"{where} uses the activation {activation!r} in a {arch} SAE, which no SAE here computes.")
     if cfg.get("normalize_decoder"):
         raise ValueError(f"{where} sets normalize_decoder, which no SAE here computes; fold the decoder norms first.")
-    dtype_name = str(cfg.get("dtype", "float32")).removeprefix("torch.")
-    if dtype_name not in DTYPES:
+    if str(cfg.get("dtype", "float32")).removeprefix("torch.") not in DTYPES:
         raise ValueError(f"{where} has dtype {cfg.get('dtype')!r}, none of {', '.join(DTYPES)}.")
-    d_in, d_sae, centred = cfg["d_in"], cfg["d_sae"], bool(cfg.get("apply_b_dec_to_input", True))
+
+
+def _saelens_weights(folder, cfg):
+    """The tensors of the folder's architecture, checked against cfg.json's shapes, with SAELens 5's
+    scaling factor folded into W_dec and TopK's decoder-norm rescale into the encoder and decoder."""
+    arch, d_in, d_sae = cfg["architecture"], cfg["d_in"], cfg["d_sae"]
     shapes = {"W_enc": (d_in, d_sae), "W_dec": (d_sae, d_in), "b_dec": (d_in,), "topk_threshold": ()}
     shapes.update({name: (d_sae,) for name in ("b_enc", "b_gate", "b_mag", "r_mag", "threshold", "log_threshold")})
-    tensors = _saelens_tensors(folder, DTYPES[dtype_name])
+    tensors = _saelens_tensors(folder, DTYPES[str(cfg.get("dtype", "float32")).removeprefix("torch.")])
     w = _take(folder, tensors, ("W_enc", "W_dec", "b_dec"), shapes)
     # SAELens 5: decode (f * scaling_factor) @ W_dec, the same as f @ (scaling_factor[:, None] * W_dec).
     if "scaling_factor" in tensors:
@@ -275,23 +286,16 @@ def load_saelens(folder, device=None):
                 raise ValueError(f"{folder}/{SAELENS_WEIGHTS} holds a scaling_factor but {SAELENS_CONFIG} does not "
                                  "set finetuning_scaling_factor; the folder is inconsistent.")
             w["W_dec"] = (w["W_dec"].double() * s_F.double()[:, None]).float()
-    training = meta.get("training_architecture_details")
-    training = training if isinstance(training, dict) else {}
-
     if arch == "gated":
         w.update(_take(folder, tensors, ("b_gate", "b_mag", "r_mag"), shapes))
     elif arch == "jumprelu":
-        w.update(_take(folder, tensors, ("b_enc",), shapes))
         name = "log_threshold" if "log_threshold" in tensors and "threshold" not in tensors else "threshold"
-        w.update(_take(folder, tensors, (name,), shapes))
+        w.update(_take(folder, tensors, ("b_enc", name), shapes))
     else:
-        w.update(_take(folder, tensors, ("b_enc",), shapes))
-        if arch == "batchtopk":
-            w.update(_take(folder, tensors, ("topk_threshold",), shapes))
+        w.update(_take(folder, tensors, ("b_enc", "topk_threshold") if arch == "batchtopk" else ("b_enc",), shapes))
     if tensors:
         raise ValueError(f"{folder}/{SAELENS_WEIGHTS} holds tensors a SAELens {arch} SAE does not have "
                          f"({', '.join(sorted(tensors))}); it is not a {arch} SAE folder.")
-
     if arch in ("topk", "batchtopk") and cfg.get("rescale_acts_by_decoder_norm"):
         n_F = w["W_dec"].double().norm(dim=1)
         if not bool((n_F > 0).all()):
@@ -300,59 +304,56 @@ def load_saelens(folder, device=None):
         w["W_enc"] = w["W_enc"].double() * n_F
         w["b_enc"] = w["b_enc"].double() * n_F
         w["W_dec"] = w["W_dec"].double() / n_F[:, None]
-    hW = lambda: w["b_dec"].double() @ w["W_enc"].double()           # b_dec @ W_enc [d_sae], for the folds
+    return w
 
+
+def _saelens_sae(folder, cfg, meta, training, w, device):
+    """Our SAE computing the SAELens SAE's features, with the folds load_saelens describes."""
+    arch, d_in, d_sae, centred = cfg["architecture"], cfg["d_in"], cfg["d_sae"], bool(cfg.get("apply_b_dec_to_input", True))
+    where = f"{folder}/{SAELENS_CONFIG}"
+    hW = lambda: w["b_dec"].double() @ w["W_enc"].double()           # b_dec @ W_enc [d_sae], for the folds
     if arch == "standard":
         # ReLUSAE has no pre-encoder bias: (x - b_dec) @ W_enc + b_enc = x @ W_enc + (b_enc - b_dec @ W_enc).
         if centred:
             w["b_enc"] = w["b_enc"].double() - hW()
-        sae = baselines.ReLUSAE(d_in, d_sae, device="meta")
-        sae = _assemble(sae, w, device)
-    elif arch == "gated":
+        return _assemble(baselines.ReLUSAE(d_in, d_sae, device="meta"), w, device)
+    if arch == "gated":
         # Ours always centre: x @ W_enc + b = (x - b_dec) @ W_enc + (b + b_dec @ W_enc), on both paths.
         if not centred:
             hW_F = hW()
             w["b_gate"] = w["b_gate"].double() + hW_F
             w["b_mag"] = w["b_mag"].double() + hW_F * w["r_mag"].double().exp()
-        sae = _assemble(baselines.GatedSAE(d_in, d_sae, device="meta"), w, device)
-    elif arch == "topk":
+        return _assemble(baselines.GatedSAE(d_in, d_sae, device="meta"), w, device)
+    if arch == "topk":
         k = _whole(cfg.get("k"), d_sae)
         if k is None:
             raise ValueError(f"{where} has no valid 'k' (a whole number from 1 to d_sae={d_sae}); it is damaged.")
         if not centred:
             w["b_enc"] = w["b_enc"].double() + hW()
-        sae = _assemble(baselines.TopKSAE(d_in, d_sae, k, device="meta"), w, device)
-    else:                                                             # jumprelu, batchtopk
-        if arch == "batchtopk":
-            theta = w.pop("topk_threshold").reshape(())
-            k = _whole(cfg.get("k"), d_sae)
-        else:
-            theta_F = w["threshold"] if "threshold" in w else w["log_threshold"].double().exp()
-            uniform = bool((theta_F == theta_F[0]).all())
-            k = _whole(training.get("k"), d_sae) if meta.get("training_architecture") == "batchtopk" else None
-            theta = theta_F[0] if uniform and k is not None and centred else None
-        if theta is not None:                                         # our BatchTopKSAE
-            if k is None:
-                raise ValueError(f"{where} has no valid 'k' (a whole number from 1 to d_sae={d_sae}) for its "
-                                 "BatchTopK SAE; it is damaged.")
-            if not centred:
-                w["b_enc"] = w["b_enc"].double() + hW()
-            w = {name: w[name] for name in ("W_enc", "b_enc", "W_dec", "b_dec")}
-            sae = _assemble(baselines.BatchTopKSAE(d_in, d_sae, k, device="meta"), {**w, "threshold": theta}, device)
-        else:
-            if "threshold" in w:
-                _check_threshold(f"{folder}/{SAELENS_WEIGHTS}", w["threshold"])
-            bandwidth = training.get("jumprelu_bandwidth", 0.001)
-            ok = isinstance(bandwidth, (int, float)) and not isinstance(bandwidth, bool) and 0 < bandwidth < math.inf
-            sae = _jumprelu_sae(w["W_enc"], w["b_enc"], w["W_dec"], w["b_dec"], threshold=w.get("threshold"),
-                                log_threshold=w.get("log_threshold"), pre_encoder_bias=centred,
-                                bandwidth=bandwidth if ok else 0.001, device=device)
-    sae.metadata = {k: v for k, v in meta.items()
-                    if k not in SAELENS_FORMAT_KEYS and k not in RESERVED and v is not None}
-    for ours, theirs in (("model", "model_name"), ("hook", "hook_name")):
-        if meta.get(theirs) is not None:
-            sae.metadata[ours] = meta[theirs]
-    return sae
+        return _assemble(baselines.TopKSAE(d_in, d_sae, k, device="meta"), w, device)
+    if arch == "batchtopk":                                           # jumprelu or batchtopk from here
+        theta = w.pop("topk_threshold").reshape(())
+        k = _whole(cfg.get("k"), d_sae)
+    else:
+        theta_F = w["threshold"] if "threshold" in w else w["log_threshold"].double().exp()
+        uniform = bool((theta_F == theta_F[0]).all())
+        k = _whole(training.get("k"), d_sae) if meta.get("training_architecture") == "batchtopk" else None
+        theta = theta_F[0] if uniform and k is not None and centred else None
+    if theta is not None:                                             # our BatchTopKSAE
+        if k is None:
+            raise ValueError(f"{where} has no valid 'k' (a whole number from 1 to d_sae={d_sae}) for its "
+                             "BatchTopK SAE; it is damaged.")
+        if not centred:
+            w["b_enc"] = w["b_enc"].double() + hW()
+        w = {name: w[name] for name in ("W_enc", "b_enc", "W_dec", "b_dec")}
+        return _assemble(baselines.BatchTopKSAE(d_in, d_sae, k, device="meta"), {**w, "threshold": theta}, device)
+    if "threshold" in w:
+        _check_threshold(f"{folder}/{SAELENS_WEIGHTS}", w["threshold"])
+    bandwidth = training.get("jumprelu_bandwidth", 0.001)
+    ok = isinstance(bandwidth, (int, float)) and not isinstance(bandwidth, bool) and 0 < bandwidth < math.inf
+    return _jumprelu_sae(w["W_enc"], w["b_enc"], w["W_dec"], w["b_dec"], threshold=w.get("threshold"),
+                         log_threshold=w.get("log_threshold"), pre_encoder_bias=centred,
+                         bandwidth=bandwidth if ok else 0.001, device=device)
 
 
 def save_saelens(sae, folder):
@@ -406,12 +407,20 @@ def save_saelens(sae, folder):
 # --- Any of the three ----------------------------------------------------------------------
 
 
-def load_any(path, device=None):
-    """Our folder (config.json + sae.safetensors), a Gemma Scope params.npz (or its folder), or a
-    SAELens folder (cfg.json + sae_weights.safetensors), told apart by the files they hold."""
+def load_sae(path, device=None):
+    """Any SAE: our folder (config.json + sae.safetensors, any architecture, told by its
+    "architecture"), a Gemma Scope params.npz (or its folder), or a SAELens folder (cfg.json +
+    sae_weights.safetensors), told apart by the files they hold."""
     path = Path(path)
-    if path.is_dir() and (path / jumprelu.CONFIG_NAME).is_file() and (path / jumprelu.WEIGHTS_NAME).is_file():
-        return baselines.load_sae(path, device=device)
+    if not path.exists():
+        raise ValueError(f"{path} does not exist; pass an SAE folder (this project's or SAELens's) or a Gemma Scope "
+                         f"{GEMMA_SCOPE_FILE}.")
+    if path.is_dir() and ((path / jumprelu.CONFIG_NAME).is_file() or (path / jumprelu.WEIGHTS_NAME).is_file()):
+        arch = jumprelu.read_config(path).get("architecture")      # one-sentence errors for a damaged folder
+        if not isinstance(arch, str) or arch not in baselines.ARCHITECTURES:
+            raise ValueError(f"{path}/{jumprelu.CONFIG_NAME} names architecture {arch!r}, "
+                             f"which is none of {', '.join(baselines.ARCHITECTURES)}.")
+        return baselines.ARCHITECTURES[arch].load(path, device=device)
     if (path.is_file() and path.suffix == ".npz") or (path.is_dir() and (path / GEMMA_SCOPE_FILE).is_file()):
         return load_gemma_scope(path, device=device)
     if path.is_dir() and (path / SAELENS_CONFIG).is_file() and (path / SAELENS_WEIGHTS).is_file():
@@ -422,15 +431,13 @@ def load_any(path, device=None):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="\n\n".join(__doc__.split("\n\n")[1:]))
+    p = cli.parser(__doc__)
     p.add_argument("src", help="our SAE folder, a Gemma Scope params.npz (or its folder), or a SAELens folder")
     p.add_argument("--out", required=True, help="folder to write")
     p.add_argument("--saelens", action="store_true", help="write SAELens's layout (default: this project's)")
     args = p.parse_args(argv)
     try:
-        sae = load_any(args.src)
+        sae = load_sae(args.src)
         save_saelens(sae, args.out) if args.saelens else sae.save(args.out)
     except ValueError as e:
         sys.exit(f"error: {e}")

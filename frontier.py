@@ -14,15 +14,15 @@ recipe of train.py), TopK and BatchTopK with k = K, ReLU and Gated by the PI con
 coefficient. The achieved, held-out L0 is what the table and the plot use.
 """
 
-import argparse
 import json
 import sys
 import time
 from pathlib import Path
 
 
+import acts
+import cli
 import evaluate
-import harvest
 import train
 from baselines import ARCHITECTURES
 from jumprelu import atomic_write
@@ -32,7 +32,7 @@ def run_name(arch, target, seed):
     return f"{arch}_l0_{target:g}_seed{seed}"
 
 
-def train_all(acts, out, archs, targets, seeds_at, seeds, d_sae, steps):
+def train_all(acts_dir, out, archs, targets, seeds_at, seeds, d_sae, steps):
     """Train (or resume, or skip) every run; return the SAE folders in a fixed order."""
     runs = [(a, t, 0) for a in archs for t in targets] + [(a, seeds_at, s) for a in archs for s in range(1, seeds)]
     folders = []
@@ -44,7 +44,7 @@ def train_all(acts, out, archs, targets, seeds_at, seeds, d_sae, steps):
             continue
         resume = (folder / "checkpoint.safetensors").is_file()
         t0 = time.perf_counter()
-        r = train.train(acts, folder, arch=arch, d_sae=d_sae, steps=steps, target_l0=target, seed=seed,
+        r = train.train(acts_dir, folder, arch=arch, d_sae=d_sae, steps=steps, target_l0=target, seed=seed,
                         resume=resume, quiet=True)
         print(f"[{i + 1}/{len(runs)}] {folder.name}: held-out L0 {r['heldout_l0']:.1f}, FVU {r['heldout_fvu']:.4f}, "
               f"dead {r['dead_fraction']:.1%} ({time.perf_counter() - t0:.0f} s)", flush=True)
@@ -93,9 +93,7 @@ def plot(records, path):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="\n\n".join(__doc__.split("\n\n")[1:]))
+    p = cli.parser(__doc__)
     p.add_argument("--acts", required=True, help="folder written by harvest.py")
     p.add_argument("--out", required=True, help="parent folder for the SAEs")
     p.add_argument("--results", default="results/frontier", help="prefix of the .md, .json and .png written")
@@ -133,7 +131,7 @@ def main(argv=None):
     results.parent.mkdir(parents=True, exist_ok=True)
     table = markdown(records, settings)
     atomic_write(f"{results}.md", lambda f: f.write(table.encode()))
-    harvest.write_json(f"{results}.json", {"settings": settings, "records": records})
+    acts.write_json(f"{results}.json", {"settings": settings, "records": records})
     plot(records, f"{results}.png")
     print(table)
     print(f"wrote {results}.md, {results}.json and {results}.png ({settings['minutes']} min)")

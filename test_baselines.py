@@ -19,7 +19,9 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from safetensors.torch import load_file, save_file
 
-from baselines import ARCHITECTURES, BatchTopKSAE, GatedSAE, ReLUSAE, TopKSAE, load_sae, make_sae
+import train
+from baselines import ARCHITECTURES, BatchTopKSAE, GatedSAE, ReLUSAE, TopKSAE, make_sae
+from formats import load_sae
 from jumprelu import JumpReLUSAE
 
 BASELINES = ("relu", "gated", "topk", "batchtopk")
@@ -655,7 +657,7 @@ def test_load_sae_dispatch_errors(tmp_path, damage, message):
     with pytest.raises(ValueError) as info:
         load_sae(folder)
     assert message in str(info.value) and str(info.value).count(". ") == 0
-    with pytest.raises(ValueError, match="is not a folder"):
+    with pytest.raises(ValueError, match="nowhere does not exist"):
         load_sae(tmp_path / "nowhere")
 
 
@@ -684,15 +686,9 @@ def test_training_reduces_the_reconstruction_error(arch):
     with torch.no_grad():                                     # BatchTopK: its training forward, no threshold yet
         start = fvu(x_eval, sae.loss(x_eval, update_threshold=False)["x_hat"] if arch == "batchtopk" else sae(x_eval))
     opt = torch.optim.Adam(sae.parameters(), lr=3e-3)
-    fired = torch.zeros(64, dtype=torch.long)
-    for step, x_BD in enumerate(x.split(256)):
-        out = sae.loss(x_BD, 1e-3) if arch in ("relu", "gated") else sae.loss(x_BD, dead_F=step - fired > 20)
-        fired[(out["f"] != 0).any(0)] = step
-        opt.zero_grad()
-        out["loss"].backward()
-        sae.remove_parallel_decoder_grad_()
-        opt.step()
-        sae.normalize_decoder_()
+    fired_at = torch.zeros(64, dtype=torch.long)
+    for step, x_BD in enumerate(x.split(256)):                # train.py's step: dead after 20 steps unfired
+        train.train_step(sae, opt, sae.loss, x_BD, 1e-3, fired_at, step, dead_steps=20)
     with torch.no_grad():
         f = sae.encode(x_eval)
         end = fvu(x_eval, sae.decode(f))                      # inference path (BatchTopK: its threshold)

@@ -16,8 +16,10 @@ import numpy as np
 import pytest
 import torch
 
-import baselines
+import acts
+import formats
 import train
+
 
 HERE = Path(__file__).parent
 SETTINGS = dict(d_sae=64, steps=12, target_l0=4, batch_size=128, log_every=2, checkpoint_every=4,
@@ -25,35 +27,35 @@ SETTINGS = dict(d_sae=64, steps=12, target_l0=4, batch_size=128, log_every=2, ch
 TOLERANCE = dict(rtol=1e-4, atol=1e-4)
 
 
-def _torchrun(acts, out, log, *, world=2, **kw):
+def _torchrun(acts_dir, out, log, *, world=2, **kw):
     """Run train.py under torchrun with SETTINGS and kw as flags; (exit code, stdout and stderr)."""
     flags = []
     for k, v in {**SETTINGS, **kw}.items():
         flag = "--" + k.replace("_", "-")
         flags += [flag] if v is True else [flag, str(v)]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(world),
-           str(HERE / "train.py"), "--acts", str(acts), "--out", str(out), *flags]
+           str(HERE / "train.py"), "--acts", str(acts_dir), "--out", str(out), *flags]
     with open(log, "w") as f:              # a file, not a pipe: nobody has to drain it while we wait
         code = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=HERE, timeout=300,
                               env={**os.environ, "OMP_NUM_THREADS": "1"}).returncode
     return code, Path(log).read_text()
 
 
-def _one_process(acts, out, **kw):
+def _one_process(acts_dir, out, **kw):
     """train.train in this process, on one thread like each torchrun rank: the SVD of the
     initialisation differs in its last bits with the thread count, and the quantile thresholds sit
     exactly on sample pre-activations, so such bits decide whether a latent fires."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return train.train(acts, out, quiet=True, **{**SETTINGS, **kw})
+        return train.train(acts_dir, out, quiet=True, **{**SETTINGS, **kw})
     finally:
         torch.set_num_threads(threads)
 
 
 def _assert_same_sae(one, two):
     """The two saved SAEs agree within TOLERANCE; returns the largest absolute difference."""
-    a, b = baselines.load_sae(one).state_dict(), baselines.load_sae(two).state_dict()
+    a, b = formats.load_sae(one).state_dict(), formats.load_sae(two).state_dict()
     assert a.keys() == b.keys()
     for name in a:
         torch.testing.assert_close(b[name], a[name], **TOLERANCE, msg=lambda m: f"{name}: {m}")
@@ -73,8 +75,8 @@ def _shards(sizes):
 @pytest.mark.parametrize("start", [0, 5, 13])
 def test_the_ranks_slices_make_up_the_one_process_batches(start):
     shards = _shards([3000, 2048, 5000])
-    one = train.batches(shards, 256, seed=2, start_step=start, buffer_rows=2048)
-    ranks = [train.batches(shards, 256, seed=2, start_step=start, buffer_rows=2048, rank=r, world=2) for r in (0, 1)]
+    one = acts.batches(shards, 256, seed=2, start_step=start, buffer_rows=2048)
+    ranks = [acts.batches(shards, 256, seed=2, start_step=start, buffer_rows=2048, rank=r, world=2) for r in (0, 1)]
     for _ in range(30):                                    # 30 x 256 rows: past several buffers and an epoch
         halves = [next(r) for r in ranks]
         assert all(h.shape == (128, 3) for h in halves)

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+import acts
 import evaluate
 import harvest
 from jumprelu import JumpReLUSAE
@@ -54,7 +55,7 @@ def test_firing_frequency_dead_and_dense_by_hand():
 
 
 def test_splicing_the_activation_itself_leaves_the_loss_unchanged(tiny_model, tiny_acts):
-    manifest, shards = harvest.open_split(tiny_acts, "heldout")
+    manifest, shards = acts.open_split(tiny_acts, "heldout")
     model, _ = harvest.load_model(str(tiny_model), "cpu", torch.float32)
     module = harvest.hook_module(model, manifest["layer"], manifest["site"])
     windows = np.concatenate([w for _, w in shards])[:6]
@@ -106,17 +107,17 @@ def test_plot_writes_both_pngs(tmp_path):
 
 
 def test_top_contexts_mark_the_token_where_the_latent_fires_most(tiny_model, tiny_acts):
-    manifest, shards = harvest.open_split(tiny_acts, "heldout")
-    acts, windows = shards[0]
+    manifest, shards = acts.open_split(tiny_acts, "heldout")
+    rows, windows = shards[0]
     sae = JumpReLUSAE(32, 4, threshold_init=1e-6)
     row = 37                                   # make latent 2 fire on exactly one held-out row
     with torch.no_grad():
         sae.W_enc.zero_()
-        sae.W_enc[:, 2] = torch.tensor(np.asarray(acts[row], dtype=np.float32))
-        sae.b_enc[2] = -(sae.W_enc[:, 2].pow(2).sum() * 0.999)   # pre > 0 only where x == acts[row]
+        sae.W_enc[:, 2] = torch.tensor(np.asarray(rows[row], dtype=np.float32))
+        sae.b_enc[2] = -(sae.W_enc[:, 2].pow(2).sum() * 0.999)   # pre > 0 only where x == rows[row]
     tokenizer = harvest.load_tokenizer(str(tiny_model))
     text = evaluate.top_contexts(sae, shards, tokenizer, [2, 3], manifest["context"] - 1, k=3)
-    a = np.asarray(acts, dtype=np.float64)
+    a = np.asarray(rows, dtype=np.float64)
     best = int(np.argmax(a @ a[row]))          # the row where latent 2's pre-activation is largest
     window, pos = divmod(best, manifest["context"] - 1)
     token = tokenizer.decode(windows[window][pos + 1:pos + 2])

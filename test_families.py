@@ -19,7 +19,9 @@ import torch
 from transformers import (AutoTokenizer, Gemma2Config, Gemma2ForCausalLM, GPT2Config, GPT2LMHeadModel, GPTNeoXConfig,
                           GPTNeoXForCausalLM, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM)
 
+import acts
 import harvest
+
 
 V = 300       # the vocabulary of the tokenizer conftest.py trains
 TINY = dict(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
@@ -161,10 +163,10 @@ def test_harvest_writes_the_site_of_a_saved_model_folder(family, site, tiny_mode
                         device="cpu")
     assert (m["d_in"], m["layer"], m["site"]) == (32, LAYER, site)
     assert m["hook"] == f"{layers}.{LAYER}.{attn if site == 'attn' else mlp}"
-    _, shards = harvest.open_split(tmp_path / "acts", "train")
-    acts = np.concatenate([a for a, _ in shards])
+    _, shards = acts.open_split(tmp_path / "acts", "train")
+    rows = np.concatenate([a for a, _ in shards])
     windows = torch.from_numpy(np.concatenate([t for _, t in shards])).long()
     reloaded, _ = harvest.load_model(str(folder), "cpu", torch.float32)
     got, _ = outputs_of(reloaded, {site: reloaded.get_submodule(m["hook"])}, windows)
     # Other batch sizes than harvest's: equal up to float32 rounding.
-    np.testing.assert_allclose(acts, got[site][:, 1:].reshape(-1, 32).numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(rows, got[site][:, 1:].reshape(-1, 32).numpy(), rtol=1e-5, atol=1e-6)

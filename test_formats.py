@@ -217,7 +217,7 @@ def test_gemma_scope_gives_its_own_features(case, as_folder, lower):
 
 def test_gemma_scope_thresholds_within_four_float32_steps(tmp_path):
     """JumpReLUSAE holds log(theta) in float32, and exp of a float32 reaches only some float32
-    thetas: where none gives theta exactly, jumprelu._log_of takes the nearest, up to 4 steps
+    thetas: where none gives theta exactly, jumprelu.exact_log takes the nearest, up to 4 steps
     away for thresholds in [0.01, 3] (exact for about 92% of them). A latent decides differently
     from Gemma Scope only when its pre-activation lies within those few steps of theta."""
     g = np.random.default_rng(0)
@@ -470,6 +470,27 @@ def test_save_saelens_means_the_same_in_saelens_and_round_trips_exactly(arch, kw
             assert torch.equal(back.state_dict()[name], t), name
 
 
+def test_saelens_own_loader_reads_what_we_write(tmp_path):
+    """The real SAELens, where it is installed (pip install sae-lens; it is not a dependency, and
+    this passed with 6.54.12), loads what save_saelens writes, with the same features and
+    reconstruction, for every architecture."""
+    sae_lens = pytest.importorskip("sae_lens")
+    g = torch.Generator().manual_seed(0)
+    for i, (arch, kwargs) in enumerate(VARIANTS):
+        sae = baselines.make_sae(arch, 8, 32, k=4, **kwargs)
+        with torch.no_grad():
+            for name, q in sae.named_parameters():
+                q.copy_(torch.randn(q.shape, generator=g) * 0.3 - (1.0 if name == "log_threshold" else 0.0))
+            if arch == "batchtopk":
+                sae.threshold.fill_(0.4)
+        formats.save_saelens(sae, tmp_path / str(i))
+        theirs = sae_lens.SAE.load_from_disk(str(tmp_path / str(i)))
+        x = torch.randn(100, 8, generator=g)
+        with torch.no_grad():
+            torch.testing.assert_close(theirs.encode(x), sae.encode(x), rtol=1e-5, atol=1e-5, msg=arch)
+            torch.testing.assert_close(theirs(x), sae(x), rtol=1e-5, atol=1e-5, msg=arch)
+
+
 @pytest.mark.parametrize("arch, kwargs", VARIANTS)
 def test_save_saelens_writes_what_saelens_reads(tmp_path, arch, kwargs):
     sae = baselines.make_sae(arch, 4, 12, k=3, **kwargs)
@@ -500,15 +521,15 @@ def test_load_any_tells_the_layouts_apart(tmp_path):
          "threshold": np.full(5, 0.5)}
     (tmp_path / "gs").mkdir()
     write_gemma_scope(tmp_path / "gs" / "params.npz", p)
-    assert isinstance(formats.load_any(tmp_path / "gs"), JumpReLUSAE)
-    assert isinstance(formats.load_any(tmp_path / "gs" / "params.npz"), JumpReLUSAE)
-    assert isinstance(formats.load_any(_good_saelens(tmp_path / "sl", "topk")), baselines.TopKSAE)
+    assert isinstance(formats.load_sae(tmp_path / "gs"), JumpReLUSAE)
+    assert isinstance(formats.load_sae(tmp_path / "gs" / "params.npz"), JumpReLUSAE)
+    assert isinstance(formats.load_sae(_good_saelens(tmp_path / "sl", "topk")), baselines.TopKSAE)
     baselines.make_sae("gated", 3, 5).save(tmp_path / "ours")
-    assert isinstance(formats.load_any(tmp_path / "ours"), baselines.GatedSAE)
+    assert isinstance(formats.load_sae(tmp_path / "ours"), baselines.GatedSAE)
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="none of the SAE layouts read here: a folder with config.json and "
                                          "sae.safetensors .* params.npz .* cfg.json and sae_weights.safetensors"):
-        formats.load_any(tmp_path / "empty")
+        formats.load_sae(tmp_path / "empty")
 
 
 def test_command_line_converts_both_ways(tmp_path, capsys):
@@ -519,10 +540,13 @@ def test_command_line_converts_both_ways(tmp_path, capsys):
     formats.main([str(tmp_path / "ours"), "--out", str(tmp_path / "sl"), "--saelens"])
     out = capsys.readouterr().out
     assert "a jumprelu SAE, d_in 3, d_sae 5" in out and "SAELens's layout" in out
-    back = formats.load_any(tmp_path / "sl")
+    back = formats.load_sae(tmp_path / "sl")
     assert torch.equal(back.W_enc, torch.eye(3, 5)) and torch.equal(back.threshold, torch.full((5,), 0.5))
-    with pytest.raises(SystemExit, match="error: .* none of the SAE layouts"):
+    with pytest.raises(SystemExit, match="error: .*nowhere does not exist"):
         formats.main([str(tmp_path / "nowhere"), "--out", str(tmp_path / "x")])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit, match="error: .* none of the SAE layouts"):
+        formats.main([str(tmp_path / "empty"), "--out", str(tmp_path / "x")])
 
 
 def _source(tmp_path, kind, D, F):
@@ -546,33 +570,32 @@ def _source(tmp_path, kind, D, F):
 def test_imported_saes_run_through_evaluate_and_export(tmp_path, kind):
     D, F = 16, 64
     src, ref = _source(tmp_path, kind, D, F)
-    sae = formats.load_any(src)
+    sae = formats.load_sae(src)
     sae.save(tmp_path / "ours")
-    ours = baselines.load_sae(tmp_path / "ours")
+    ours = formats.load_sae(tmp_path / "ours")
     assert type(ours) is type(sae) and ours.metadata == sae.metadata
-    acts = np.random.default_rng(4).normal(size=(300, D)).astype(np.float32)
-    m = evaluate.activation_metrics(ours, [(acts, None)], batch_size=128)
-    for key, value in evaluate.activation_metrics(sae, [(acts, None)], batch_size=128).items():
+    rows = np.random.default_rng(4).normal(size=(300, D)).astype(np.float32)
+    m = evaluate.activation_metrics(ours, [(rows, None)], batch_size=128)
+    for key, value in evaluate.activation_metrics(sae, [(rows, None)], batch_size=128).items():
         np.testing.assert_array_equal(m[key], value, err_msg=key)       # the saved folder is the same SAE
-    f_ref, x_hat_ref = ref(acts.astype(np.float64))
-    err = ((acts - x_hat_ref) ** 2).sum(1)
+    f_ref, x_hat_ref = ref(rows.astype(np.float64))
+    err = ((rows - x_hat_ref) ** 2).sum(1)
     assert m["tokens"] == 300 and 0 < m["l0"] < F
     assert m["l0"] == pytest.approx((f_ref != 0).sum(1).mean(), abs=0.01)
     assert m["mse"] == pytest.approx(err.mean(), rel=1e-5)
-    assert m["fvu"] == pytest.approx(err.sum() / ((acts - acts.mean(0)) ** 2).sum(), rel=1e-5)
+    assert m["fvu"] == pytest.approx(err.sum() / ((rows - rows.mean(0)) ** 2).sum(), rel=1e-5)
     module = export.export(ours, tmp_path / "sae.onnx", what="sae")
     ok, reports, _, tol = export.verify(tmp_path / "sae.onnx", module, ours, rows=200)
     assert ok and reports["random"]["max_rel"] <= tol
 
 
 def test_evaluate_and_export_scripts_take_a_gemma_scope_file_directly(tmp_path):
-    import evaluate
     import export
     rng = np.random.default_rng(0)
     d_in, d_sae = 6, 10
     np.savez(tmp_path / "params.npz", W_enc=rng.standard_normal((d_in, d_sae)).astype(np.float32),
              W_dec=rng.standard_normal((d_sae, d_in)).astype(np.float32), b_enc=np.zeros(d_sae, np.float32),
              b_dec=np.zeros(d_in, np.float32), threshold=np.full(d_sae, 0.5, np.float32))
-    assert evaluate.load_sae(tmp_path / "params.npz").d_sae == d_sae
+    assert formats.load_sae(tmp_path / "params.npz").d_sae == d_sae
     export.main([str(tmp_path / "params.npz"), "--out", str(tmp_path / "gs.onnx")])
     assert (tmp_path / "gs.onnx").stat().st_size > 0

@@ -5,12 +5,15 @@ for a hub model, so nothing is downloaded; one test runs the real offline SmolLM
 """
 
 import json
+import math
 
 import numpy as np
 import pytest
 import torch
 
+import acts
 import harvest
+
 
 def _harvest(tiny_model, corpus, out, **kw):
     args = dict(model_name=str(tiny_model), layer=1, tokens=3000, text=[str(corpus)], context=16,
@@ -19,21 +22,21 @@ def _harvest(tiny_model, corpus, out, **kw):
 
 
 def _split(folder, split):
-    _, shards = harvest.open_split(folder, split)
+    _, shards = acts.open_split(folder, split)
     return np.concatenate([a for a, _ in shards]), np.concatenate([t for _, t in shards])
 
 
 def test_resid_rows_are_the_layer_outputs_without_the_first_position(tiny_model, corpus, tmp_path):
     m = _harvest(tiny_model, corpus, tmp_path / "acts")
     assert m["complete"] and m["d_in"] == 32 and m["layer"] == 1 and m["hook"] == "model.layers.1"
-    acts, windows = _split(tmp_path / "acts", "train")
-    assert acts.shape == (len(windows) * 15, 32) and windows.shape[1] == 16
+    rows, windows = _split(tmp_path / "acts", "train")
+    assert rows.shape == (len(windows) * 15, 32) and windows.shape[1] == 16
     model, _ = harvest.load_model(str(tiny_model), "cpu", torch.float32)
     with torch.no_grad():
         hidden = model(torch.from_numpy(windows).long(), output_hidden_states=True).hidden_states
     # hidden_states[0] is the embedding, so layer 1's output is hidden_states[2].
     expected = hidden[2][:, 1:].reshape(-1, 32).numpy()
-    np.testing.assert_allclose(acts, expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(rows, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_mlp_and_attn_sites_add_up_to_the_residual_update(tiny_model, corpus, tmp_path):
@@ -72,10 +75,70 @@ def test_heldout_windows_are_every_nth_and_never_in_training(tiny_model, corpus,
     np.testing.assert_array_equal(train_windows, np.array([w for i, w in enumerate(stream) if i % 5 != 4]))
 
 
+class _FakeReader:
+    """Stands in for SiteReader: the activation at each position is (token id, position, 0)."""
+    model = torch.nn.Linear(1, 1)
+
+    def __call__(self, ids_BT):
+        B, T = ids_BT.shape
+        return torch.stack([ids_BT.float(), torch.arange(T).expand(B, T).float(), torch.zeros(B, T)], -1)
+
+
+def _empty_folder(tmp_path, context=4):
+    settings = dict(model="m", gguf_file=None, layer=1, site="resid", context=context, dtype="float32",
+                    heldout_every=5, source={"text": "t"})
+    manifest = acts.new_manifest(settings, "model.layers.1", 3)
+    for split in acts.SPLITS:
+        (tmp_path / split).mkdir()
+    return manifest
+
+
+def test_every_nth_window_is_held_out():
+    assert [harvest.split_of(i, 5) for i in range(10)] == ["train"] * 4 + ["heldout"] + ["train"] * 4 + ["heldout"]
+
+
+def test_read_batch_drops_the_first_position_and_refuses_nan():
+    batch = [(0, "train", [7, 8, 9, 10]), (1, "train", [11, 12, 13, 14])]
+    rows = harvest.read_batch(_FakeReader(), batch, np.float16)
+    assert rows.dtype == np.float16 and rows.shape == (2, 3, 3)
+    np.testing.assert_array_equal(rows[1, :, :2], [[12, 1], [13, 2], [14, 3]])
+    nan_reader = lambda ids: torch.full((*ids.shape, 3), math.nan)
+    nan_reader.model = torch.nn.Linear(1, 1)
+    with pytest.raises(ValueError, match="NaN or Inf activations .* near token 0"):
+        harvest.read_batch(nan_reader, batch, np.float32)
+
+
+def test_store_writes_a_shard_once_a_split_holds_enough_windows(tmp_path):
+    manifest, buffers = _empty_folder(tmp_path), {s: ([], []) for s in acts.SPLITS}
+    batch = [(i, "heldout" if i == 4 else "train", [i, i + 1, i + 2, i + 3]) for i in range(5)]
+    harvest.store(tmp_path, manifest, buffers, batch, harvest.read_batch(_FakeReader(), batch, np.float32), 2, acts.MANIFEST)
+    train = acts.read_manifest(tmp_path)["splits"]["train"]
+    assert [s["windows"] for s in train["shards"]] == [2, 2] and len(buffers["heldout"][0]) == 1
+    harvest.flush(tmp_path, manifest, buffers, "heldout", acts.MANIFEST)
+    _, shards = acts.open_split(tmp_path, "heldout")
+    np.testing.assert_array_equal(shards[0][1], [[4, 5, 6, 7]])
+    np.testing.assert_array_equal(shards[0][0][:, 0], [5, 6, 7])            # positions 1 to 3 of window 4
+
+
+def test_harvest_windows_runs_this_processs_share_and_skips_what_is_on_disk(tmp_path):
+    from tqdm import tqdm
+    windows = [[i] * 4 for i in range(30)]
+    manifest = _empty_folder(tmp_path)
+    manifest["splits"]["train"]["windows"] = 2            # as if two training windows were on disk
+    seen = harvest.harvest_windows(tmp_path, manifest, acts.MANIFEST, _FakeReader(), iter(windows), target_windows=20,
+                                   heldout_every=5, rank=1, world=2, batch_size=3, shard_windows=100,
+                                   np_dtype=np.float32, bar=tqdm(disable=True))
+    assert seen == 20
+    _, train = acts.open_split(tmp_path, "train")
+    _, held = acts.open_split(tmp_path, "heldout")
+    # Rank 1 of 2 takes the odd windows; the first two of its training windows (1, 3) were on disk.
+    assert train[0][1][:, 0].tolist() == [5, 7, 11, 13, 15, 17] and held[0][1][:, 0].tolist() == [9, 19]
+
+
 def test_resume_after_a_kill_gives_the_same_folder(tiny_model, corpus, tmp_path, monkeypatch):
     _harvest(tiny_model, corpus, tmp_path / "whole")
     calls = {"n": 0}
-    real_save = harvest.save_npy
+    real_save = acts.save_npy
 
     def dying_save(path, array):          # the process dies while writing the fourth shard file
         calls["n"] += 1
@@ -83,17 +146,17 @@ def test_resume_after_a_kill_gives_the_same_folder(tiny_model, corpus, tmp_path,
             raise KeyboardInterrupt
         return real_save(path, array)
 
-    monkeypatch.setattr(harvest, "save_npy", dying_save)
+    monkeypatch.setattr(acts, "save_npy", dying_save)
     with pytest.raises(KeyboardInterrupt):
         _harvest(tiny_model, corpus, tmp_path / "killed")
-    monkeypatch.setattr(harvest, "save_npy", real_save)
+    monkeypatch.setattr(acts, "save_npy", real_save)
     partial = json.loads((tmp_path / "killed" / "manifest.json").read_text())
     assert not partial["complete"] and partial["splits"]["train"]["shards"]   # consistent, part-done
-    harvest.open_split(tmp_path / "killed", "train")                        # and readable as it is
+    acts.open_split(tmp_path / "killed", "train")                        # and readable as it is
     with pytest.raises(ValueError, match="already holds a harvest"):
         _harvest(tiny_model, corpus, tmp_path / "killed")
     _harvest(tiny_model, corpus, tmp_path / "killed", resume=True)
-    for split in harvest.SPLITS:
+    for split in acts.SPLITS:
         for a, b in zip(_split(tmp_path / "whole", split), _split(tmp_path / "killed", split)):
             np.testing.assert_array_equal(a, b)
 
@@ -110,7 +173,7 @@ def test_bad_inputs_get_one_sentence_errors(tiny_model, corpus, tmp_path):
         _harvest(tiny_model, corpus, tmp_path / "c", text=[str(empty)])
     assert not (tmp_path / "c").exists()                 # nothing half-written
     with pytest.raises(ValueError, match="has no manifest.json"):
-        harvest.open_split(tmp_path / "nowhere")
+        acts.open_split(tmp_path / "nowhere")
 
 
 def test_manifest_cannot_point_outside_its_folder(tiny_model, corpus, tmp_path):
@@ -118,10 +181,10 @@ def test_manifest_cannot_point_outside_its_folder(tiny_model, corpus, tmp_path):
     path = tmp_path / "acts" / "manifest.json"
     m = json.loads(path.read_text())
     m["splits"]["train"]["shards"][0]["acts"] = "../../etc/passwd"
-    m["sha256"] = harvest.manifest_digest(m)           # a deliberate edit can recompute the checksum
+    m["sha256"] = acts.manifest_digest(m)           # a deliberate edit can recompute the checksum
     path.write_text(json.dumps(m))
     with pytest.raises(ValueError, match="outside its folder"):
-        harvest.open_split(tmp_path / "acts")
+        acts.open_split(tmp_path / "acts")
 
 
 def test_python_docs_is_real_english_and_deterministic():
@@ -133,9 +196,9 @@ def test_python_docs_is_real_english_and_deterministic():
 def test_offline_smollm2_layer6_residual(tmp_path):
     m = harvest.harvest(tmp_path / "acts", tokens=600, context=64, batch_size=4, device="cpu")
     assert (m["model"], m["layer"], m["site"], m["d_in"], m["hook"]) == ("smollm2", 6, "resid", 576, "model.layers.6")
-    acts, windows = _split(tmp_path / "acts", "train")
-    assert acts.dtype == np.float16 and len(acts) == len(windows) * 63
-    norms = np.linalg.norm(acts.astype(np.float32), axis=1)
+    rows, windows = _split(tmp_path / "acts", "train")
+    assert rows.dtype == np.float16 and len(rows) == len(windows) * 63
+    norms = np.linalg.norm(rows.astype(np.float32), axis=1)
     assert 50 < np.median(norms) < 200          # SPEC section 6: about 100 on ordinary tokens
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import acts
 import harvest
 
 
@@ -26,16 +27,16 @@ def _harvest(tiny_model, corpus, out, **kw):
 
 def _rows_by_window(folder, split):
     """{window's token ids: its activation rows} of a split, every shard's sha256 checked."""
-    _, shards = harvest.open_split(folder, split, verify=True)
+    _, shards = acts.open_split(folder, split, verify=True)
     out = {}
-    for acts, windows in shards:
+    for rows, windows in shards:
         for i, w in enumerate(windows):
-            out[tuple(w.tolist())] = np.array(acts[i * 15:(i + 1) * 15])
+            out[tuple(w.tolist())] = np.array(rows[i * 15:(i + 1) * 15])
     return out
 
 
 def _assert_same_windows(a, b):
-    for split in harvest.SPLITS:
+    for split in acts.SPLITS:
         rows_a, rows_b = _rows_by_window(a, split), _rows_by_window(b, split)
         assert rows_a.keys() == rows_b.keys() and rows_a
         for w in rows_a:
@@ -54,10 +55,10 @@ def test_two_ranks_give_the_windows_and_rows_of_one_process(tiny_model, corpus, 
     first = _harvest(tiny_model, corpus, out, rank=0, world=2)
     assert first["rank"] == 0 and not (out / "manifest.json").exists()       # rank 1 is not done yet
     merged = _harvest(tiny_model, corpus, out, rank=1, world=2)               # the last one merges
-    assert merged == harvest.read_manifest(out) and merged["complete"] and merged["world_size"] == 2
+    assert merged == acts.read_manifest(out) and merged["complete"] and merged["world_size"] == 2
     assert "rank" not in merged
-    one = harvest.read_manifest(single)
-    for split in harvest.SPLITS:
+    one = acts.read_manifest(single)
+    for split in acts.SPLITS:
         for key in ("rows", "windows"):
             assert merged["splits"][split][key] == one["splits"][split][key]
         names = [s["acts"] for s in merged["splits"][split]["shards"]]
@@ -69,7 +70,7 @@ def test_two_ranks_give_the_windows_and_rows_of_one_process(tiny_model, corpus, 
 def test_a_killed_rank_resumes_to_the_same_folder(tiny_model, corpus, single, tmp_path, monkeypatch):
     out = tmp_path / "acts"
     _harvest(tiny_model, corpus, out, rank=0, world=2)
-    real_save, calls = harvest.save_npy, {"n": 0}
+    real_save, calls = acts.save_npy, {"n": 0}
 
     def dying_save(path, array):                   # rank 1 dies while writing its fourth shard file
         calls["n"] += 1
@@ -77,12 +78,12 @@ def test_a_killed_rank_resumes_to_the_same_folder(tiny_model, corpus, single, tm
             raise KeyboardInterrupt
         return real_save(path, array)
 
-    monkeypatch.setattr(harvest, "save_npy", dying_save)
+    monkeypatch.setattr(acts, "save_npy", dying_save)
     with pytest.raises(KeyboardInterrupt):
         _harvest(tiny_model, corpus, out, rank=1, world=2)
-    monkeypatch.setattr(harvest, "save_npy", real_save)
+    monkeypatch.setattr(acts, "save_npy", real_save)
     assert not (out / "manifest.json").exists()
-    assert not harvest.read_manifest(out, "manifest.rank01.json")["complete"]
+    assert not acts.read_manifest(out, "manifest.rank01.json")["complete"]
     with pytest.raises(ValueError, match="already holds a harvest"):
         _harvest(tiny_model, corpus, out, rank=1, world=2)
     with pytest.raises(ValueError, match="was harvested by 2 processes, not 1") as info:
@@ -113,7 +114,7 @@ def test_torchrun_with_two_processes_writes_one_folder(tiny_model, corpus, singl
                               stdout=stdout, stderr=stderr, timeout=120).returncode
     assert code == 0, (tmp_path / "stderr").read_text()[-3000:]
     assert (tmp_path / "stdout").read_text().count("wrote ") == 1          # rank 0 alone reports
-    assert harvest.read_manifest(out)["world_size"] == 2
+    assert acts.read_manifest(out)["world_size"] == 2
     _assert_same_windows(single, out)
 
 
@@ -143,8 +144,8 @@ def test_a_streamed_dataset_harvests_like_the_same_text_from_files(tiny_model, c
     calls = _fake_datasets(monkeypatch, _corpus_rows(corpus))
     m = _harvest(tiny_model, corpus, tmp_path / "acts", text=None, dataset="someone/corpus")
     assert calls == [("someone/corpus", "train", True)] and m["text"] == {"dataset": "someone/corpus"}
-    for split in harvest.SPLITS:
-        for (a, t), (b, u) in zip(harvest.open_split(single, split)[1], harvest.open_split(tmp_path / "acts", split)[1]):
+    for split in acts.SPLITS:
+        for (a, t), (b, u) in zip(acts.open_split(single, split)[1], acts.open_split(tmp_path / "acts", split)[1]):
             np.testing.assert_array_equal(a, b)
             np.testing.assert_array_equal(t, u)
     rows = [{"content": r["text"], "id": r["id"]} for r in _corpus_rows(corpus)]

@@ -243,6 +243,11 @@ def _sae_from(p, eps, pre_bias, device="cpu", dtype=torch.float64):
     return sae
 
 
+def _sparsity(target):
+    """The loss's sparsity options: the paper's L0, or Gemma Scope 2's quadratic per row around target."""
+    return {"sparsity": "l0"} if target is None else {"sparsity": "target_row", "target_l0": target}
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("sparse", [False, True], ids=["dense", "sparse"])
 @given(case=dyadic_sae(), target=st.one_of(st.none(), st.integers(1, 6)))
@@ -254,7 +259,7 @@ def test_sae_forward_loss_and_every_gradient(device, sparse, case, target):
     # The reference uses the thresholds the model actually holds (exp of a float64 log).
     p = {**p, "theta": sae.threshold.detach().cpu().numpy()}
     ref, ref_grads = ref_sae(p, x, lam, eps, pre_bias, target)
-    out = sae.loss(torch.tensor(x, device=device), lam, target, sparse=sparse)
+    out = sae.loss(torch.tensor(x, device=device), lam, **_sparsity(target), sparse=sparse)
     if not sparse:
         np.testing.assert_array_equal(out["f"].detach().cpu().numpy(), ref["f"])
     np.testing.assert_array_equal(out["fired"].cpu().numpy(), (ref["f"] != 0).any(0))
@@ -334,7 +339,7 @@ def _trained_looking_sae(seed, d_in=32, d_sae=512, B=256, l0=8, pre_bias=False, 
 
 def _loss_and_grads(sae, x_BD, lam, target, sparse):
     sae.zero_grad(set_to_none=True)
-    out = sae.loss(x_BD, lam, target, sparse=sparse)
+    out = sae.loss(x_BD, lam, **_sparsity(target), sparse=sparse)
     out["loss"].backward()
     return out, {name: q.grad.clone() for name, q in sae.named_parameters()}
 

@@ -28,11 +28,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file
 
+import acts
 import baselines
 import evaluate
+import formats
 import harvest
 import jumprelu
 import train
+
 
 HERE = Path(__file__).parent
 
@@ -70,8 +73,8 @@ TRAIN_ARGS = ["--d-sae", "64", "--steps", "300", "--batch-size", "128", "--targe
               "--checkpoint-every", "3", "--device", "cpu", "--seed", "3"]
 
 
-def _train_cli(acts, out, *extra):
-    return subprocess.Popen([sys.executable, str(HERE / "train.py"), "--acts", str(acts), "--out", str(out),
+def _train_cli(acts_dir, out, *extra):
+    return subprocess.Popen([sys.executable, str(HERE / "train.py"), "--acts", str(acts_dir), "--out", str(out),
                              *TRAIN_ARGS, *extra], stdout=subprocess.DEVNULL, stderr=open(Path(out).parent / "stderr.txt", "a"),
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
 
@@ -104,9 +107,9 @@ def test_sigkill_at_random_steps_then_resume_gives_bit_identical_weights(tiny_ac
     assert [r["loss"] for r in log(tmp_path / "killed")] == [r["loss"] for r in log(tmp_path / "whole")]
 
 
-def _train(acts, out, **kw):
+def _train(acts_dir, out, **kw):
     args = dict(d_sae=64, steps=12, target_l0=4, batch_size=128, log_every=2, checkpoint_every=4, quiet=True, device="cpu")
-    return train.train(acts, out, **{**args, **kw})
+    return train.train(acts_dir, out, **{**args, **kw})
 
 
 def test_full_disk_while_checkpointing_keeps_the_last_good_checkpoint(tiny_acts, tmp_path, monkeypatch):
@@ -154,35 +157,35 @@ def _copy_acts(tiny_acts, tmp_path):
 
 
 def test_nan_in_the_activations_is_found_before_training(tiny_acts, tmp_path):
-    acts = _copy_acts(tiny_acts, tmp_path)
-    shard = np.load(acts / "train" / "acts_00000.npy", mmap_mode="r+")
+    acts_dir = _copy_acts(tiny_acts, tmp_path)
+    shard = np.load(acts_dir / "train" / "acts_00000.npy", mmap_mode="r+")
     shard[::7, 3] = np.nan
     shard.flush()
     with pytest.raises(ValueError, match="does not match its sha256") as info:      # the checksum sees it
-        _train(acts, tmp_path / "out")
+        _train(acts_dir, tmp_path / "out")
     assert "train/acts_00000.npy" in str(info.value) and _one_sentence(info.value)
-    manifest = json.loads((acts / "manifest.json").read_text())                   # a harvest that wrote NaN
-    manifest["splits"]["train"]["shards"][0]["acts_sha256"] = harvest.sha256_file(acts / "train" / "acts_00000.npy")
-    harvest.write_manifest(acts, manifest)
+    manifest = json.loads((acts_dir / "manifest.json").read_text())                   # a harvest that wrote NaN
+    manifest["splits"]["train"]["shards"][0]["acts_sha256"] = acts.sha256_file(acts_dir / "train" / "acts_00000.npy")
+    acts.write_manifest(acts_dir, manifest)
     with pytest.raises(ValueError, match="NaN or Inf") as info:
-        _train(acts, tmp_path / "out")
+        _train(acts_dir, tmp_path / "out")
     assert _one_sentence(info.value) and not (tmp_path / "out").exists()
 
 
 def test_nan_appearing_mid_run_stops_naming_shard_and_step_and_keeps_the_checkpoint(tiny_acts, tmp_path, monkeypatch):
-    acts = _copy_acts(tiny_acts, tmp_path)
+    acts_dir = _copy_acts(tiny_acts, tmp_path)
     real_lr_at = train.lr_at
 
     def damage_at_step_6(step, *a, **k):     # the disk under the memory map goes bad during the run
         if step == 6:
-            for path in sorted((acts / "train").glob("acts_*.npy")):
+            for path in sorted((acts_dir / "train").glob("acts_*.npy")):
                 shard = np.load(path, mmap_mode="r+")
                 shard[:, 0] = np.inf
                 shard.flush()
         return real_lr_at(step, *a, **k)
     monkeypatch.setattr(train, "lr_at", damage_at_step_6)
     with pytest.raises(ValueError) as info:
-        _train(acts, tmp_path / "out", buffer_rows=1024)       # one 1,024-row block per shuffle buffer
+        _train(acts_dir, tmp_path / "out", buffer_rows=1024)       # one 1,024-row block per shuffle buffer
     message = str(info.value)
     assert "NaN or Inf" in message and "acts_0000" in message and "met at step" in message
     assert "the last good checkpoint is" in message and _one_sentence(message)
@@ -224,29 +227,29 @@ def test_full_disk_while_harvesting_leaves_a_consistent_resumable_folder(tiny_mo
     _harvest(tiny_model, corpus, tmp_path / "whole")
     for n in (1, 4, 5):                  # the first manifest, a shard, the manifest after a shard
         calls = []
-        monkeypatch.setattr(harvest, "atomic_write", _disk_full_after(n, calls))
+        monkeypatch.setattr(acts, "atomic_write", _disk_full_after(n, calls))
         out = tmp_path / f"full{n}"
         with pytest.raises(OSError):
             _harvest(tiny_model, corpus, out)
         monkeypatch.undo()
         assert len(calls) == n and _no_tmp_files(out)
         if (out / "manifest.json").exists():
-            manifest = harvest.read_manifest(out)         # whole, and every listed shard checks out
+            manifest = acts.read_manifest(out)         # whole, and every listed shard checks out
             assert not manifest["complete"]
-            for split in harvest.SPLITS:
+            for split in acts.SPLITS:
                 if manifest["splits"][split]["shards"]:
-                    harvest.open_split(out, split)
+                    acts.open_split(out, split)
             _harvest(tiny_model, corpus, out, resume=True)
         else:
             _harvest(tiny_model, corpus, out)
-        for split in harvest.SPLITS:
-            for (a, t), (b, u) in zip(harvest.open_split(tmp_path / "whole", split)[1], harvest.open_split(out, split)[1]):
+        for split in acts.SPLITS:
+            for (a, t), (b, u) in zip(acts.open_split(tmp_path / "whole", split)[1], acts.open_split(out, split)[1]):
                 np.testing.assert_array_equal(a, b)
                 np.testing.assert_array_equal(t, u)
 
 
 def test_harvest_cli_reports_a_full_disk_in_one_sentence(tiny_model, corpus, tmp_path, monkeypatch):
-    monkeypatch.setattr(harvest, "atomic_write", _disk_full_after(3, []))
+    monkeypatch.setattr(acts, "atomic_write", _disk_full_after(3, []))
     with pytest.raises(SystemExit) as info:
         harvest.main(["--out", str(tmp_path / "acts"), "--model", str(tiny_model), "--layer", "1", "--tokens", "3000",
                       "--text", str(corpus), "--context", "16", "--shard-rows", "150", "--device", "cpu"])
@@ -254,17 +257,17 @@ def test_harvest_cli_reports_a_full_disk_in_one_sentence(tiny_model, corpus, tmp
 
 
 def test_a_damaged_shard_is_named(tiny_acts, tmp_path):
-    acts = _copy_acts(tiny_acts, tmp_path)
-    path = acts / "heldout" / "tokens_00000.npy"
+    acts_dir = _copy_acts(tiny_acts, tmp_path)
+    path = acts_dir / "heldout" / "tokens_00000.npy"
     data = bytearray(path.read_bytes())
     data[-3] ^= 0x01                                       # one bit of one token id
     path.write_bytes(bytes(data))
     with pytest.raises(ValueError, match="heldout/tokens_00000.npy does not match its sha256") as info:
-        harvest.open_split(acts, "heldout")
+        acts.open_split(acts_dir, "heldout")
     assert _one_sentence(info.value)
     path.unlink()
     with pytest.raises(ValueError, match="tokens_00000.npy is missing"):
-        harvest.open_split(acts, "heldout")
+        acts.open_split(acts_dir, "heldout")
 
 
 # --- Bad input at the command line -----------------------------------------------------------------
@@ -367,8 +370,8 @@ def acts_copy(tiny_acts, tmp_path_factory):
 
 def _read_all(folder):
     out = {}
-    for split in harvest.SPLITS:
-        _, shards = harvest.open_split(folder, split)
+    for split in acts.SPLITS:
+        _, shards = acts.open_split(folder, split)
         out[split] = [(np.array(a), np.array(t)) for a, t in shards]
     return out
 
@@ -385,14 +388,14 @@ def test_a_corrupted_manifest_gives_an_error_or_the_same_data(acts_copy, data, r
         else:
             manifest = _mutate(json.loads(original), data)
             if recompute and isinstance(manifest, dict):        # a deliberate edit, checksum redone
-                manifest["sha256"] = harvest.manifest_digest(manifest)
+                manifest["sha256"] = acts.manifest_digest(manifest)
             path.write_text(json.dumps(manifest))
         try:
             got = _read_all(acts_copy)
         except ValueError as e:
             assert _one_sentence(e), e
             return
-        for split in harvest.SPLITS:
+        for split in acts.SPLITS:
             assert len(got[split]) == len(want[split])
             for (a, t), (b, u) in zip(got[split], want[split]):
                 np.testing.assert_array_equal(a, b)
@@ -421,7 +424,7 @@ X = torch.randn(32, 6, generator=torch.Generator().manual_seed(1))
 def _load_or_error(folder, want):
     """A clean error, or an SAE whose features and reconstructions equal the original's."""
     try:
-        sae = baselines.load_sae(folder)
+        sae = formats.load_sae(folder)
     except ValueError as e:
         assert _one_sentence(e), e
         return
@@ -434,7 +437,7 @@ def _load_or_error(folder, want):
 def test_a_corrupted_config_gives_an_error_or_the_same_sae(sae_folder, data, as_bytes):
     path = sae_folder / "config.json"
     original = path.read_bytes()
-    want = baselines.load_sae(sae_folder)
+    want = formats.load_sae(sae_folder)
     try:
         if as_bytes:
             path.write_bytes(_corrupt_bytes(original, data))
@@ -459,7 +462,7 @@ def test_a_deliberately_edited_config_never_crashes(sae_folder, data, recompute)
                 cfg["sha256"] = jumprelu.folder_digest((sae_folder / "sae.safetensors").read_bytes(), cfg)
         path.write_text(json.dumps(cfg))
         try:
-            sae = baselines.load_sae(sae_folder)
+            sae = formats.load_sae(sae_folder)
         except ValueError as e:
             assert _one_sentence(e), e
             return
@@ -474,7 +477,7 @@ def test_a_deliberately_edited_config_never_crashes(sae_folder, data, recompute)
 def test_a_corrupted_safetensors_header_gives_an_error_or_the_same_sae(sae_folder, data, keep_sha):
     weights, config = sae_folder / "sae.safetensors", sae_folder / "config.json"
     original_w, original_c = weights.read_bytes(), config.read_bytes()
-    want = baselines.load_sae(sae_folder)
+    want = formats.load_sae(sae_folder)
     header_end = 8 + int.from_bytes(original_w[:8], "little")
     try:
         i = data.draw(st.integers(0, header_end - 1))

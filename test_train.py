@@ -3,11 +3,11 @@
 import json
 import math
 
-import numpy as np
 import pytest
 import torch
 
-import harvest
+import acts
+import formats
 import train
 from jumprelu import JumpReLUSAE
 
@@ -81,40 +81,15 @@ def test_target_l0_controller_moves_the_right_way():
     assert up.value == pytest.approx(math.exp(math.log(1e-3) + 0.05))
 
 
-def _shards(sizes):
-    """Fake shards whose row r of shard s holds the global row index in every column."""
-    starts = np.cumsum([0] + sizes)
-    return [(np.tile(np.arange(a, a + n, dtype=np.float32)[:, None], (1, 3)), None) for a, n in zip(starts, sizes)]
-
-
-def test_stream_shuffles_across_shards_and_repeats_no_row_within_an_epoch():
-    shards = _shards([3000, 2048, 5000])
-    stream = train.batches(shards, 256, seed=1, buffer_rows=4096)
-    rows = torch.cat([next(stream)[:, 0] for _ in range(35)]).long().numpy()     # 35 x 256 < 10048 rows
-    assert len(np.unique(rows)) == len(rows)                                     # no row twice
-    first = next(train.batches(shards, 256, seed=1, buffer_rows=4096))[:, 0].numpy()
-    owners = np.searchsorted([3000, 5048, 10048], first, side="right")
-    assert len(set(owners)) > 1                                                 # one batch mixes shards
-    assert not np.array_equal(first, np.sort(first))                            # and is shuffled
-
-
-def test_stream_resumes_at_any_step_without_reading_what_came_before():
-    shards = _shards([3000, 2048, 5000])
-    whole = [b for _, b in zip(range(50), train.batches(shards, 512, seed=3, buffer_rows=2048))]
-    for start in (0, 3, 17, 40):
-        resumed = [b for _, b in zip(range(50 - start), train.batches(shards, 512, seed=3, start_step=start, buffer_rows=2048))]
-        assert all(torch.equal(a, b) for a, b in zip(whole[start:], resumed))
-
-
 def test_input_scale_makes_mean_squared_norm_one():
     x = torch.randn(1000, 8) * 37 + 5
     s = train.input_scale(x)
     assert (x * s).pow(2).sum(1).mean().item() == pytest.approx(1.0, rel=1e-6)
 
 
-def _train(acts, out, **kw):
+def _train(acts_dir, out, **kw):
     args = dict(d_sae=64, steps=8, target_l0=4, batch_size=128, log_every=2, checkpoint_every=4, quiet=True, device="cpu")
-    return train.train(acts, out, **{**args, **kw})
+    return train.train(acts_dir, out, **{**args, **kw})
 
 
 def _checkpoint_sae(folder, d_in=32, d_sae=64):
@@ -138,7 +113,7 @@ def test_saved_sae_takes_raw_activations(tiny_acts, tmp_path):
     scaled, state = _checkpoint_sae(tmp_path / "sae")
     assert saved.metadata["input_scale"] == pytest.approx(state["scale"]) and state["scale"] != 1.0
     assert (saved.metadata["layer"], saved.metadata["site"], saved.metadata["hook"]) == (1, "resid", "model.layers.1")
-    x_raw = train.sample_rows(harvest.open_split(tiny_acts, "heldout")[1], 200)
+    x_raw = acts.sample_rows(acts.open_split(tiny_acts, "heldout")[1], 200)
     with torch.no_grad():
         torch.testing.assert_close(saved.encode(x_raw), scaled.encode(x_raw * state["scale"]), rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(saved(x_raw), scaled(x_raw * state["scale"]) / state["scale"], rtol=1e-4, atol=1e-4)
@@ -188,12 +163,11 @@ def test_sparsity_must_be_given(tiny_acts, tmp_path):
 
 @pytest.mark.parametrize("arch", ["relu", "gated", "topk", "batchtopk"])
 def test_every_baseline_trains_resumes_and_loads(tiny_acts, tmp_path, arch):
-    import baselines
     import evaluate
     record = _train(tiny_acts, tmp_path / "whole", arch=arch, steps=12, lr_warmup_steps=2)
-    sae = baselines.load_sae(tmp_path / "whole")
+    sae = formats.load_sae(tmp_path / "whole")
     assert sae.architecture == arch and sae.metadata["target_l0"] == 4 and sae.metadata["input_scale"] > 0
-    _, heldout = harvest.open_split(tiny_acts, "heldout")
+    _, heldout = acts.open_split(tiny_acts, "heldout")
     metrics = evaluate.activation_metrics(sae, heldout)
     assert metrics["fvu"] < 1.0 and metrics["l0"] > 0                     # it learned something
     if arch == "topk":
@@ -214,7 +188,7 @@ def test_every_baseline_trains_resumes_and_loads(tiny_acts, tmp_path, arch):
     finally:
         train.lr_at = real_lr_at
     _train(tiny_acts, tmp_path / "killed", arch=arch, steps=12, lr_warmup_steps=2, resume=True)
-    killed = baselines.load_sae(tmp_path / "killed")
+    killed = formats.load_sae(tmp_path / "killed")
     for (name, a), b in zip(sae.state_dict().items(), killed.state_dict().values()):
         assert torch.equal(a, b), name
 
@@ -228,9 +202,8 @@ def test_relu_controller_moves_the_l1_coefficient_towards_the_target(tiny_acts, 
 def test_sweep_from_the_command_line_writes_one_folder_per_sparsity(tiny_acts, tmp_path, capsys):
     train.main(["--acts", str(tiny_acts), "--out", str(tmp_path / "sweep"), "--arch", "topk", "--target-l0", "2", "5",
                 "--d-sae", "64", "--steps", "4", "--batch-size", "128", "--device", "cpu"])
-    import baselines
     for k in (2, 5):
-        sae = baselines.load_sae(tmp_path / "sweep" / f"topk_l0_{k}")
+        sae = formats.load_sae(tmp_path / "sweep" / f"topk_l0_{k}")
         assert sae.k == k
     assert capsys.readouterr().out.count("wrote the SAE to") == 2
     with pytest.raises(SystemExit, match="needs --target-l0 K, a positive whole number"):
@@ -306,7 +279,7 @@ def test_compiled_training_runs_the_sparse_path_eagerly(tiny_acts, tmp_path, mon
 
     def fake_compile(fn):
         def compiled(*a, **k):
-            calls.append(k.get("sparse"))
+            calls.append(k.get("sparse", False))
             return fn(*a, **k)
         return compiled
 

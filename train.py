@@ -26,6 +26,7 @@ batches, up to float rounding. BatchTopK, which ranks the whole batch, trains in
 """
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -33,14 +34,14 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from safetensors import safe_open
 from safetensors.torch import save
 from tqdm import tqdm
 
-import harvest
+import acts
+import cli
 from baselines import ARCHITECTURES, make_sae
 from jumprelu import atomic_write
 
@@ -50,7 +51,7 @@ PAPER = dict(lr=7e-5, betas=(0.0, 0.999), lr_warmup_steps=1000, lr_decay_fractio
              b_dec_init="zeros", orthogonal_init=0, dead_threshold_pull=0.0, dead_window_tokens=2**15,
              sparsity="l0", target_l0_coefficient=None)
 # Our recipe for about a million tokens (minutes on a CPU). Each departure from the paper was
-# measured on SmolLM2 layer-6 activations; README "Training recipe" has the numbers.
+# measured on SmolLM2 layer-6 activations; docs/recipe.md has the numbers.
 SMALL = dict(lr=1e-3, betas=(0.9, 0.999), lr_warmup_steps=50, lr_decay_fraction=0.2, batch_size=2048,
              bandwidth="auto",               # 0.3 x the median pre-activation std (SPEC's 0.001 is ~4% of it)
              threshold_init="quantile",      # each latent starts firing on K/d_sae of the tokens
@@ -64,96 +65,10 @@ SMALL = dict(lr=1e-3, betas=(0.9, 0.999), lr_warmup_steps=50, lr_decay_fraction=
              target_l0_coefficient=5e-3)
 AUTO_BANDWIDTH = 0.3   # bandwidth "auto": this fraction of the median over latents of the pre-activation std
 RECIPES = {"paper": PAPER, "small": SMALL}
+TOPK = ("topk", "batchtopk")
 
 
-# --- The activation stream -----------------------------------------------------------------
-
-BLOCK = 1024  # rows read together from one shard; blocks, not rows, are shuffled across shards
-
-
-def stream_plan(shard_rows, batch_size, seed, buffer_rows=2**18):
-    """Yield, forever, the (shard, start) blocks of each shuffle buffer and the row order inside it.
-
-    Each epoch permutes all blocks of all shards (numpy Generator seeded by (seed, epoch)); a buffer
-    of `buffer_rows` rows gathers consecutive blocks of that order and is permuted again. Only
-    indices are computed here, so a resumed run skips ahead without reading any data.
-    """
-    blocks = [(s, i) for s, n in enumerate(shard_rows) for i in range(0, n, BLOCK)]
-    per_buffer = max(1, buffer_rows // BLOCK)
-    epoch = 0
-    while True:
-        rng = np.random.default_rng([seed, epoch])
-        order = rng.permutation(len(blocks))
-        for k in range(0, len(order), per_buffer):
-            group = [blocks[j] for j in order[k:k + per_buffer]]
-            rows = sum(min(BLOCK, shard_rows[s] - i) for s, i in group)
-            if rows >= batch_size:
-                yield group, rng.permutation(rows)[: rows - rows % batch_size]
-        epoch += 1
-
-
-def batches(shards, batch_size, seed, start_step=0, buffer_rows=2**18, rank=0, world=1):
-    """Float32 training batches [batch_size, d_in] from memory-mapped shards, from `start_step` on.
-
-    With `world` > 1 (torchrun), every rank plans the same global batches and yields only its
-    slice, rows [rank B/world, (rank + 1) B/world) of each: the slices of ranks 0, 1, ...
-    concatenated are the one-process batch. Only the rows yielded are read from disk.
-    """
-    if batch_size % world:
-        raise ValueError(f"--batch-size {batch_size} cannot be split evenly over {world} ranks; pass a multiple of {world}.")
-    B_rank = batch_size // world
-    plan = stream_plan([len(a) for a, _ in shards], batch_size, seed, buffer_rows)
-    step = 0
-    for group, order in plan:
-        n = len(order) // batch_size
-        if step + n <= start_step:                  # a whole buffer before the resume point
-            step += n
-            continue
-        # The buffer's rows as (shard, row) pairs, in the order of its blocks; order permutes them.
-        spans = [(s, i, min(i + BLOCK, len(shards[s][0]))) for s, i in group]
-        shard_R = np.concatenate([np.full(end - i, s) for s, i, end in spans])
-        row_R = np.concatenate([np.arange(i, end) for s, i, end in spans])
-        for b in range(n):
-            if step >= start_step:
-                picks = order[b * batch_size + rank * B_rank:b * batch_size + (rank + 1) * B_rank]
-                yield read_rows(shards, shard_R[picks], row_R[picks], step)
-            step += 1
-
-
-def read_rows(shards, shard_N, row_N, step):
-    """Float32 [N, d_in]: row row_N[j] of shard shard_N[j], read shard by shard in ascending row
-    order. A one-sentence ValueError names the shard and rows if any of them is NaN or Inf."""
-    x_ND = np.empty((len(row_N), shards[0][0].shape[1]), np.float32)
-    for s in np.unique(shard_N):
-        where = np.flatnonzero(shard_N == s)
-        where = where[np.argsort(row_N[where], kind="stable")]
-        rows = shards[s][0][row_N[where]]
-        bad = ~np.isfinite(rows).all(1)
-        if bad.any():
-            name = getattr(shards[s][0], "filename", None) or f"shard {s}"
-            first, last = row_N[where][bad][[0, -1]]
-            raise ValueError(f"{name} holds NaN or Inf activations in rows {first} to {last}, met at step {step}")
-        x_ND[where] = rows
-    return torch.from_numpy(x_ND)
-
-
-def sample_rows(shards, n, seed=0):
-    """n rows drawn uniformly (without replacement) from all shards, as float32."""
-    sizes = np.array([len(a) for a, _ in shards])
-    rng = np.random.default_rng(seed)
-    picks = np.sort(rng.choice(sizes.sum(), size=min(n, sizes.sum()), replace=False))
-    starts = np.concatenate([[0], np.cumsum(sizes)])
-    out = [shards[s][0][np.sort(picks[(picks >= starts[s]) & (picks < starts[s + 1])] - starts[s])]
-           for s in range(len(shards))]
-    return torch.from_numpy(np.concatenate(out).astype(np.float32))
-
-
-def input_scale(x_ND):
-    """SPEC section 3: the scalar s with E||s x||^2 = 1 over the sample."""
-    return 1.0 / math.sqrt(x_ND.double().pow(2).sum(1).mean().item())
-
-
-# --- Schedules (SPEC section 3) --------------------------------------------------------------
+# --- Schedules (SPEC section 3) and the target-L0 controller ----------------------------------
 
 
 def lr_at(step, total_steps, lr, warmup_steps, decay_fraction=0.0):
@@ -199,7 +114,55 @@ class TargetL0:
         self.integral, self.value = state["integral"], state["value"]
 
 
-# --- Threshold initialisation and bandwidth --------------------------------------------------
+# --- Set-up: the processes, the data, the model and its optimiser ---------------------------
+
+
+def processes(device):
+    """(rank, local_rank, world, device): torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; without
+    them this is one process, rank 0 of 1. Under torchrun each rank on CUDA takes its own GPU."""
+    rank, local_rank, world = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("LOCAL_RANK", 0), ("WORLD_SIZE", 1)))
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if world > 1 and torch.device(device).type == "cuda":
+        device = f"cuda:{local_rank}"
+        torch.cuda.set_device(device)
+    return rank, local_rank, world, device
+
+
+def check_settings(arch, path, target_l0, l0_coefficient, batch_size, world):
+    """One-sentence errors for settings that cannot train, before anything is read or written."""
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"--arch must be one of {', '.join(ARCHITECTURES)}, not {arch!r}.")
+    if world > 1 and arch == "batchtopk":
+        raise ValueError("--arch batchtopk ranks the latents of the whole batch, which data parallel training splits "
+                         "over the ranks; train it in one process (python train.py, without torchrun).")
+    if path not in ("auto", "dense", "sparse"):
+        raise ValueError(f"--path must be auto, dense or sparse, not {path!r}.")
+    if path == "sparse" and arch != "jumprelu":
+        raise ValueError(f"--path sparse is JumpReLU's; --arch {arch} trains on the dense path (leave --path at auto).")
+    if target_l0 is None and l0_coefficient is None:
+        raise ValueError("set the sparsity with --target-l0 K or --l0-coefficient LAMBDA.")
+    if arch in TOPK and (target_l0 is None or target_l0 != int(target_l0) or target_l0 < 1):
+        raise ValueError(f"--arch {arch} needs --target-l0 K, a positive whole number (its k), not {target_l0}.")
+    if batch_size % world:
+        raise ValueError(f"--batch-size {batch_size} cannot be split evenly over {world} ranks; pass a multiple of {world}.")
+
+
+def input_scale(x_ND):
+    """SPEC section 3: the scalar s with E||s x||^2 = 1 over the sample."""
+    return 1.0 / math.sqrt(x_ND.double().pow(2).sum(1).mean().item())
+
+
+def open_data(acts_dir, batch_size, seed, device, verify=True):
+    """The training shards; the input scale, from a sample of 16,384 training rows; that sample and a
+    held-out batch for the log, both scaled. `verify` checks the shards' sha256 (one rank a machine)."""
+    manifest, shards = acts.open_split(acts_dir, "train", verify=verify)
+    _, heldout = acts.open_split(acts_dir, "heldout", verify=verify)
+    sample_ND = acts.sample_rows(shards, 16_384, seed)
+    if not torch.isfinite(sample_ND).all():
+        raise ValueError(f"{acts_dir} holds NaN or Inf activations; harvest it again.")
+    scale = input_scale(sample_ND)
+    x_eval_BD = acts.sample_rows(heldout, batch_size, seed).to(device) * scale
+    return manifest, shards, scale, sample_ND[:4096].to(device) * scale, x_eval_BD
 
 
 @torch.no_grad()
@@ -217,24 +180,237 @@ def init_from_data(sae, x_ND, target_l0, hp):
         W_dec_FD = sae.W_dec - (sae.W_dec @ top_KD.T) @ top_KD
         sae.W_dec.copy_(W_dec_FD / W_dec_FD.norm(dim=1, keepdim=True))
         sae.W_enc.copy_(sae.W_dec.T)
-    if sae.architecture != "jumprelu":
-        if hp["b_dec_init"] == "mean":
-            sae.b_dec.copy_(x_ND.mean(0))
-        return
-    pre_NF = sae.pre_acts(x_ND)
-    if hp["bandwidth"] == "auto":
-        sae.bandwidth = AUTO_BANDWIDTH * pre_NF.std(0).median().item()
-    if hp["threshold_init"] == "quantile":
-        # Each latent's threshold at the quantile of its pre-activations that makes it fire on
-        # target_l0 / d_sae of the sample: L0 starts at the target and no latent starts dead.
-        q = 1.0 - min(0.5, target_l0 / sae.d_sae)
-        theta_F = torch.quantile(pre_NF.float(), q, dim=0).clamp_min(sae.bandwidth)
-        sae.log_threshold.copy_(theta_F.log())
+    if sae.architecture == "jumprelu":
+        pre_NF = sae.pre_acts(x_ND)
+        if hp["bandwidth"] == "auto":
+            sae.bandwidth = AUTO_BANDWIDTH * pre_NF.std(0).median().item()
+        if hp["threshold_init"] == "quantile":
+            # Each latent's threshold at the quantile of its pre-activations that makes it fire on
+            # target_l0 / d_sae of the sample: L0 starts at the target and no latent starts dead.
+            q = 1.0 - min(0.5, target_l0 / sae.d_sae)
+            theta_F = torch.quantile(pre_NF.float(), q, dim=0).clamp_min(sae.bandwidth)
+            sae.log_threshold.copy_(theta_F.log())
     if hp["b_dec_init"] == "mean":
         sae.b_dec.copy_(x_ND.mean(0))
 
 
-# --- Checkpoints -----------------------------------------------------------------------------
+def build(arch, d_in, d_sae, hp, target_l0, sample_ND, device):
+    """A new SAE: SPEC section 3's initialisation (the recipe's bandwidth and thresholds for JumpReLU,
+    k = target_l0 for TopK and BatchTopK), then init_from_data on the scaled sample."""
+    kw = {}
+    if arch == "jumprelu":
+        kw = dict(bandwidth=hp["bandwidth"] if hp["bandwidth"] != "auto" else 0.001,
+                  threshold_init=hp["threshold_init"] if hp["threshold_init"] != "quantile" else 0.001)
+    sae = make_sae(arch, d_in, d_sae, k=int(target_l0) if arch in TOPK else None, device=device, **kw)
+    init_from_data(sae, sample_ND, target_l0 or 32, hp)
+    return sae
+
+
+def broadcast_(sae, scale, device):
+    """Under torchrun: the same seed and sample gave every rank the same start; rank 0's, to be sure.
+    Returns rank 0's input scale."""
+    with torch.no_grad():
+        for t in (*sae.parameters(), *sae.buffers()):
+            dist.broadcast(t, 0)
+        numbers = torch.tensor([scale, getattr(sae, "bandwidth", 0.0)], dtype=torch.float64, device=device)
+        dist.broadcast(numbers, 0)
+    if sae.architecture == "jumprelu":
+        sae.bandwidth = numbers[1].item()
+    return numbers[0].item()
+
+
+def make_optimizer(sae, hp, device_type):
+    """Adam with the recipe's betas, eps 1e-8, fused on CUDA; JumpReLU's log-thresholds in a group of
+    their own whose learning rate is threshold_lr_scale times the others' (train sets each step's)."""
+    thresholds = [sae.log_threshold] if sae.architecture == "jumprelu" else []
+    others = [p for p in sae.parameters() if all(p is not t for t in thresholds)]
+    return torch.optim.Adam([{"params": others, "lr_scale": 1.0},
+                             {"params": thresholds, "lr_scale": hp["threshold_lr_scale"]}],
+                            lr=hp["lr"], betas=hp["betas"], eps=1e-8, fused=device_type == "cuda")
+
+
+def sparsity(arch, hp, target_l0, l0_coefficient):
+    """(hp with its "sparsity" term, lambda, the controller or None). "l0" is the paper's lambda * L0,
+    lambda fixed or, with a target K, set by the PI controller; "target_row" and "target_batch" are
+    lambda (2/K)(L0 - K)^2 per row or on the batch's mean with a fixed lambda: a force towards K from
+    both sides. A baseline's lambda is its L1 coefficient; TopK and BatchTopK have none."""
+    if not target_l0 or arch != "jumprelu":
+        hp = {**hp, "sparsity": "l0"}            # a fixed lambda (the paper's penalty), or a baseline's L1 term
+    quadratic = hp["sparsity"] != "l0"
+    if quadratic:
+        l0_coefficient = l0_coefficient or hp["target_l0_coefficient"]
+    controller = TargetL0(target_l0, l0_coefficient or 1e-3) if target_l0 and not quadratic and arch not in TOPK else None
+    return hp, l0_coefficient, controller
+
+
+def make_loss(sae, *, sparse=False, compiled=False, **options):
+    """sae.loss as loss(x_BD, coefficient, dead_F), with `options` bound (JumpReLU's sparsity term,
+    target and dead-threshold pull), on the sparse path or through torch.compile on request."""
+    loss = sae.loss
+    if compiled:
+        torch._dynamo.reset()    # what an earlier compile in this process cached tripped dynamo (torch 2.13)
+        loss = torch.compile(loss)
+    return functools.partial(loss, **options, **({"sparse": True} if sparse else {}))
+
+
+def loss_functions(sae, hp, target_l0, world, compile_loss):
+    """The loss on each path. Compiled, the dense path fuses its elementwise passes; the sparse path
+    stays eager: its kept entries change in number every step, which recompiled it step after step
+    on an H100."""
+    options = {}
+    if sae.architecture == "jumprelu":
+        options = dict(sparsity=hp["sparsity"], target_l0=target_l0, dead_pull=hp["dead_threshold_pull"],
+                       batch_mean=torch.mean if world == 1 else functools.partial(global_mean, world=world))
+    return {"dense": make_loss(sae, compiled=compile_loss, **options), "sparse": make_loss(sae, sparse=True, **options)}
+
+
+# The auto path: sparse while L0 / d_sae is below this fraction, by device, autocast and whether
+# the loss is compiled; the crossovers measured by bench.py (BENCHMARKS.md). A rule of the state
+# rather than a timing, so that a run, and a resumed run, take the same path at every step.
+SPARSE_BELOW = {
+    ("cpu", False, False): 0.02, ("cpu", False, True): 0.02,   # sparse 2.5-5x faster at 0.3-1.2%
+    ("cpu", True, False): 0.02, ("cpu", True, True): 0.02,
+    ("cuda", False, False): 0.02, ("cuda", False, True): 0.02,  # float32: sparse 1.8-3x at 0.07-0.3%
+    ("cuda", True, False): 0.001,    # bf16 eager: sparse 0.6x at 0.3%, 1.3-2.2x at 0.07%
+    ("cuda", True, True): 0.0005,    # bf16 compiled: dense 19.8 ms against sparse 23.9 at 0.07% (d_in 2,304)
+}
+
+
+def choose_path(mode, l0, d_sae, device_type, autocast, compiled=False):
+    """"dense" or "sparse" for a JumpReLU step: `mode` itself unless it is "auto"; then sparse
+    when the last step's L0 is a small enough fraction of the latents (SPARSE_BELOW)."""
+    if mode != "auto":
+        return mode
+    return "sparse" if l0 < SPARSE_BELOW[device_type, bool(autocast), bool(compiled)] * d_sae else "dense"
+
+
+# --- The training step ------------------------------------------------------------------------
+
+
+def all_mean(t, world):
+    """The mean over the ranks of the detached tensor t; t itself in one process."""
+    if world == 1:
+        return t
+    t = t.detach().clone()
+    dist.all_reduce(t)
+    return t / world
+
+
+@torch.compiler.disable
+def global_mean(l0_B, world):
+    """Under torchrun: the mean L0 over every rank's rows, with the gradient of this rank's own rows
+    (through l0 - l0.detach(), which is zero): averaged over the ranks, the global batch's gradient."""
+    l0 = l0_B.mean()
+    return all_mean(l0, world) + (l0 - l0.detach())
+
+
+def average_gradients_(params, world):
+    """Under torchrun: replace each gradient by its mean over the ranks, with one all_reduce of a
+    flat buffer (gloo has no ReduceOp.AVG, so: sum, then divide)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= world
+    for g, mean in zip(grads, flat.split([g.numel() for g in grads])):
+        g.copy_(mean.view_as(g))
+
+
+def train_step(sae, opt, loss_fn, x_BD, coefficient, fired_at, step, *, dead_steps, world=1, autocast=False):
+    """One optimiser step of any architecture, train.py's and bench.py's: the loss, given the
+    sparsity coefficient and the latents that have not fired in the last `dead_steps` steps;
+    backward; the gradients averaged over the ranks (torchrun); the decoder-gradient projection,
+    Adam and the decoder renormalised (SPEC section 3); and each latent's last firing step in
+    fired_at. Returns the loss's dict, its "l0" the mean over the global batch, detached."""
+    dead_F = fired_at < step + 1 - min(dead_steps, step + 1)
+    with torch.autocast(device_type=x_BD.device.type, dtype=torch.bfloat16, enabled=autocast):
+        out = loss_fn(x_BD, coefficient, dead_F)
+    out["l0"] = all_mean(out["l0"].detach(), world)
+    if not torch.isfinite(out["loss"]):
+        raise FloatingPointError(f"the loss became {out['loss'].item()} at step {step}")
+    opt.zero_grad(set_to_none=True)
+    out["loss"].backward()
+    if world > 1:
+        average_gradients_(list(sae.parameters()), world)
+    sae.remove_parallel_decoder_grad_()
+    opt.step()
+    sae.normalize_decoder_()
+    fired_F = out["fired"]
+    if world > 1:                                           # fired on any rank's rows
+        fired = fired_F.int()
+        dist.all_reduce(fired, op=dist.ReduceOp.MAX)
+        fired_F = fired.bool()
+    fired_at[fired_F] = step + 1
+    return out
+
+
+# --- The log and the checkpoints ----------------------------------------------------------------
+
+
+def matmul_ceiling(device, B, d_in, d_sae, dtype, repeats=3):
+    """FLOP/s of one [B, d_in] @ [d_in, d_sae] matmul on random data, measured now: what a training
+    step could reach (bench.py's ceiling too)."""
+    a, b = torch.randn(B, d_in, device=device, dtype=dtype), torch.randn(d_in, d_sae, device=device, dtype=dtype)
+    a @ b
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+    return repeats * 2 * B * d_in * d_sae / (time.perf_counter() - t)
+
+
+def fvu(x_BD, x_hat_BD):
+    """SPEC section 5: sum ||x - x_hat||^2 / sum ||x - mean(x)||^2."""
+    return ((x_BD - x_hat_BD).pow(2).sum() / (x_BD - x_BD.mean(0)).pow(2).sum()).item()
+
+
+class Log:
+    """log.jsonl, one record per call, and the progress bar; rank 0 alone writes. Each record has the
+    batch's loss, MSE and L0 (over the global batch), the L0 and FVU of a held-out batch at inference,
+    the dead fraction (no firing in the last 2^20 tokens), lambda, lr, the step's path, and tokens
+    and FLOP/s since the last record against the matmul ceiling measured then (MFU)."""
+
+    def __init__(self, path, sae, x_eval_BD, fired_at, *, batch_size, start, steps, world, rank, autocast, quiet):
+        self.path, self.sae, self.x_eval_BD, self.fired_at = path, sae, x_eval_BD, fired_at
+        self.B, self.world, self.rank, self.autocast, self.quiet = batch_size, world, rank, autocast, quiet
+        self.bar = tqdm(total=steps, initial=start, unit="step", desc="train", disable=quiet or rank != 0)
+        self.since = (time.perf_counter(), start)
+
+    def write(self, step, out, lam, lr, path):
+        B, (d_in, d_sae) = self.B, self.sae.W_enc.shape
+        loss, mse = all_mean(torch.stack([out["loss"].detach(), out["mse"].detach()]).float(), self.world).tolist()
+        if self.rank != 0:
+            return {}
+        device = self.x_eval_BD.device
+        with torch.no_grad(), torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=self.autocast):
+            f_BF = self.sae.encode(self.x_eval_BD)                 # inference: BatchTopK uses its threshold
+            heldout_l0, x_hat_BD = (f_BF != 0).float().sum(-1).mean().item(), self.sae.decode(f_BF)
+        tokens_per_s = (step - self.since[1]) * B / (time.perf_counter() - self.since[0])
+        # The step's matmuls, 2 FLOPs per multiply-add: x @ W_enc and f @ W_dec forward, then the
+        # gradients of W_dec, f and W_enc: 5 x 2 x B x d_in x d_sae. The sparse path does only the
+        # first densely: its "mfu" counts dense-equivalent work and can pass 100%. The ceiling is
+        # measured now, on one rank's slice, times the ranks: on a shared machine it moves with the load.
+        flops = 10 * d_in * d_sae * tokens_per_s
+        ceiling = self.world * matmul_ceiling(device, B // self.world, d_in, d_sae,
+                                              torch.bfloat16 if self.autocast else torch.float32)
+        dead = self.fired_at < step - min(2**20 // B, step)
+        r = {"step": step, "loss": loss, "mse": mse, "l0": out["l0"].item(), "heldout_l0": heldout_l0,
+             "heldout_fvu": fvu(self.x_eval_BD, x_hat_BD.float()), "dead_fraction": dead.float().mean().item(),
+             "l0_coefficient": lam, "lr": lr, "path": path, "tokens_per_s": tokens_per_s, "flops_per_s": flops,
+             "mfu": flops / ceiling}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(r) + "\n")
+        if not self.quiet:
+            lam_text = f"lambda {lam:.3g} " if lam is not None else ""      # TopK has none
+            self.bar.write(f"step {step}: loss {loss:.4f} mse {mse:.4f} L0 {r['l0']:.1f} | held-out L0 {heldout_l0:.1f} "
+                           f"FVU {r['heldout_fvu']:.4f} | dead {r['dead_fraction']:.1%} {lam_text}lr {lr:.3g} | "
+                           f"{tokens_per_s:,.0f} tok/s, MFU {r['mfu']:.0%}" + (f" ({self.world} ranks)" if self.world > 1 else ""))
+        self.bar.set_postfix(l0=f"{heldout_l0:.1f}", fvu=f"{r['heldout_fvu']:.3f}", dead=f"{r['dead_fraction']:.1%}",
+                             tok_s=f"{tokens_per_s:,.0f}", mfu=f"{r['mfu']:.0%}")
+        self.since = (time.perf_counter(), step)
+        return r
 
 
 def save_checkpoint(path, sae, opt, fired_at, state):
@@ -278,7 +454,31 @@ def load_checkpoint(path, sae, opt, fired_at):
     return state
 
 
-# --- Training --------------------------------------------------------------------------------
+def resume_from(ckpt, sae, opt, fired_at, controller, arch, d_sae, steps):
+    """Restore a killed run from its checkpoint (see load_checkpoint); returns the checkpoint's state."""
+    if not ckpt.is_file():
+        raise ValueError(f"--resume: {ckpt} does not exist; start without --resume.")
+    state = load_checkpoint(ckpt, sae, opt, fired_at)
+    if state.get("arch", "jumprelu") != arch or state.get("d_sae") not in (None, d_sae):
+        raise ValueError(f"{ckpt} holds a {state.get('arch', 'jumprelu')} SAE of width {state.get('d_sae')}, "
+                         f"not this --arch {arch} of width {d_sae}; pass the same settings or another --out.")
+    if state["step"] >= steps:
+        raise ValueError(f"{ckpt} is already at step {state['step']}; pass a larger --steps to train on.")
+    if arch == "jumprelu":
+        sae.bandwidth = state["bandwidth"]
+    if controller:
+        controller.load(state["controller"])
+    return state
+
+
+def start_log(log_path, resume, step):
+    """A new run starts a new log; a resumed one drops the records of steps after its checkpoint
+    (they are redone) and any line a kill cut short."""
+    if log_path.exists() and not resume:
+        log_path.unlink()
+    if log_path.exists() and resume:
+        kept = [line for line in log_path.read_text().splitlines(keepends=True) if _logged_step(line) <= step]
+        atomic_write(log_path, lambda f: f.write("".join(kept).encode()))
 
 
 def _logged_step(line):
@@ -293,321 +493,129 @@ def last_good(ckpt):
     return f"the last good checkpoint is {ckpt}" if Path(ckpt).is_file() else "no checkpoint was written yet"
 
 
-def matmul_ceiling(device, B, d_in, d_sae, dtype, repeats=3):
-    """FLOP/s of one [B, d_in] @ [d_in, d_sae] matmul on random data, measured now: what a training
-    step could reach (bench.py's ceiling too)."""
-    a, b = torch.randn(B, d_in, device=device, dtype=dtype), torch.randn(d_in, d_sae, device=device, dtype=dtype)
-    a @ b
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(repeats):
-        a @ b
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
-    return repeats * 2 * B * d_in * d_sae / (time.perf_counter() - t)
+def next_batch(stream, scale, device, ckpt):
+    """The next training batch, on the device and scaled; a NaN in the shards stops the run in one sentence."""
+    try:
+        return next(stream).to(device, non_blocking=True) * scale
+    except ValueError as e:
+        raise ValueError(f"{e}; training stopped, {last_good(ckpt)}; re-harvest that shard.") from None
 
 
-def fvu(x_BD, x_hat_BD):
-    """SPEC section 5: sum ||x - x_hat||^2 / sum ||x - mean(x)||^2."""
-    return ((x_BD - x_hat_BD).pow(2).sum() / (x_BD - x_BD.mean(0)).pow(2).sum()).item()
+# --- Training ---------------------------------------------------------------------------------
 
 
-def average_gradients_(params, world):
-    """Under torchrun: replace each gradient by its mean over the ranks, with one all_reduce of a
-    flat buffer (gloo has no ReduceOp.AVG, so: sum, then divide)."""
-    grads = [p.grad for p in params if p.grad is not None]
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat)
-    flat /= world
-    for g, mean in zip(grads, flat.split([g.numel() for g in grads])):
-        g.copy_(mean.view_as(g))
-
-
-def all_mean(t, world):
-    """The mean over the ranks of the detached tensor t; t itself in one process."""
-    if world == 1:
-        return t
-    t = t.detach().clone()
-    dist.all_reduce(t)
-    return t / world
-
-
-# The auto path: sparse while L0 / d_sae is below this fraction, by device, autocast and whether
-# the loss is compiled; the crossovers measured by bench.py (BENCHMARKS.md). A rule of the state
-# rather than a timing, so that a run, and a resumed run, take the same path at every step.
-SPARSE_BELOW = {
-    ("cpu", False, False): 0.02, ("cpu", False, True): 0.02,   # sparse 2.5-5x faster at 0.3-1.2%
-    ("cpu", True, False): 0.02, ("cpu", True, True): 0.02,
-    ("cuda", False, False): 0.02, ("cuda", False, True): 0.02,  # float32: sparse 1.8-3x at 0.07-0.3%
-    ("cuda", True, False): 0.001,    # bf16 eager: sparse 0.6x at 0.3%, 1.3-2.2x at 0.07%
-    ("cuda", True, True): 0.0005,    # bf16 compiled: dense 19.8 ms against sparse 23.9 at 0.07% (d_in 2,304)
-}
-
-
-def choose_path(mode, l0, d_sae, device_type, autocast, compiled=False):
-    """"dense" or "sparse" for a JumpReLU step: `mode` itself unless it is "auto"; then sparse
-    when the last step's L0 is a small enough fraction of the latents (SPARSE_BELOW)."""
-    if mode != "auto":
-        return mode
-    return "sparse" if l0 < SPARSE_BELOW[device_type, bool(autocast), bool(compiled)] * d_sae else "dense"
-
-
-def train(acts, out, *, arch="jumprelu", d_sae=None, steps=600, target_l0=None, l0_coefficient=None,
+def train(acts_dir, out, *, arch="jumprelu", d_sae=None, steps=600, target_l0=None, l0_coefficient=None,
           recipe="small", seed=0, log_every=25, checkpoint_every=100, resume=False, device=None, autocast=None,
           path="auto", compile_loss=None, quiet=False, **overrides):
-    """Train an SAE of `arch` on the harvested folder `acts`; write it to `out`. Returns the last log
-    record (on rank 0; {} on the other ranks under torchrun).
+    """Train an SAE of `arch` on the harvested folder `acts_dir`; write it to `out`. Returns the last
+    log record (on rank 0; {} on the other ranks under torchrun).
 
     `path` (JumpReLU only): the dense or the sparse loss path, which the tests prove give the same
     loss and gradients, or "auto": sparse once L0 is a small enough fraction of d_sae (choose_path).
     `compile_loss`: run the loss through torch.compile (default: JumpReLU's on CUDA, where it fused the
     dense step's elementwise work into 1.5-2x the eager speed; not on a CPU, where it gained
-    2-10% for a minute of compiling)."""
-    out = Path(out)
-    # torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; without them this is one process, rank 0 of 1.
-    rank, local_rank, world = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("LOCAL_RANK", 0), ("WORLD_SIZE", 1)))
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if world > 1 and torch.device(device).type == "cuda":
-        device = f"cuda:{local_rank}"                   # one GPU per rank
-        torch.cuda.set_device(device)
-    device_type = torch.device(device).type
-    autocast = (device_type == "cuda") if autocast is None else autocast
-    # Compiled by default where it was measured: JumpReLU on CUDA. TopK's AuxK picks k_aux from the
-    # number of dead latents, a value that changes from step to step and would recompile its loss.
-    compile_loss = (device_type == "cuda" and arch == "jumprelu") if compile_loss is None else compile_loss
-    hp = {**RECIPES[recipe], **{k: v for k, v in overrides.items() if v is not None}}
-    if arch not in ARCHITECTURES:
-        raise ValueError(f"--arch must be one of {', '.join(ARCHITECTURES)}, not {arch!r}.")
-    if world > 1 and arch == "batchtopk":
-        raise ValueError("--arch batchtopk ranks the latents of the whole batch, which data parallel training splits "
-                         "over the ranks; train it in one process (python train.py, without torchrun).")
-    topk = arch in ("topk", "batchtopk")
-    if path not in ("auto", "dense", "sparse"):
-        raise ValueError(f"--path must be auto, dense or sparse, not {path!r}.")
-    if path == "sparse" and arch != "jumprelu":
-        raise ValueError(f"--path sparse is JumpReLU's; --arch {arch} trains on the dense path (leave --path at auto).")
-    if target_l0 is None and l0_coefficient is None:
-        raise ValueError("set the sparsity with --target-l0 K or --l0-coefficient LAMBDA.")
-    if topk and (target_l0 is None or target_l0 != int(target_l0) or target_l0 < 1):
-        raise ValueError(f"--arch {arch} needs --target-l0 K, a positive whole number (its k), not {target_l0}.")
-    B = hp["batch_size"]                                  # the global batch, split over the ranks
-    if B % world:
-        raise ValueError(f"--batch-size {B} cannot be split evenly over {world} ranks; pass a multiple of {world}.")
-    verify = local_rank == 0                              # one checksum pass per machine
-    manifest, shards = harvest.open_split(acts, "train", verify=verify)
-    _, heldout = harvest.open_split(acts, "heldout", verify=verify)
-    d_in = manifest["d_in"]
-    d_sae = d_sae or 8 * d_in
+    2-10% for a minute of compiling; TopK's AuxK would recompile at every step)."""
+    out, hp = Path(out), {**RECIPES[recipe], **{k: v for k, v in overrides.items() if v is not None}}
+    rank, local_rank, world, device = processes(device)
+    device_type, B = torch.device(device).type, hp["batch_size"]          # B: the global batch
+    autocast = device_type == "cuda" if autocast is None else autocast
+    compile_loss = device_type == "cuda" and arch == "jumprelu" if compile_loss is None else compile_loss
+    check_settings(arch, path, target_l0, l0_coefficient, B, world)
+    manifest, shards, scale, sample_ND, x_eval_BD = open_data(acts_dir, B, seed, device, verify=local_rank == 0)
+    d_in, d_sae = manifest["d_in"], d_sae or 8 * manifest["d_in"]
     own_group = world > 1 and not dist.is_initialized()
     if own_group:
         dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
-
     torch.manual_seed(seed)
-    sample = sample_rows(shards, 16_384, seed)
-    if not torch.isfinite(sample).all():
-        raise ValueError(f"{acts} holds NaN or Inf activations; harvest it again.")
-    scale = input_scale(sample)
-    x_eval = sample_rows(heldout, B, seed).to(device) * scale
-    if arch == "jumprelu":
-        sae = make_sae(arch, d_in, d_sae, device=device,
-                       bandwidth=hp["bandwidth"] if hp["bandwidth"] != "auto" else 0.001,
-                       threshold_init=hp["threshold_init"] if hp["threshold_init"] != "quantile" else 0.001)
-    else:
-        sae = make_sae(arch, d_in, d_sae, k=int(target_l0) if topk else None, device=device)
-    init_from_data(sae, sample[:4096].to(device) * scale, target_l0 or 32, hp)
-    if world > 1:              # the same seed and sample gave every rank the same start; rank 0's, to be sure
-        with torch.no_grad():
-            for t in (*sae.parameters(), *sae.buffers()):
-                dist.broadcast(t, 0)
-            numbers = torch.tensor([scale, getattr(sae, "bandwidth", 0.0)], dtype=torch.float64, device=device)
-            dist.broadcast(numbers, 0)
-        scale = numbers[0].item()
-        if arch == "jumprelu":
-            sae.bandwidth = numbers[1].item()
-    thresholds = [sae.log_threshold] if arch == "jumprelu" else []
-    others = [p for p in sae.parameters() if all(p is not t for t in thresholds)]
-    opt = torch.optim.Adam([{"params": others, "lr_scale": 1.0},
-                            {"params": thresholds, "lr_scale": hp["threshold_lr_scale"]}],
-                           lr=hp["lr"], betas=hp["betas"], eps=1e-8, fused=device_type == "cuda")
-    # sparsity "l0": the paper's lambda * L0, lambda set by a controller for --target-l0;
-    # "target_row" / "target_batch": lambda (2/K)(L0 - K)^2 per row (Gemma Scope 2) or on the
-    # batch mean, with a fixed lambda: a force towards K from both sides.
-    if not target_l0 or arch != "jumprelu":
-        hp["sparsity"] = "l0"            # a fixed lambda (the paper's penalty), or a baseline's L1 term
-    quadratic = hp["sparsity"] != "l0"
-    if quadratic:
-        l0_coefficient = l0_coefficient or hp["target_l0_coefficient"]
-    controller = TargetL0(target_l0, l0_coefficient or 1e-3) if target_l0 and not quadratic and not topk else None
-    state = {"step": 0, "l0_coefficient": controller.value if controller else l0_coefficient}
+    sae = build(arch, d_in, d_sae, hp, target_l0, sample_ND, device)
+    scale = broadcast_(sae, scale, device) if world > 1 else scale
+    opt = make_optimizer(sae, hp, device_type)
+    hp, l0_coefficient, controller = sparsity(arch, hp, target_l0, l0_coefficient)
+    losses = loss_functions(sae, hp, target_l0, world, compile_loss)
+    path = path if arch == "jumprelu" else "dense"          # the sparse path is JumpReLU's
     fired_at = torch.full((d_sae,), -1, device=device)      # the last step each latent fired (-1: never)
-
+    state = {"step": 0, "l0_coefficient": controller.value if controller else l0_coefficient}
+    ckpt = out / "checkpoint.safetensors"
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
-    ckpt = out / "checkpoint.safetensors"
     if resume:
-        if not ckpt.is_file():
-            raise ValueError(f"--resume: {ckpt} does not exist; start without --resume.")
-        state = load_checkpoint(ckpt, sae, opt, fired_at)
-        if state.get("arch", "jumprelu") != arch or state.get("d_sae") not in (None, d_sae):
-            raise ValueError(f"{ckpt} holds a {state.get('arch', 'jumprelu')} SAE of width {state.get('d_sae')}, "
-                             f"not this --arch {arch} of width {d_sae}; pass the same settings or another --out.")
-        if state["step"] >= steps:
-            raise ValueError(f"{ckpt} is already at step {state['step']}; pass a larger --steps to train on.")
+        state = resume_from(ckpt, sae, opt, fired_at, controller, arch, d_sae, steps)
         scale = state["scale"]
-        if arch == "jumprelu":
-            sae.bandwidth = state["bandwidth"]
-        if controller:
-            controller.load(state["controller"])
-    log_path = out / "log.jsonl"
-    if rank == 0 and not resume and log_path.exists():
-        log_path.unlink()
-    if rank == 0 and resume and log_path.exists():     # drop the records of steps after the checkpoint: they are redone
-        kept = [line for line in log_path.read_text().splitlines(keepends=True) if _logged_step(line) <= state["step"]]
-        atomic_write(log_path, lambda f: f.write("".join(kept).encode()))
-
-    # The step's matmuls, 2 FLOPs per multiply-add: x @ W_enc and f @ W_dec forward, then the
-    # gradients of W_dec, f and W_enc (none for the input x): 5 x 2 x B x d_in x d_sae, over all ranks.
-    # The sparse path does only the first of them densely: its "mfu" is dense-equivalent and can
-    # pass 100% (the log's "path" says which path the step took).
-    flops_per_step = 10 * B * d_in * d_sae
-    stream = batches(shards, B, seed, start_step=state["step"], buffer_rows=hp.get("buffer_rows", 2**18),
-                     rank=rank, world=world)
-    lam = state["l0_coefficient"]
-    # Compiled, the dense path fuses its elementwise passes; the sparse path stays eager: its kept
-    # entries change in number every step, which recompiled it step after step on an H100.
-    if compile_loss:
-        torch._dynamo.reset()    # what an earlier compile in this process cached tripped dynamo (torch 2.13)
-    compiled_loss = torch.compile(sae.loss) if compile_loss else sae.loss
-    l0 = state.get("last_l0", d_sae)                        # the last step's L0, for choose_path
-    record, t_log, step_log = {}, time.perf_counter(), state["step"]
-    bar = tqdm(total=steps, initial=state["step"], unit="step", desc="train", disable=quiet or rank != 0)
+    if rank == 0:
+        start_log(out / "log.jsonl", resume, state["step"])
+    stream = acts.batches(shards, B, seed, start_step=state["step"], buffer_rows=hp.get("buffer_rows", 2**18),
+                          rank=rank, world=world)
+    log = Log(out / "log.jsonl", sae, x_eval_BD, fired_at, batch_size=B, start=state["step"], steps=steps, world=world,
+              rank=rank, autocast=autocast, quiet=quiet)
+    lam, l0, record = state["l0_coefficient"], state.get("last_l0", d_sae), {}
     for step in range(state["step"], steps):
-        try:
-            x_BD = next(stream).to(device, non_blocking=True) * scale
-        except ValueError as e:
-            raise ValueError(f"{e}; training stopped, {last_good(ckpt)}; re-harvest that shard.") from None
+        x_BD = next_batch(stream, scale, device, ckpt)
         lam = controller.value if controller else l0_coefficient_at(step, l0_coefficient, hp["l0_warmup_steps"])
         lr = lr_at(step, steps, hp["lr"], hp["lr_warmup_steps"], hp["lr_decay_fraction"])
         for group in opt.param_groups:
             group["lr"] = lr * group["lr_scale"]
-        batch_target = hp["sparsity"] == "target_batch"      # its term is on the batch mean, added here
-        dead_F = fired_at < step + 1 - min(hp["dead_window_tokens"] // B, step + 1)
-        step_path = choose_path(path, l0, d_sae, device_type, autocast, compile_loss) if arch == "jumprelu" else "dense"
-        loss_fn = sae.loss if step_path == "sparse" else compiled_loss
-        with torch.autocast(device_type=device_type, dtype=torch.bfloat16, enabled=autocast):
-            if topk:
-                out_ = loss_fn(x_BD, dead_F=dead_F)            # AuxK on the dead latents
-            elif arch == "jumprelu":
-                out_ = loss_fn(x_BD, 0.0 if batch_target else lam, target_l0 if hp["sparsity"] == "target_row" else None,
-                               sparse=step_path == "sparse")
-            else:
-                out_ = loss_fn(x_BD, lam)                       # lam is the L1 coefficient
-        loss = out_["loss"]
-        l0_global = all_mean(out_["l0"].detach(), world)        # the mean L0 of the global batch
-        if batch_target:
-            # Under torchrun each rank adds the global term's value, and through l0 - l0.detach()
-            # (zero) the gradient of its own rows' L0: averaged over the ranks, the global gradient.
-            l0_B = out_["l0"] if world == 1 else l0_global + (out_["l0"] - out_["l0"].detach())
-            loss = loss + lam * (2.0 / target_l0) * (l0_B - target_l0) ** 2
-        if arch == "jumprelu" and hp["dead_threshold_pull"] and dead_F.any():
-            # A dead latent's pre-activations never reach its kernel window, so no estimator
-            # gradient can lower its threshold: pull its log-threshold down until it fires again.
-            loss = loss + hp["dead_threshold_pull"] * sae.log_threshold[dead_F].sum()
-        if not torch.isfinite(loss):
-            raise ValueError(f"the loss became {loss.item()} at step {step}; {last_good(ckpt)}; lower --lr and --resume.")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if world > 1:
-            average_gradients_(list(sae.parameters()), world)
-        sae.remove_parallel_decoder_grad_()
-        opt.step()
-        sae.normalize_decoder_()
-        l0 = l0_global.item()
+        step_path = choose_path(path, l0, d_sae, device_type, autocast, compile_loss)
+        try:
+            out_ = train_step(sae, opt, losses[step_path], x_BD, lam, fired_at, step,
+                              dead_steps=hp["dead_window_tokens"] // B, world=world, autocast=autocast)
+        except FloatingPointError as e:
+            raise ValueError(f"{e}; {last_good(ckpt)}; lower --lr and --resume.") from None
+        l0 = out_["l0"].item()
         if controller:
             controller.update(l0)
-        fired_F = out_["fired"] if "fired" in out_ else (out_["f"] != 0).any(0)
-        if world > 1:                                           # fired on any rank's rows
-            fired = fired_F.int()
-            dist.all_reduce(fired, op=dist.ReduceOp.MAX)
-            fired_F = fired.bool()
-        fired_at[fired_F] = step + 1
-        bar.update(1)
-
-        log_now = (step + 1) % log_every == 0 or step + 1 == steps
-        if log_now:
-            loss_mse = all_mean(torch.stack([loss.detach(), out_["mse"].detach()]).float(), world)
-        if log_now and rank == 0:
-            with torch.no_grad(), torch.autocast(device_type=device_type, dtype=torch.bfloat16, enabled=autocast):
-                f_eval = sae.encode(x_eval)                     # inference: BatchTopK uses its threshold
-                ev = {"l0": (f_eval != 0).float().sum(-1).mean(), "x_hat": sae.decode(f_eval)}
-            dt = time.perf_counter() - t_log
-            tokens_per_s = (step + 1 - step_log) * B / dt
-            # Measured now, not at start-up: on a shared machine the ceiling moves with the load. One
-            # rank's matmul on its slice of the batch, times the ranks: the world's ceiling.
-            ceiling = world * matmul_ceiling(device, B // world, d_in, d_sae, torch.bfloat16 if autocast else torch.float32)
-            record = {"step": step + 1, "loss": loss_mse[0].item(), "mse": loss_mse[1].item(), "l0": l0,
-                      "heldout_l0": ev["l0"].item(), "heldout_fvu": fvu(x_eval, ev["x_hat"].float()),
-                      # dead: no firing in the last 2^20 tokens, or since the start if fewer
-                      "dead_fraction": (fired_at < step + 1 - min(2**20 // B, step + 1)).float().mean().item(),
-                      "l0_coefficient": lam, "lr": lr, "path": step_path, "tokens_per_s": tokens_per_s,
-                      "flops_per_s": flops_per_step * tokens_per_s / B,
-                      "mfu": flops_per_step * tokens_per_s / B / ceiling}
-            with open(log_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
-            if not quiet:
-                lam_text = f"lambda {lam:.3g} " if lam is not None else ""      # TopK has none
-                bar.write(f"step {step + 1}: loss {record['loss']:.4f} mse {record['mse']:.4f} L0 {l0:.1f} | held-out "
-                          f"L0 {record['heldout_l0']:.1f} FVU {record['heldout_fvu']:.4f} | dead {record['dead_fraction']:.1%} "
-                          f"{lam_text}lr {lr:.3g} | {tokens_per_s:,.0f} tok/s, MFU {record['mfu']:.0%}"
-                          + (f" ({world} ranks)" if world > 1 else ""))
-            bar.set_postfix(l0=f"{record['heldout_l0']:.1f}", fvu=f"{record['heldout_fvu']:.3f}",
-                            dead=f"{record['dead_fraction']:.1%}", tok_s=f"{tokens_per_s:,.0f}",
-                            mfu=f"{record['mfu']:.0%}")
-            t_log, step_log = time.perf_counter(), step + 1
+        log.bar.update(1)
+        if (step + 1) % log_every == 0 or step + 1 == steps:
+            record = log.write(step + 1, out_, lam, lr, step_path)
         if (step + 1) % checkpoint_every == 0 or step + 1 == steps:
-            state = {"step": step + 1, "scale": scale, "bandwidth": getattr(sae, "bandwidth", None),
-                     "arch": arch, "d_sae": d_sae, "last_l0": l0,
-                     "l0_coefficient": controller.value if controller else l0_coefficient,
-                     "controller": controller.state() if controller else None,
-                     "recipe": recipe, "hp": hp, "seed": seed}
-            if rank == 0:
-                save_checkpoint(ckpt, sae, opt, fired_at, state)
-            if world > 1:
-                dist.barrier()                                  # the checkpoint is whole before anyone goes on
-    bar.close()
-
+            state = {"step": step + 1, "scale": scale, "bandwidth": getattr(sae, "bandwidth", None), "arch": arch,
+                     "d_sae": d_sae, "last_l0": l0, "l0_coefficient": controller.value if controller else l0_coefficient,
+                     "controller": controller.state() if controller else None, "recipe": recipe, "hp": hp, "seed": seed}
+            checkpoint(ckpt, sae, opt, fired_at, state, rank, world)
+    log.bar.close()
     if rank == 0:
-        final = make_sae(arch, d_in, d_sae, k=int(target_l0) if topk else None,
-                         **({"bandwidth": sae.bandwidth} if arch == "jumprelu" else {}))
-        final.load_state_dict(sae.state_dict())
-        final.metadata = {"model": manifest["model"], "layer": manifest["layer"], "site": manifest["site"],
-                          "hook": manifest["hook"], "context": manifest["context"], "acts": str(acts),
-                          "recipe": recipe, "steps": steps, "tokens": steps * B, "seed": seed,
-                          "target_l0": target_l0, "l0_coefficient": None if topk else lam}
-        final.fold_input_scale_(scale)
-        final.save(out)
+        save_sae(out, sae, scale, {"model": manifest["model"], "layer": manifest["layer"], "site": manifest["site"],
+                                   "hook": manifest["hook"], "context": manifest["context"], "acts": str(acts_dir),
+                                   "recipe": recipe, "steps": steps, "tokens": steps * B, "seed": seed,
+                                   "target_l0": target_l0, "l0_coefficient": None if arch in TOPK else lam})
     if own_group:
         dist.barrier()           # no rank tears the group down while rank 0 still writes (seen: an abort under load)
         dist.destroy_process_group()
     return record
 
 
+def checkpoint(ckpt, sae, opt, fired_at, state, rank, world):
+    """Rank 0 writes the checkpoint; under torchrun every rank waits until it is whole."""
+    if rank == 0:
+        save_checkpoint(ckpt, sae, opt, fired_at, state)
+    if world > 1:
+        dist.barrier()
+
+
+def save_sae(out, sae, scale, metadata):
+    """The trained SAE, on the CPU, with the input scale folded in (it takes raw activations) and its
+    provenance in config.json."""
+    k = {"k": sae.k} if hasattr(sae, "k") else {}
+    bandwidth = {"bandwidth": sae.bandwidth} if sae.architecture == "jumprelu" else {}
+    final = make_sae(sae.architecture, sae.d_in, sae.d_sae, **k, **bandwidth)
+    final.load_state_dict(sae.state_dict())
+    final.metadata = metadata
+    final.fold_input_scale_(scale)
+    final.save(out)
+
+
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="\n\n".join(__doc__.split("\n\n")[1:]))
+    p = cli.parser(__doc__)
     p.add_argument("--acts", required=True, help="folder written by harvest.py")
     p.add_argument("--out", required=True, help="SAE folder to write (with several sparsities: the parent folder)")
     p.add_argument("--arch", choices=list(ARCHITECTURES), default="jumprelu",
                    help="jumprelu (default), or a baseline of SPEC section 4")
     p.add_argument("--d-sae", type=int, default=None, help="number of latents (default 8 x d_in)")
     p.add_argument("--steps", type=int, default=600, help="training steps (default 600)")
-    sparsity = p.add_mutually_exclusive_group()
-    sparsity.add_argument("--target-l0", type=float, nargs="+", default=None,
-                          help="hold the L0 at K (default 32; k for topk/batchtopk); several values train a sweep")
-    sparsity.add_argument("--l0-coefficient", type=float, nargs="+", default=None,
-                          help="fixed lambda of the L0 term (of the L1 term for relu/gated); several values train a sweep")
+    sparsity_ = p.add_mutually_exclusive_group()
+    sparsity_.add_argument("--target-l0", type=float, nargs="+", default=None,
+                           help="hold the L0 at K (default 32; k for topk/batchtopk); several values train a sweep")
+    sparsity_.add_argument("--l0-coefficient", type=float, nargs="+", default=None,
+                           help="fixed lambda of the L0 term (of the L1 term for relu/gated); several values train a sweep")
     p.add_argument("--recipe", choices=sorted(RECIPES), default="small", help="small (default) or paper (SPEC section 3)")
     p.add_argument("--sparsity", choices=("l0", "target_batch", "target_row"), default=None,
                    help="with --target-l0: the paper's lambda*L0 with a controller on lambda (l0), or lambda (2/K)(L0-K)^2 "
