@@ -208,7 +208,7 @@ def verify(path, module, sae, acts_dir=None, tol=None, rows=512, seed=0):
     inputs = {"random": (rng.standard_normal((rows, sae.d_in)) * scale).astype(np.float32)}
     if acts_dir is not None:
         _, shards = acts.open_split(acts_dir, "heldout")
-        inputs["real"] = np.asarray(shards[0][0][:rows], dtype=np.float32)
+        inputs["real"] = np.array(shards[0][0][:rows], dtype=np.float32)      # a copy: the shard is read-only
     reports = {name: compare(sess, module, sae, x, tie_tol) for name, x in inputs.items()}
     ok = all(r["max_rel"] <= tol for r in reports.values())
     return ok, reports, sess.get_providers()[0], tol

@@ -13,7 +13,7 @@ in its docstring. Where the source computes something our classes do not (a pre-
 on a ReLU SAE, SAELens's decoder-norm rescaling in TopK), the difference is folded into the
 weights exactly in real arithmetic, computed in float64 and rounded once to float32, so
 features agree to float32 rounding. What cannot be folded (per-input normalisation, a scale
-the folder does not hold, thresholds <= 0) is refused with a one-sentence error. Weights are
+the folder does not hold) is refused with a one-sentence error. Weights are
 float32: float16 and bfloat16 files widen exactly, float64 files are rounded.
 """
 
@@ -73,11 +73,13 @@ def _jumprelu_sae(W_enc, b_enc, W_dec, b_dec, *, threshold=None, log_threshold=N
                            "log_threshold": log_F}, device)
 
 
-def _check_threshold(where, threshold):
-    bad = int((~(threshold > 0)).sum())
-    if bad:
-        raise ValueError(f"{where} has {bad} thresholds <= 0 (such a latent is a plain ReLU), which a JumpReLU "
-                         "SAE cannot hold; set them to a small positive value at the source if that is acceptable.")
+def relu_gate_threshold(threshold_F):
+    """Gemma Scope and SAELens compute f = ReLU(pre) * (pre > theta). For theta >= 0 that is our
+    pre * H(pre - theta); for theta < 0 it is ReLU(pre), ours with theta = 0. So a threshold below 0
+    becomes 0, exactly, and 0 is log_threshold -inf. SAELens trains theta itself and projects it onto
+    >= 0 before each forward pass, so a latent that reached 0 ends at 0 or, after the last step's
+    update, just below it (sae-lens 6.54.12 left 17 of 64 below 0 in fixtures/saelens/jumprelu)."""
+    return threshold_F.clamp_min(0)
 
 
 # --- Gemma Scope ---------------------------------------------------------------------------
@@ -88,8 +90,8 @@ def load_gemma_scope(path, device=None):
 
     Gemma Scope's own definition of the forward pass (its tutorial, raw activations in):
         pre = x @ W_enc + b_enc;  f = (pre > threshold) * ReLU(pre);  x_hat = f @ W_dec + b_dec
-    With every threshold > 0 (checked), f = pre * H(pre - threshold): our JumpReLUSAE without the
-    pre-encoder bias. Arrays: W_enc [d_in, d_sae], W_dec [d_sae, d_in], b_enc [d_sae],
+    That is our JumpReLUSAE without the pre-encoder bias, with thresholds below 0 read as 0
+    (relu_gate_threshold). Arrays: W_enc [d_in, d_sae], W_dec [d_sae, d_in], b_enc [d_sae],
     b_dec [d_in], threshold [d_sae] (SAELens also accepts w_enc / w_dec, and so do we). The
     thresholds become log_threshold through jumprelu.exact_log: exact where exp of a float32 reaches
     them, else a few float32 steps away (about 92% exact for thresholds in [0.01, 3], at most 4
@@ -129,9 +131,8 @@ def load_gemma_scope(path, device=None):
     for name, t in tensors.items():
         if not bool(t.isfinite().all()):
             raise ValueError(f"{file} holds NaN or Inf in {name}; the file is damaged.")
-    _check_threshold(file, tensors["threshold"])
     sae = _jumprelu_sae(tensors["W_enc"], tensors["b_enc"], tensors["W_dec"], tensors["b_dec"],
-                        threshold=tensors["threshold"], pre_encoder_bias=False, device=device)
+                        threshold=relu_gate_threshold(tensors["threshold"]), pre_encoder_bias=False, device=device)
     sae.metadata = {"source": "gemma-scope", "source_path": str(file)}
     return sae
 
@@ -214,6 +215,7 @@ def load_saelens(folder, device=None):
     SAELens's forward pass (sae_lens/saes/*.py), with h = x - b_dec * apply_b_dec_to_input:
         standard   f = ReLU(h @ W_enc + b_enc)                                  -> ReLUSAE
         jumprelu   pre = h @ W_enc + b_enc; f = ReLU(pre) * (pre > threshold)   -> JumpReLUSAE
+                   (a threshold below 0 as 0, the same features: relu_gate_threshold)
         topk       pre = h @ W_enc + b_enc (* ||W_dec_i|| with rescale_acts_by_decoder_norm);
                    f = ReLU of the row's k largest, 0 elsewhere                 -> TopKSAE
         gated      f = (h @ W_enc + b_gate > 0) * ReLU(h @ (W_enc * exp(r_mag)) + b_mag) -> GatedSAE
@@ -348,7 +350,7 @@ def _saelens_sae(folder, cfg, meta, training, w, device):
         w = {name: w[name] for name in ("W_enc", "b_enc", "W_dec", "b_dec")}
         return _assemble(baselines.BatchTopKSAE(d_in, d_sae, k, device="meta"), {**w, "threshold": theta}, device)
     if "threshold" in w:
-        _check_threshold(f"{folder}/{SAELENS_WEIGHTS}", w["threshold"])
+        w["threshold"] = relu_gate_threshold(w["threshold"])
     bandwidth = training.get("jumprelu_bandwidth", 0.001)
     ok = isinstance(bandwidth, (int, float)) and not isinstance(bandwidth, bool) and 0 < bandwidth < math.inf
     return _jumprelu_sae(w["W_enc"], w["b_enc"], w["W_dec"], w["b_dec"], threshold=w.get("threshold"),

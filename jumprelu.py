@@ -113,8 +113,9 @@ def tied_init(d_in, d_sae, **kw):
 class JumpReLUSAE(nn.Module):
     """A JumpReLU SAE: pre = x @ W_enc + b_enc; f = pre * H(pre - theta); x_hat = f @ W_dec + b_dec.
 
-    The trainable threshold is `log_threshold` (theta = exp(log_threshold) > 0); autograd
-    through exp supplies the chain-rule factor theta in its gradient. With
+    The trainable threshold is `log_threshold` (theta = exp(log_threshold) > 0, or exactly 0 for
+    an imported SAE whose threshold is 0); autograd through exp supplies the chain-rule factor
+    theta in its gradient. With
     `pre_encoder_bias=True` the encoder sees x - b_dec (off by default, as in Gemma Scope).
     `metadata` is free-form provenance (model, layer, site, input_scale) kept in config.json.
     """
@@ -264,8 +265,7 @@ class JumpReLUSAE(nn.Module):
         check_shapes(folder, tensors, {"W_enc": (sae.d_in, sae.d_sae), "b_enc": (sae.d_sae,),
                                        "W_dec": (sae.d_sae, sae.d_in), "b_dec": (sae.d_in,),
                                        "threshold": (sae.d_sae,)})
-        if not bool((tensors["threshold"] > 0).all()):
-            raise ValueError(f"{folder}/{WEIGHTS_NAME} has thresholds <= 0; a JumpReLU threshold must be positive.")
+        check_thresholds(f"{folder}/{WEIGHTS_NAME}", tensors["threshold"])
         with torch.no_grad():
             for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
                 getattr(sae, name).copy_(tensors[name])
@@ -360,6 +360,7 @@ def exact_log(threshold_F):
 
     A log computed in float64 and rounded misses by one float32 step for about 1 in 10^4
     thresholds; a few nudges to the neighbouring floats find the exact one where it exists.
+    theta = 0 gives -inf, and exp(-inf) = 0.
     """
     threshold_F = threshold_F.float()
     log_F = threshold_F.double().log().float()
@@ -370,6 +371,16 @@ def exact_log(threshold_F):
             fix = (log_F.exp() != threshold_F) & (candidate_F.exp() == threshold_F)
             log_F = torch.where(fix, candidate_F, log_F)
     return log_F
+
+
+def check_thresholds(where, threshold_F):
+    """A threshold is 0 or more: theta = 0 (log_threshold = -inf, exactly 0 again through exp) is a
+    latent that fires on any positive pre-activation, as SAELens 6.48 and later trains them, where
+    the threshold is projected onto theta >= 0. Our own training keeps theta > 0."""
+    bad = int((~(threshold_F >= 0)).sum())
+    if bad:
+        raise ValueError(f"{where} has {bad} threshold{'s' * (bad != 1)} below 0 or NaN, which no JumpReLU SAE holds; "
+                         "the file is damaged or not a JumpReLU SAE.")
 
 
 def metadata_of(cfg, own):

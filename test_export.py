@@ -1,6 +1,7 @@
 """Tests for export.py and infer_onnx.py: parity with PyTorch, the threshold edge, no-torch inference."""
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -74,6 +75,26 @@ def test_pre_activation_equal_to_threshold_is_inactive_after_export(tmp_path, fp
     if not fp16:    # float16 rounds b_enc, so only float32 can place pre exactly at theta
         assert (f[:, 0] == 0).all() and (f[:, 1] != 0).all() and (f[:, 2] == 0).all()
     assert f.dtype == np.float32
+
+
+@pytest.mark.parametrize("fp16", [False, True])
+def test_a_threshold_of_zero_exports_as_pre_greater_than_zero(tmp_path, fp16):
+    """Latents whose threshold is exactly 0 (imported from SAELens) fire where pre > 0, in ONNX as in
+    PyTorch, and the parity check passes with them."""
+    sae = _sae()
+    with torch.no_grad():
+        sae.log_threshold[:40] = -math.inf                       # theta = 0
+        sae.W_enc[:, :2] = 0
+        sae.b_enc[:2] = torch.tensor([0.0, 1e-3])                 # pre = 0 exactly, and just above
+    module = export.export(sae, tmp_path / "m.onnx", fp16=fp16)
+    x = np.random.default_rng(3).standard_normal((64, 24)).astype(np.float32)
+    f = _run(tmp_path / "m.onnx", x)[0]
+    assert (f[:, 0] == 0).all() and (f[:, 1] > 0).all()
+    with torch.no_grad():
+        want = sae.encode(torch.from_numpy(x)).numpy()
+    np.testing.assert_array_equal(f[:, 2:40] > 0, want[:, 2:40] > 0)    # exactly where pre > 0
+    ok, reports, _, _ = export.verify(tmp_path / "m.onnx", module, sae)
+    assert ok, reports
 
 
 def test_fp16_and_topk_exports_verify(tmp_path):

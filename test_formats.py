@@ -23,6 +23,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from safetensors.numpy import load_file, save_file
 
+import acts
 import baselines
 import evaluate
 import export
@@ -243,7 +244,6 @@ def _bad_npz(tmp_path, **change):
     ({"b_dec": np.zeros(4)}, r"holds b_dec of shape \[4\], but W_enc \[3, 5\] implies \[3\]"),
     ({"W_enc": np.ones(15)}, r"W_enc of shape \[15\], not \[d_in, d_sae\]"),
     ({"W_dec": np.ones((5, 3), np.int32)}, "holds W_dec as int32, not floating point"),
-    ({"threshold": np.array([0.5, 0.5, 0.0, -1.0, 0.5])}, "has 2 thresholds <= 0"),
     ({"b_enc": np.array([0.0, np.nan, 0.0, 0.0, 0.0])}, "holds NaN or Inf in b_enc"),
 ])
 def test_gemma_scope_errors_are_one_sentence(tmp_path, change, message):
@@ -425,12 +425,92 @@ def _edit(folder, cfg=None, drop=(), add=None, raw=None):
     ("standard", {"cfg": {"sae_lens_version": None, "metadata": None, "activation_fn_str": "topk"}},
      "uses the activation 'topk' in a standard SAE"),             # SAELens 5 topk without its k
     ("topk", {"cfg": {"k": 9}}, r"no valid 'k' \(a whole number from 1 to d_sae=5\)"),
-    ("jumprelu", {"add": {"threshold": np.array([0.5, 0.5, 0.0, 0.5, -0.1], np.float32)}}, "has 2 thresholds <= 0"),
+    ("jumprelu", {"add": {"threshold": np.array([0.5, 0.5, np.nan, 0.5, 0.5], np.float32)}}, "holds NaN or Inf in threshold"),
 ])
 def test_saelens_errors_are_one_sentence(tmp_path, arch, edit, message):
     folder = _edit(_good_saelens(tmp_path, arch), **edit)
     with pytest.raises(ValueError, match=message):
         formats.load_saelens(folder)
+
+
+def test_thresholds_at_or_below_zero_read_as_zero_with_the_sources_features(tmp_path):
+    """Gemma Scope and SAELens compute ReLU(pre) * (pre > theta): a threshold of 0 fires on pre > 0,
+    and so does one below 0. Both read as theta = 0 exactly; our own folders refuse theta < 0."""
+    rng = np.random.default_rng(5)
+    theta = np.array([0.5, 0.0, -1.0, 0.25, -1e-3], np.float32)
+    p = {"W_enc": rng.normal(size=(3, 5)), "W_dec": rng.normal(size=(5, 3)), "b_enc": rng.normal(size=5) * 0.1,
+         "b_dec": np.zeros(3), "threshold": theta}
+    x = rng.normal(size=(200, 3))
+    pre = x @ np.float32(p["W_enc"]) + np.float32(p["b_enc"])
+    want = np.maximum(pre, 0) * (pre > theta)
+    for sae in (formats.load_gemma_scope(write_gemma_scope(tmp_path / "params.npz", p)),
+                formats.load_saelens(write_saelens(tmp_path / "sl", "jumprelu", p, apply=False))):
+        assert torch.equal(sae.threshold[[1, 2, 4]], torch.zeros(3))
+        f, _ = run(sae, x)
+        np.testing.assert_array_equal(f != 0, want != 0)
+        np.testing.assert_allclose(f, want, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="has 2 thresholds below 0 or NaN"):
+        JumpReLUSAE.load(_with_threshold(formats.load_saelens(tmp_path / "sl").save(tmp_path / "ours"), theta))
+
+
+def _with_threshold(folder, theta):
+    """Our folder with its thresholds replaced (and its checksum dropped, as another tool would write it)."""
+    from safetensors.torch import load_file as load_torch, save_file as save_torch
+    tensors = load_torch(folder / "sae.safetensors")
+    save_torch({**tensors, "threshold": torch.tensor(theta)}, folder / "sae.safetensors")
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg.pop("sha256")
+    (folder / "config.json").write_text(json.dumps(cfg))
+    return folder
+
+
+# --- Folders that sae-lens itself trained and wrote (fixtures/make_saelens_fixtures.py) ------
+
+FIXTURES = Path(__file__).parent / "fixtures" / "saelens"
+
+
+def _acts_folder(folder, rows_ND):
+    """An activation folder (both splits) holding rows_ND, for evaluate.py."""
+    settings = dict(model="none", gguf_file=None, layer=0, site="resid", context=5, dtype="float32",
+                    heldout_every=2, source={"text": "random"})
+    manifest = acts.new_manifest(settings, "none", rows_ND.shape[1])
+    for split in acts.SPLITS:
+        (folder / split).mkdir(parents=True)
+        acts.append_shard(folder, manifest, split, rows_ND, np.zeros((len(rows_ND) // 4, 5), np.int32))
+    manifest["complete"] = True
+    acts.write_manifest(folder, manifest)
+    return folder
+
+
+@pytest.mark.parametrize("name", ["jumprelu", "jumprelu_at_zero", "topk", "standard"])
+def test_folders_sae_lens_wrote_load_with_its_features_evaluate_and_export(tmp_path, name, capsys):
+    """sae-lens 6.54.12 trained and saved these; without sae-lens, they load with the features of
+    SAELens's forward pass computed in NumPy from the files, evaluate, and export with ONNX parity.
+    SAELens leaves thresholds just below 0 (jumprelu) or at 0 (jumprelu_at_zero); either way
+    f = ReLU(pre) * (pre > theta), which our JumpReLU computes with theta = 0."""
+    folder = FIXTURES / name
+    cfg = json.loads((folder / "cfg.json").read_text())
+    assert cfg["metadata"]["sae_lens_version"] == "6.54.12" and cfg["d_in"] == 16 and cfg["d_sae"] == 64
+    sae = formats.load_sae(folder)
+    if name.startswith("jumprelu"):
+        theta = load_file(folder / "sae_weights.safetensors")["threshold"]
+        assert ((theta < 0) if name == "jumprelu" else (theta == 0)).sum() >= 1
+        got = sae.threshold.detach().numpy()
+        assert (got[theta <= 0] == 0).all()                                     # exactly 0, via log -inf
+        np.testing.assert_allclose(got, np.maximum(theta, 0), rtol=5e-7, atol=0)   # within 4 float32 steps
+    x = np.random.default_rng(0).normal(size=(400, 16)).astype(np.float32)
+    f_ref, x_hat_ref = ref_saelens(folder, x.astype(np.float64))
+    f, x_hat = run(sae, x)
+    np.testing.assert_array_equal(f != 0, f_ref != 0)
+    np.testing.assert_allclose(f, f_ref, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(x_hat, x_hat_ref, rtol=1e-4, atol=1e-4)
+    evaluate.main([str(folder), "--acts", str(_acts_folder(tmp_path / "acts", x)), "--json", str(tmp_path / "e.json")])
+    (record,) = json.loads((tmp_path / "e.json").read_text())
+    assert record["l0"] == pytest.approx((f_ref != 0).sum(1).mean(), rel=1e-6)
+    err = ((x - x_hat_ref) ** 2).sum(1)
+    assert record["fvu"] == pytest.approx(err.sum() / ((x - x.mean(0)) ** 2).sum(), rel=1e-4)
+    export.main([str(folder), "--out", str(tmp_path / "m.onnx"), "--acts", str(tmp_path / "acts")])
+    assert "matches PyTorch within 1e-05" in capsys.readouterr().out
 
 
 # --- Writing SAELens folders ---------------------------------------------------------------

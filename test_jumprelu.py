@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from safetensors.torch import load_file, save_file
 
-from jumprelu import JumpReLUSAE, jumprelu, rectangle, step
+from jumprelu import JumpReLUSAE, exact_log, jumprelu, rectangle, step
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
@@ -281,6 +281,27 @@ def test_active_exactly_when_pre_strictly_above_threshold(case):
         pre, f, theta = sae.pre_acts(x_t).numpy(), sae.encode(x_t).numpy(), sae.threshold.numpy()
     np.testing.assert_array_equal(f != 0, pre > theta)
     np.testing.assert_array_equal(f, np.where(pre > theta, pre, 0))
+
+
+def test_a_threshold_of_zero_fires_on_positive_pre_activations_and_saves_exactly(tmp_path):
+    """theta = 0 (as SAELens 6.48+ trains them) is log_threshold -inf: exp gives 0 back exactly, the
+    latent fires where pre > 0 strictly, its gradients stay finite, and save/load keeps the zero."""
+    sae = JumpReLUSAE(3, 4)
+    with torch.no_grad():
+        sae.log_threshold.copy_(exact_log(torch.tensor([0.0, 0.0, 0.5, 0.0])))
+        sae.W_enc.zero_()
+        sae.b_enc.copy_(torch.tensor([0.0, 1e-30, 0.6, -1e-30]))
+    assert sae.log_threshold[0] == -math.inf and torch.equal(sae.threshold, torch.tensor([0.0, 0.0, 0.5, 0.0]))
+    f = sae.encode(torch.randn(5, 3))
+    assert f[:, 0].eq(0).all() and f[:, 1].eq(1e-30).all() and f[:, 2].eq(0.6).all() and f[:, 3].eq(0).all()
+    for sparse in (False, True):
+        sae.zero_grad()
+        sae.loss(torch.randn(5, 3), 0.1, sparse=sparse)["loss"].backward()
+        assert all(torch.isfinite(p.grad).all() for p in sae.parameters())
+        assert sae.log_threshold.grad[[0, 1, 3]].eq(0).all()           # d/dlog = theta * d/dtheta = 0
+    sae.save(tmp_path / "sae")
+    back = JumpReLUSAE.load(tmp_path / "sae")
+    assert torch.equal(back.threshold, sae.threshold) and torch.equal(back.log_threshold, sae.log_threshold)
 
 
 def test_pre_activation_equal_to_threshold_is_inactive():
@@ -592,7 +613,7 @@ def _edit_config(folder, keep_sha=False, **changes):
     (lambda f: (f / "sae.safetensors").write_bytes((f / "sae.safetensors").read_bytes()[:100]), "does not match the sha256"),
     (lambda f: _rewrite_weights(f, lambda t: t, (f / "sae.safetensors").read_bytes()[:100]), "cannot be read"),
     (lambda f: _rewrite_weights(f, lambda t: {k: v for k, v in t.items() if k != "threshold"}), "has no tensor 'threshold'"),
-    (lambda f: _rewrite_weights(f, lambda t: {**t, "threshold": -torch.ones(20)}), "thresholds <= 0"),
+    (lambda f: _rewrite_weights(f, lambda t: {**t, "threshold": -torch.ones(20)}), "has 20 thresholds below 0"),
     (lambda f: _rewrite_weights(f, lambda t: {**t, "W_enc": t["W_enc"].double()}), "not float32"),
 ])
 def test_load_rejects_a_bad_folder_in_one_sentence(tmp_path, damage, message):

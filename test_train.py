@@ -110,6 +110,7 @@ def test_saved_sae_takes_raw_activations(tiny_acts, tmp_path):
     for key in ("loss", "mse", "l0", "heldout_l0", "heldout_fvu", "dead_fraction", "l0_coefficient", "lr", "tokens_per_s"):
         assert math.isfinite(record[key]), key
     saved = JumpReLUSAE.load(tmp_path / "sae")
+    assert (saved.threshold > 0).all()                     # our own training keeps theta > 0
     scaled, state = _checkpoint_sae(tmp_path / "sae")
     assert saved.metadata["input_scale"] == pytest.approx(state["scale"]) and state["scale"] != 1.0
     assert (saved.metadata["layer"], saved.metadata["site"], saved.metadata["hook"]) == (1, "resid", "model.layers.1")
