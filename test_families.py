@@ -109,9 +109,9 @@ def test_resid_is_the_decoder_layer_output(family):
         hidden = model(x, output_hidden_states=True).hidden_states
     assert len(hidden) == 4                                 # the embeddings, then one per layer
     for layer in (0, 1):
-        assert torch.equal(harvest.SiteReader(model, layer, "resid")(x), hidden[layer + 1]), layer
+        assert torch.equal(harvest.SiteReader(model, [(layer, "resid")])(x)[0], hidden[layer + 1]), layer
     # The last entry is after the final norm; the site is before it, like every other layer's.
-    last = harvest.SiteReader(model, 2, "resid")(x)
+    last = harvest.SiteReader(model, [(2, "resid")])(x)[0]
     assert not torch.allclose(last, hidden[3])
     with torch.no_grad():
         assert torch.equal(model.get_submodule(final_norm)(last), hidden[3])
@@ -123,7 +123,7 @@ def test_attn_and_mlp_are_the_sub_block_outputs(family):
     block = model.get_submodule(f"{layers}.{LAYER}")
     got, _ = outputs_of(model, {"attn": getattr(block, attn), "mlp": getattr(block, mlp)}, x)
     for site in ("attn", "mlp"):
-        out = harvest.SiteReader(model, LAYER, site)(x)
+        out = harvest.SiteReader(model, [(LAYER, site)])(x)[0]
         assert out.shape == (3, 12, 32) and out.abs().sum() > 0
         assert torch.equal(out, got[site]), site
 
@@ -133,8 +133,8 @@ def test_attn_and_mlp_sites_add_up_to_the_residual_update(name):
     """hook_module's contract: the sub-blocks' outputs "before they are added to the residual
     stream", so resid(layer) - resid(layer - 1) = attn + mlp (in parallel and sequential GPT-NeoX alike)."""
     model, x = tiny(name), ids()
-    update = harvest.SiteReader(model, LAYER, "resid")(x) - harvest.SiteReader(model, LAYER - 1, "resid")(x)
-    attn_out, mlp_out = (harvest.SiteReader(model, LAYER, site)(x) for site in ("attn", "mlp"))
+    update = harvest.SiteReader(model, [(LAYER, "resid")])(x)[0] - harvest.SiteReader(model, [(LAYER - 1, "resid")])(x)[0]
+    attn_out, mlp_out = (harvest.SiteReader(model, [(LAYER, site)])(x)[0] for site in ("attn", "mlp"))
     torch.testing.assert_close(attn_out + mlp_out, update, rtol=1e-5, atol=1e-5)
 
 
@@ -152,20 +152,26 @@ def test_gemma2_adds_the_post_normed_sub_block_outputs():
 
 
 @pytest.mark.parametrize("site", ["attn", "mlp"])
-def test_harvest_writes_the_site_of_a_saved_model_folder(family, site, tiny_model, corpus, tmp_path):
-    """harvest.harvest end to end on the family saved as a local folder (with conftest's tokenizer)."""
+def test_harvest_writes_the_site_of_a_saved_model_folder(family, site, tiny_model, bos_tokenizer, corpus, tmp_path):
+    """harvest.harvest end to end on the family saved as a local folder. Gemma's and Llama's
+    tokenizers prepend BOS, so theirs here does too, and every window must start with it."""
     name, model, (layers, attn, mlp, _) = family
     folder = tmp_path / name
     model.save_pretrained(folder)
-    AutoTokenizer.from_pretrained(tiny_model).save_pretrained(folder)
+    adds_bos = name in ("gemma2", "llama")
+    tokenizer = AutoTokenizer.from_pretrained(bos_tokenizer if adds_bos else tiny_model)
+    tokenizer.save_pretrained(folder)
     m = harvest.harvest(tmp_path / "acts", model_name=str(folder), layer=LAYER, site=site, tokens=300,
                         text=[str(corpus)], context=16, batch_size=4, dtype="float32", heldout_every=5,
                         device="cpu")
     assert (m["d_in"], m["layer"], m["site"]) == (32, LAYER, site)
     assert m["hook"] == f"{layers}.{LAYER}.{attn if site == 'attn' else mlp}"
+    assert m["bos"] == (tokenizer.bos_token_id if adds_bos else None)
     _, shards = acts.open_split(tmp_path / "acts", "train")
     rows = np.concatenate([a for a, _ in shards])
     windows = torch.from_numpy(np.concatenate([t for _, t in shards])).long()
+    if adds_bos:
+        assert (windows[:, 0] == tokenizer.bos_token_id).all()
     reloaded, _ = harvest.load_model(str(folder), "cpu", torch.float32)
     got, _ = outputs_of(reloaded, {site: reloaded.get_submodule(m["hook"])}, windows)
     # Other batch sizes than harvest's: equal up to float32 rounding.

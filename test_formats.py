@@ -28,6 +28,7 @@ import baselines
 import evaluate
 import export
 import formats
+import harvest
 from jumprelu import JumpReLUSAE
 
 SAELENS_NAMES = {"jumprelu": {"W_enc", "W_dec", "b_enc", "b_dec", "threshold"},
@@ -281,7 +282,7 @@ def test_saelens_hand_computed_folds(tmp_path):
     assert isinstance(sae, baselines.TopKSAE) and sae.k == 1
     np.testing.assert_array_equal(sae.b_enc.detach().numpy(), [1.0, 0.0])
     np.testing.assert_array_equal(run(sae, np.array([[2.0, -1.0]]))[0], [[2.0, 0.0]])
-    assert sae.metadata["hook"] == "blocks.3.hook_resid_post" and sae.metadata["model"] == "gpt2"
+    assert (sae.metadata["model"], sae.metadata["layer"], sae.metadata["site"]) == ("gpt2", 3, "resid")   # from blocks.3.hook_resid_post
 
 
 @pytest.mark.parametrize("arch", ["standard", "jumprelu", "topk", "gated"])
@@ -339,7 +340,9 @@ def test_saelens_older_and_other_configs(tmp_path, case):
         write_saelens(tmp_path, "standard", w, dtype="bfloat16")
         hook, arch = "blocks.3.hook_resid_post", "relu"
     sae = formats.load_saelens(tmp_path)
-    assert sae.architecture == arch and sae.metadata["hook"] == hook
+    site = harvest.tl_site(hook)           # a TransformerLens name of ours reads back as layer and site
+    assert sae.architecture == arch and (sae.metadata["hook"] == hook if site is None else
+                                         (sae.metadata["layer"], sae.metadata["site"]) == site)
     if case == "bfloat16":
         W = torch.tensor(w["W_enc"], dtype=torch.float32).to(torch.bfloat16).float()
         np.testing.assert_array_equal(sae.W_enc.detach().numpy(), W.numpy())
@@ -540,7 +543,8 @@ def test_save_saelens_means_the_same_in_saelens_and_round_trips_exactly(arch, kw
     else:
         np.testing.assert_array_equal(f, f_ref)
         np.testing.assert_array_equal(x_hat, x_hat_ref)
-    assert type(back) is type(sae) and back.metadata == sae.metadata and getattr(back, "k", k) == getattr(sae, "k", k)
+    assert back.metadata == {**sae.metadata, "model": "HuggingFaceTB/SmolLM2-135M-Instruct"}   # the hub's name
+    assert type(back) is type(sae) and getattr(back, "k", k) == getattr(sae, "k", k)
     assert getattr(back, "pre_encoder_bias", None) == getattr(sae, "pre_encoder_bias", None)
     assert getattr(back, "bandwidth", None) == getattr(sae, "bandwidth", None)
     for name, t in sae.state_dict().items():
@@ -563,8 +567,11 @@ def test_saelens_own_loader_reads_what_we_write(tmp_path):
                 q.copy_(torch.randn(q.shape, generator=g) * 0.3 - (1.0 if name == "log_threshold" else 0.0))
             if arch == "batchtopk":
                 sae.threshold.fill_(0.4)
+        sae.metadata = {"model": "smollm2", "layer": 1, "site": "resid", "hook": "model.layers.1"}
         formats.save_saelens(sae, tmp_path / str(i))
         theirs = sae_lens.SAE.load_from_disk(str(tmp_path / str(i)))
+        assert theirs.cfg.metadata.hook_name == "blocks.1.hook_resid_post", arch
+        assert theirs.cfg.metadata.model_name == "HuggingFaceTB/SmolLM2-135M-Instruct", arch
         x = torch.randn(100, 8, generator=g)
         with torch.no_grad():
             torch.testing.assert_close(theirs.encode(x), sae.encode(x), rtol=1e-5, atol=1e-5, msg=arch)
@@ -574,7 +581,7 @@ def test_saelens_own_loader_reads_what_we_write(tmp_path):
 @pytest.mark.parametrize("arch, kwargs", VARIANTS)
 def test_save_saelens_writes_what_saelens_reads(tmp_path, arch, kwargs):
     sae = baselines.make_sae(arch, 4, 12, k=3, **kwargs)
-    sae.metadata = {"model": "smollm2", "hook": "model.layers.6"}
+    sae.metadata = {"model": "smollm2", "layer": 6, "site": "mlp", "hook": "model.layers.6.mlp"}
     formats.save_saelens(sae, tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cfg.json", "sae_weights.safetensors"]   # no temporaries
     cfg = json.loads((tmp_path / "cfg.json").read_text())
@@ -586,11 +593,30 @@ def test_save_saelens_writes_what_saelens_reads(tmp_path, arch, kwargs):
         (theirs, 4, 12, "float32", "none")
     assert cfg["apply_b_dec_to_input"] == (arch != "relu" and kwargs.get("pre_encoder_bias", arch != "jumprelu"))
     assert int(cfg["metadata"]["sae_lens_version"].split(".")[0]) >= 6    # read as SAELens 6, not renamed
-    assert (cfg["metadata"]["model_name"], cfg["metadata"]["hook_name"]) == ("smollm2", "model.layers.6")
+    # The names SAELens, TransformerLens and Neuronpedia look up: the hub id, the TransformerLens hook.
+    assert (cfg["metadata"]["model_name"], cfg["metadata"]["hook_name"], cfg["metadata"]["hook_module"]) == \
+        ("HuggingFaceTB/SmolLM2-135M-Instruct", "blocks.6.hook_mlp_out", "model.layers.6.mlp")
     if arch == "topk":
         assert cfg["k"] == 3 and cfg["rescale_acts_by_decoder_norm"] is False
     tensors = load_file(tmp_path / "sae_weights.safetensors")
     assert set(tensors) == SAELENS_NAMES[theirs] and all(t.dtype == np.float32 for t in tensors.values())
+
+
+@pytest.mark.parametrize("site, name", [("resid", "blocks.1.hook_resid_post"), ("mlp", "blocks.1.hook_mlp_out"),
+                                        ("attn", "blocks.1.hook_attn_out")])
+def test_saelens_names_the_site_as_transformerlens_and_reads_it_back(tmp_path, site, name):
+    sae = baselines.make_sae("jumprelu", 4, 12)
+    sae.metadata = {"model": "gpt2", "layer": 1, "site": site, "hook": f"transformer.h.1.{site}"}
+    formats.save_saelens(sae, tmp_path)
+    meta = json.loads((tmp_path / "cfg.json").read_text())["metadata"]
+    assert (meta["model_name"], meta["hook_name"]) == ("gpt2", name)
+    assert formats.load_saelens(tmp_path).metadata == sae.metadata
+    # A folder SAELens itself wrote for a TransformerLens model: its layer and site, no module path.
+    write_saelens(tmp_path / "theirs", "standard", {"W_enc": np.ones((3, 5)), "W_dec": np.ones((5, 3)),
+                                                   "b_enc": np.zeros(5), "b_dec": np.zeros(3)},
+                  metadata={"hook_name": name})
+    md = formats.load_saelens(tmp_path / "theirs").metadata
+    assert (md["model"], md["layer"], md["site"]) == ("gpt2", 1, site) and "hook" not in md
 
 
 # --- Dispatch, the command line, and the rest of the project --------------------------------

@@ -10,6 +10,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from transformers import AutoTokenizer
 
 import acts
 import harvest
@@ -56,83 +57,117 @@ def test_forward_stops_at_the_hooked_layer(tiny_model):
     model, _ = harvest.load_model(str(tiny_model), "cpu", torch.float32)
     later = []
     handle = model.model.layers[2].register_forward_hook(lambda *a: later.append(1))
-    out = harvest.SiteReader(model, 1, "resid")(torch.zeros(2, 8, dtype=torch.long))
+    out = harvest.SiteReader(model, [(1, "resid")])(torch.zeros(2, 8, dtype=torch.long))[0]
     handle.remove()
     assert out.shape == (2, 8, 32) and later == []
 
 
-def test_heldout_windows_are_every_nth_and_never_in_training(tiny_model, corpus, tmp_path):
-    m = _harvest(tiny_model, corpus, tmp_path / "acts", heldout_every=5)
-    _, train_windows = _split(tmp_path / "acts", "train")
-    held_acts, held_windows = _split(tmp_path / "acts", "heldout")
-    n = len(train_windows) + len(held_windows)
-    assert len(held_windows) == n // 5 and len(held_acts) == len(held_windows) * 15
-    assert m["splits"]["heldout"]["rows"] == len(held_acts)
-    # The stream of windows, rebuilt, puts every 5th window in the held-out split.
-    tokenizer = harvest.load_model(str(tiny_model), "cpu", torch.float32)[1]
-    stream = list(harvest.token_windows(harvest.text_files([str(corpus)]), tokenizer, 16))[:n]
-    np.testing.assert_array_equal(held_windows, np.array(stream[4::5]))
-    np.testing.assert_array_equal(train_windows, np.array([w for i, w in enumerate(stream) if i % 5 != 4]))
+def _packed(tokenizer, docs, heldout_every, context, bos=None, separator=None):
+    """The windows each split should hold, built here from the definition: every heldout_every-th
+    document's tokens (and a separator after each) to the held-out stream, the others to the
+    training stream; each stream cut into chunks, each after BOS when there is one."""
+    streams = {"train": [], "heldout": []}
+    for i, doc in enumerate(docs):
+        split = "heldout" if i % heldout_every == heldout_every - 1 else "train"
+        streams[split] += tokenizer(doc, add_special_tokens=False)["input_ids"] + [separator]
+    size = context - (bos is not None)
+    return {split: np.array([([bos] if bos is not None else []) + t[k:k + size]
+                             for k in range(0, len(t) - size + 1, size)]) for split, t in streams.items()}
+
+
+@pytest.mark.parametrize("bos", [False, True])
+def test_a_document_goes_wholly_to_one_split_and_windows_start_as_the_model_was_trained(
+        tiny_model, bos_tokenizer, corpus, tmp_path, bos):
+    """Every 5th document is held out whole; with a tokenizer that adds BOS (Gemma, Llama) every
+    window starts with it; documents are separated by the end-of-text token (here the only one, EOS)."""
+    model_dir = tmp_path / "model"
+    model, tokenizer = harvest.load_model(str(tiny_model), "cpu", torch.float32)
+    model.save_pretrained(model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(bos_tokenizer if bos else tiny_model)
+    tokenizer.save_pretrained(model_dir)
+    m = _harvest(model_dir, corpus, tmp_path / "acts", heldout_every=5, tokens=20_000)
+    bos_id, sep_id = (tokenizer.bos_token_id if bos else None), tokenizer.eos_token_id
+    assert (m["bos"], m["separator"]) == (bos_id, sep_id) and m["split"].startswith("by document: every 5th")
+    want = _packed(tokenizer, list(harvest.text_files([str(corpus)])), 5, 16, bos_id, sep_id)
+    for split in acts.SPLITS:
+        rows, windows = _split(tmp_path / "acts", split)
+        np.testing.assert_array_equal(windows, want[split])          # the whole text: m["text_exhausted"]
+        assert len(rows) == len(windows) * 15
+        if bos:
+            assert (windows[:, 0] == bos_id).all()
+    assert m["text_exhausted"] and m["splits"]["heldout"]["windows"] > 0
 
 
 class _FakeReader:
-    """Stands in for SiteReader: the activation at each position is (token id, position, 0)."""
+    """Stands in for SiteReader at two sites: at each position, (token id, position, 0) and ten times that."""
     model = torch.nn.Linear(1, 1)
 
     def __call__(self, ids_BT):
         B, T = ids_BT.shape
-        return torch.stack([ids_BT.float(), torch.arange(T).expand(B, T).float(), torch.zeros(B, T)], -1)
+        rows = torch.stack([ids_BT.float(), torch.arange(T).expand(B, T).float(), torch.zeros(B, T)], -1)
+        return [rows, 10 * rows]
 
 
-def _empty_folder(tmp_path, context=4):
-    settings = dict(model="m", gguf_file=None, layer=1, site="resid", context=context, dtype="float32",
-                    heldout_every=5, source={"text": "t"})
-    manifest = acts.new_manifest(settings, "model.layers.1", 3)
-    for split in acts.SPLITS:
-        (tmp_path / split).mkdir()
-    return manifest
+def _sink(folder, resume=False):
+    settings = dict(model="m", gguf_file=None, layer=1, site="resid", context=4, dtype="float32", heldout_every=5,
+                    source={"text": "t"})
+    return harvest.open_sink(folder, acts.MANIFEST, settings, "model.layers.1", 3, resume, 0, 1)
 
 
-def test_every_nth_window_is_held_out():
+def test_every_nth_document_is_held_out():
     assert [harvest.split_of(i, 5) for i in range(10)] == ["train"] * 4 + ["heldout"] + ["train"] * 4 + ["heldout"]
 
 
 def test_read_batch_drops_the_first_position_and_refuses_nan():
-    batch = [(0, "train", [7, 8, 9, 10]), (1, "train", [11, 12, 13, 14])]
-    rows = harvest.read_batch(_FakeReader(), batch, np.float16)
+    batch = [(0, "train", [7, 8, 9, 10], [0]), (1, "train", [11, 12, 13, 14], [0])]
+    rows, tenfold = harvest.read_batch(_FakeReader(), batch, np.float16)
     assert rows.dtype == np.float16 and rows.shape == (2, 3, 3)
     np.testing.assert_array_equal(rows[1, :, :2], [[12, 1], [13, 2], [14, 3]])
-    nan_reader = lambda ids: torch.full((*ids.shape, 3), math.nan)
+    np.testing.assert_array_equal(tenfold, 10 * rows)
+    nan_reader = lambda ids: [torch.full((*ids.shape, 3), math.nan)]
     nan_reader.model = torch.nn.Linear(1, 1)
     with pytest.raises(ValueError, match="NaN or Inf activations .* near token 0"):
         harvest.read_batch(nan_reader, batch, np.float32)
 
 
 def test_store_writes_a_shard_once_a_split_holds_enough_windows(tmp_path):
-    manifest, buffers = _empty_folder(tmp_path), {s: ([], []) for s in acts.SPLITS}
-    batch = [(i, "heldout" if i == 4 else "train", [i, i + 1, i + 2, i + 3]) for i in range(5)]
-    harvest.store(tmp_path, manifest, buffers, batch, harvest.read_batch(_FakeReader(), batch, np.float32), 2, acts.MANIFEST)
+    sink = _sink(tmp_path)
+    batch = [(i, "heldout" if i == 4 else "train", [i, i + 1, i + 2, i + 3], [0]) for i in range(5)]
+    harvest.store(sink, 0, batch, harvest.read_batch(_FakeReader(), batch, np.float32)[0], 2)
     train = acts.read_manifest(tmp_path)["splits"]["train"]
-    assert [s["windows"] for s in train["shards"]] == [2, 2] and len(buffers["heldout"][0]) == 1
-    harvest.flush(tmp_path, manifest, buffers, "heldout", acts.MANIFEST)
+    assert [s["windows"] for s in train["shards"]] == [2, 2] and len(sink["buffers"]["heldout"][0]) == 1
+    harvest.flush(sink, "heldout")
     _, shards = acts.open_split(tmp_path, "heldout")
     np.testing.assert_array_equal(shards[0][1], [[4, 5, 6, 7]])
     np.testing.assert_array_equal(shards[0][0][:, 0], [5, 6, 7])            # positions 1 to 3 of window 4
 
 
-def test_harvest_windows_runs_this_processs_share_and_skips_what_is_on_disk(tmp_path):
+def test_harvest_windows_runs_this_processs_share_and_skips_what_each_folder_holds(tmp_path):
     from tqdm import tqdm
-    windows = [[i] * 4 for i in range(30)]
-    manifest = _empty_folder(tmp_path)
-    manifest["splits"]["train"]["windows"] = 2            # as if two training windows were on disk
-    seen = harvest.harvest_windows(tmp_path, manifest, acts.MANIFEST, _FakeReader(), iter(windows), target_windows=20,
-                                   heldout_every=5, rank=1, world=2, batch_size=3, shard_windows=100,
-                                   np_dtype=np.float32, bar=tqdm(disable=True))
+    windows = [("heldout" if i % 5 == 4 else "train", [i] * 4) for i in range(30)]
+    sinks = [_sink(tmp_path / "a"), _sink(tmp_path / "b")]
+    sinks[0]["skip"]["train"] = 2              # as if folder a held two training windows, folder b one
+    sinks[1]["skip"]["train"] = 1
+    seen = harvest.harvest_windows(sinks, _FakeReader(), iter(windows), target_windows=20, rank=1, world=2,
+                                   batch_size=3, shard_windows=100, np_dtype=np.float32, bar=tqdm(disable=True))
     assert seen == 20
-    _, train = acts.open_split(tmp_path, "train")
-    _, held = acts.open_split(tmp_path, "heldout")
-    # Rank 1 of 2 takes the odd windows; the first two of its training windows (1, 3) were on disk.
-    assert train[0][1][:, 0].tolist() == [5, 7, 11, 13, 15, 17] and held[0][1][:, 0].tolist() == [9, 19]
+    # Rank 1 of 2 takes the odd windows; of its training windows (1, 3, 5, ...) folder a held the
+    # first two and folder b the first one; folder b's rows are ten times folder a's.
+    for folder, first, scale in (("a", 5, 1), ("b", 3, 10)):
+        _, train = acts.open_split(tmp_path / folder, "train")
+        _, held = acts.open_split(tmp_path / folder, "heldout")
+        assert train[0][1][:, 0].tolist() == [w for w in (1, 3, 5, 7, 11, 13, 15, 17) if w >= first]
+        assert held[0][1][:, 0].tolist() == [9, 19] and held[0][0][0, 0] == 9 * scale
+
+
+def test_several_sites_from_one_pass_equal_single_site_harvests(tiny_model, corpus, tmp_path):
+    both = _harvest(tiny_model, corpus, tmp_path / "both", layer=[0, 1], site=["resid", "mlp"])
+    assert [(m["layer"], m["site"]) for m in both] == [(0, "resid"), (0, "mlp"), (1, "resid"), (1, "mlp")]
+    for layer, site in ((0, "mlp"), (1, "resid")):
+        _harvest(tiny_model, corpus, tmp_path / f"one_{layer}_{site}", layer=layer, site=site)
+        for split in acts.SPLITS:
+            for a, b in zip(_split(tmp_path / f"one_{layer}_{site}", split), _split(tmp_path / "both" / f"L{layer}_{site}", split)):
+                np.testing.assert_array_equal(a, b)
 
 
 def test_resume_after_a_kill_gives_the_same_folder(tiny_model, corpus, tmp_path, monkeypatch):

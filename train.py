@@ -573,7 +573,8 @@ def train(acts_dir, out, *, arch="jumprelu", d_sae=None, steps=600, target_l0=No
             checkpoint(ckpt, sae, opt, fired_at, state, rank, world)
     log.bar.close()
     if rank == 0:
-        save_sae(out, sae, scale, {"model": manifest["model"], "layer": manifest["layer"], "site": manifest["site"],
+        save_sae(out, sae, scale, {"model": manifest["model"], "gguf_file": manifest.get("gguf_file"),
+                                   "layer": manifest["layer"], "site": manifest["site"],
                                    "hook": manifest["hook"], "context": manifest["context"], "acts": str(acts_dir),
                                    "recipe": recipe, "steps": steps, "tokens": steps * B, "seed": seed,
                                    "target_l0": target_l0, "l0_coefficient": None if arch in TOPK else lam})
