@@ -150,6 +150,40 @@ def test_resume_after_a_kill_ends_with_identical_weights(tiny_acts, tmp_path, mo
         assert torch.equal(getattr(whole, name), getattr(killed, name)), name
 
 
+@pytest.mark.parametrize("device", ["cpu", "meta", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="no CUDA device"))])
+def test_checkpoint_restores_a_fused_adam_as_torchs_own_load_state_dict(tmp_path, device):
+    """A checkpoint (CPU tensors) loaded into a fused Adam leaves every state tensor on the device and
+    in the dtype that torch's load_state_dict gives: fused Adam on CUDA refuses a `step` left on the
+    CPU (pytorch issue 103256). "meta" stands in for a GPU here: a device other than the file's."""
+    torch.manual_seed(0)
+    sae = JumpReLUSAE(8, 16)
+    opt = train.make_optimizer(sae, train.SMALL, "cuda")              # fused=True, as on a GPU
+    for _ in range(2):
+        sae.loss(torch.randn(32, 8), 1e-3)["loss"].backward()
+        opt.step()
+        opt.zero_grad()
+    train.save_checkpoint(tmp_path / "c.safetensors", sae, opt, torch.zeros(16), {"step": 2})
+
+    def fused():
+        sae = JumpReLUSAE(8, 16).to(device)
+        return sae, train.make_optimizer(sae, train.SMALL, "cuda")      # fused=True, on any device
+
+    (ours_sae, ours), (theirs_sae, theirs) = fused(), fused()
+    train.load_checkpoint(tmp_path / "c.safetensors", ours_sae, ours, torch.zeros(16, device=device))
+    theirs.load_state_dict(opt.state_dict())
+    assert all(group["fused"] for group in ours.param_groups + theirs.param_groups)
+    for (name, p), q in zip(ours_sae.named_parameters(), theirs_sae.parameters()):
+        assert ours.state[p].keys() == theirs.state[q].keys() == {"step", "exp_avg", "exp_avg_sq"}, name
+        for key, want in theirs.state[q].items():
+            got = ours.state[p][key]
+            assert (got.device, got.dtype, got.shape) == (want.device, want.dtype, want.shape), (name, key)
+            assert device == "meta" or torch.equal(got.cpu(), want.cpu()), (name, key)
+    if device != "meta":                        # and it steps, where the old load_checkpoint's state failed on CUDA
+        ours_sae.loss(torch.randn(32, 8, device=device), 1e-3)["loss"].backward()
+        ours.step()
+
+
 def test_paper_recipe_runs_with_a_fixed_coefficient(tiny_acts, tmp_path):
     record = _train(tiny_acts, tmp_path / "paper", recipe="paper", target_l0=None, l0_coefficient=1e-3)
     assert record["l0_coefficient"] == pytest.approx(1e-3 * 7 / 10_000)   # lambda warm-up: step 7 of 10,000

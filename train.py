@@ -438,6 +438,7 @@ def load_checkpoint(path, sae, opt, fired_at):
         expected = {f"param.{n}": p.shape for n, p in sae.named_parameters()}
         expected.update({f"buffer.{n}": b.shape for n, b in sae.named_buffers()}, fired_at=fired_at.shape)
         assert all(k in tensors and tensors[k].shape == shape for k, shape in expected.items())
+        adam = adam_state_dict(opt, sae, tensors)
     except Exception as e:
         raise ValueError(f"{path} is damaged or belongs to another SAE ({type(e).__name__}); delete it to start "
                          "afresh or pass the settings it was made with.") from None
@@ -446,12 +447,23 @@ def load_checkpoint(path, sae, opt, fired_at):
             b.copy_(tensors[f"buffer.{n}"])
         for n, p in sae.named_parameters():
             p.copy_(tensors[f"param.{n}"])
-            moments = {k.split(".")[-1]: v for k, v in tensors.items() if k.startswith(f"adam.{n}.")}
-            if moments:
-                opt.state[p] = {k: v.to(p.device) if k != "step" else v for k, v in moments.items()}
         fired_at.copy_(tensors["fired_at"])
+    opt.load_state_dict(adam)       # torch puts each tensor where opt needs it: fused Adam wants `step` on the GPU
     torch.set_rng_state(tensors["rng.torch"])
     return state
+
+
+def adam_state_dict(opt, sae, tensors):
+    """opt's own state_dict with the checkpoint's "adam.<param>.<key>" tensors as its state, keyed by
+    each parameter's index in opt; its param_groups (fused, lr_scale...) are opt's, not the file's."""
+    index = {id(p): i for i, p in enumerate(p for group in opt.param_groups for p in group["params"])}
+    state = {}
+    for n, p in sae.named_parameters():
+        moments = {k.removeprefix(f"adam.{n}."): v for k, v in tensors.items() if k.startswith(f"adam.{n}.")}
+        assert all(v.shape == p.shape for k, v in moments.items() if k != "step")
+        if moments:
+            state[index[id(p)]] = moments
+    return {"state": state, "param_groups": opt.state_dict()["param_groups"]}
 
 
 def resume_from(ckpt, sae, opt, fired_at, controller, arch, d_sae, steps):
