@@ -153,9 +153,11 @@ def test_resume_after_a_kill_ends_with_identical_weights(tiny_acts, tmp_path, mo
 @pytest.mark.parametrize("device", ["cpu", "meta", pytest.param("cuda", marks=pytest.mark.skipif(
     not torch.cuda.is_available(), reason="no CUDA device"))])
 def test_checkpoint_restores_a_fused_adam_as_torchs_own_load_state_dict(tmp_path, device):
-    """A checkpoint (CPU tensors) loaded into a fused Adam leaves every state tensor on the device and
-    in the dtype that torch's load_state_dict gives: fused Adam on CUDA refuses a `step` left on the
-    CPU (pytorch issue 103256). "meta" stands in for a GPU here: a device other than the file's."""
+    """A checkpoint (CPU tensors) loaded into a fused Adam leaves every state tensor on the device,
+    in the dtype and with the strides that torch's load_state_dict gives from the live optimiser:
+    fused Adam on CUDA refuses a `step` left on the CPU (pytorch issue 103256), and a row-major
+    moment of the column-major W_enc made fused Adam update the wrong entries. "meta" stands in for
+    a GPU here: a device other than the file's."""
     torch.manual_seed(0)
     sae = JumpReLUSAE(8, 16)
     opt = train.make_optimizer(sae, train.SMALL, "cuda")              # fused=True, as on a GPU
@@ -177,11 +179,16 @@ def test_checkpoint_restores_a_fused_adam_as_torchs_own_load_state_dict(tmp_path
         assert ours.state[p].keys() == theirs.state[q].keys() == {"step", "exp_avg", "exp_avg_sq"}, name
         for key, want in theirs.state[q].items():
             got = ours.state[p][key]
-            assert (got.device, got.dtype, got.shape) == (want.device, want.dtype, want.shape), (name, key)
+            assert (got.device, got.dtype, got.stride()) == (want.device, want.dtype, want.stride()), (name, key)
             assert device == "meta" or torch.equal(got.cpu(), want.cpu()), (name, key)
-    if device != "meta":                        # and it steps, where the old load_checkpoint's state failed on CUDA
-        ours_sae.loss(torch.randn(32, 8, device=device), 1e-3)["loss"].backward()
-        ours.step()
+    if device != "meta":                        # and the next step is the one the live optimiser takes
+        theirs_sae.load_state_dict(sae.state_dict())
+        x = torch.randn(32, 8, device=device)
+        for s, o in ((ours_sae, ours), (theirs_sae, theirs)):
+            s.loss(x, 1e-3)["loss"].backward()
+            o.step()
+        for (name, p), q in zip(ours_sae.named_parameters(), theirs_sae.parameters()):
+            assert torch.equal(p, q), name
 
 
 def test_paper_recipe_runs_with_a_fixed_coefficient(tiny_acts, tmp_path):

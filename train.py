@@ -455,14 +455,18 @@ def load_checkpoint(path, sae, opt, fired_at):
 
 def adam_state_dict(opt, sae, tensors):
     """opt's own state_dict with the checkpoint's "adam.<param>.<key>" tensors as its state, keyed by
-    each parameter's index in opt; its param_groups (fused, lr_scale...) are opt's, not the file's."""
+    each parameter's index in opt; its param_groups (fused, lr_scale...) are opt's, not the file's.
+    Each moment is laid out like its parameter (W_enc is W_dec^T, column-major), as Adam lays out its
+    own: the file holds them row-major, and fused Adam walks parameter, gradient and moments as one
+    flat array, so a row-major moment of a column-major parameter updated the wrong entries."""
     index = {id(p): i for i, p in enumerate(p for group in opt.param_groups for p in group["params"])}
     state = {}
     for n, p in sae.named_parameters():
         moments = {k.removeprefix(f"adam.{n}."): v for k, v in tensors.items() if k.startswith(f"adam.{n}.")}
         assert all(v.shape == p.shape for k, v in moments.items() if k != "step")
         if moments:
-            state[index[id(p)]] = moments
+            state[index[id(p)]] = {k: v if k == "step" else torch.empty_strided(v.shape, p.stride(), dtype=v.dtype).copy_(v)
+                                   for k, v in moments.items()}
     return {"state": state, "param_groups": opt.state_dict()["param_groups"]}
 
 
