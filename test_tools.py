@@ -1,0 +1,33 @@
+"""Tests for tools/gpu_check.py: its dry run takes every step on the CPU, and it names what a GPU run lacks."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+HERE = Path(__file__).parent
+CHECK = HERE / "tools" / "gpu_check.py"
+
+
+def test_gpu_check_dry_run_passes_every_step_and_writes_its_table(tmp_path):
+    run = subprocess.run([sys.executable, str(CHECK), "--dry-run", "--out", str(tmp_path / "check.md")],
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    table = (tmp_path / "check.md").read_text()
+    assert table.startswith("# GPU check: a dry run on the CPU, not a GPU result")
+    for step in ("the test suite", "train, kill, resume", "bench.py --quick", "ONNX float32 encoder", "ONNX fp16 encoder",
+                 "ONNX top-k encoder"):
+        assert f"| {step}" in table, step
+    assert table.count("| passed |") == 6 and "bit-identical weights and logged losses" in table
+    assert "fused Adam True, compiled loss" in table
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_gpu_check_without_a_gpu_says_what_is_missing(tmp_path):
+    run = subprocess.run([sys.executable, str(CHECK), "--out", str(tmp_path / "check.md")], capture_output=True, text=True,
+                         timeout=120)
+    assert run.returncode != 0 and not (tmp_path / "check.md").exists()
+    assert "lacks a CUDA device that torch sees (or pass --dry-run)" in run.stderr
+    assert len(run.stderr.strip().splitlines()) == 1
