@@ -2,6 +2,7 @@
 
 import json
 import math
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +17,10 @@ import export
 from jumprelu import JumpReLUSAE
 
 HERE = Path(__file__).parent
+NODE_EXAMPLE = HERE / "examples" / "node"
+NO_NODE = ("node is not installed" if shutil.which("node") is None else
+           "onnxruntime-node is not installed (npm install --ignore-scripts --prefix examples/node)"
+           if not (NODE_EXAMPLE / "node_modules" / "onnxruntime-node").is_dir() else None)
 
 
 def _sae(d_in=24, d_sae=96, seed=0, pre_bias=False):
@@ -35,6 +40,17 @@ def _sae(d_in=24, d_sae=96, seed=0, pre_bias=False):
 def _run(path, x):
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     return sess.run(None, {"x": x})
+
+
+def _at_threshold_latents(sae):
+    """Latent 0's pre-activation is its threshold exactly, latent 1's one float above, latent 2's one below."""
+    with torch.no_grad():
+        sae.W_enc[:, :3] = 0
+        theta = sae.threshold[:3]
+        sae.b_enc[0] = theta[0]
+        sae.b_enc[1] = torch.nextafter(theta[1], torch.tensor(10.0))
+        sae.b_enc[2] = torch.nextafter(theta[2], torch.tensor(0.0))
+    return sae
 
 
 @pytest.mark.parametrize("what", ["encoder", "sae"])
@@ -63,13 +79,7 @@ def test_dynamic_batch_and_metadata(tmp_path):
 
 @pytest.mark.parametrize("fp16", [False, True])
 def test_pre_activation_equal_to_threshold_is_inactive_after_export(tmp_path, fp16):
-    sae = _sae()
-    with torch.no_grad():   # latent 0: pre = theta exactly; latent 1: one float above; latent 2: one below
-        sae.W_enc[:, :3] = 0
-        theta = sae.threshold[:3]
-        sae.b_enc[0] = theta[0]
-        sae.b_enc[1] = torch.nextafter(theta[1], torch.tensor(10.0))
-        sae.b_enc[2] = torch.nextafter(theta[2], torch.tensor(0.0))
+    sae = _at_threshold_latents(_sae())
     export.export(sae, tmp_path / "m.onnx", fp16=fp16)
     f = _run(tmp_path / "m.onnx", np.random.default_rng(0).standard_normal((5, 24)).astype(np.float32))[0]
     if not fp16:    # float16 rounds b_enc, so only float32 can place pre exactly at theta
@@ -197,3 +207,35 @@ def test_a_wrong_baseline_export_is_caught(tmp_path):
         sae.r_mag.add_(0.01)          # the file no longer matches the SAE
     ok, reports, _, _ = export.verify(tmp_path / "m.onnx", module, sae, rows=100)
     assert not ok and reports["random"]["max_rel"] > 1e-3
+
+
+@pytest.mark.skipif(NO_NODE is not None, reason=str(NO_NODE))
+def test_node_example_prints_the_latents_of_a_float64_numpy_reference(tmp_path):
+    """examples/node/encode.js (onnxruntime-node) prints the active latents that a float64 NumPy
+    encoder, computed from the saved SAE's weights, finds, with their values to float32 rounding;
+    a pre-activation exactly at its threshold is inactive. Flips are allowed only in the tie zone."""
+    sae = _at_threshold_latents(_sae())
+    sae.save(tmp_path / "sae")
+    export.export(sae, tmp_path / "encoder.onnx")
+    x = np.random.default_rng(3).standard_normal((40, 24)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    run = subprocess.run(["node", str(NODE_EXAMPLE / "encode.js"), str(tmp_path / "encoder.onnx"), str(tmp_path / "x.npy"),
+                          "40"], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert "40 rows, d_in 24, d_sae 96, provider " in run.stdout          # cpu, or cuda with the GPU binaries
+    got = np.zeros((40, 96))
+    for line in run.stdout.splitlines()[1:]:
+        row, pairs = int(line.split(":")[0].removeprefix("row ")), line.split(": ", 2)[2].split()
+        for i, v in (pair.split(":") for pair in pairs):
+            got[row, int(i)] = float(v)
+    from safetensors.numpy import load_file
+    w = {k: v.astype(np.float64) for k, v in load_file(str(tmp_path / "sae" / "sae.safetensors")).items()}
+    pre = x.astype(np.float64) @ w["W_enc"] + w["b_enc"]             # SPEC section 1, in float64
+    want = np.where(pre > w["threshold"], pre, 0.0)
+    assert (want[:, [0, 2]] == 0).all() and (want[:, 1] != 0).all()
+    assert (got[:, [0, 2]] == 0).all() and (got[:, 1] != 0).all()
+    tie = np.abs(pre - w["threshold"]) <= 8 * 2.0**-24 * (np.abs(x) @ np.abs(w["W_enc"]) + np.abs(w["b_enc"]))
+    flipped = (got != 0) != (want != 0)
+    assert not (flipped & ~tie).any()
+    both = (got != 0) & (want != 0)
+    assert np.abs(got - want)[both].max() <= 1e-6 * np.abs(want).max()
