@@ -19,15 +19,19 @@ manifest.json from them once all are complete.
 
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import numpy as np
 import torch
 
+import cli
 from jumprelu import atomic_write
 
 SPLITS = ("train", "heldout")
 MANIFEST = "manifest.json"
+# The argparse type of --acts: a folder that holds a manifest (its shards are checked when opened).
+folder = cli.check(str, lambda t: t and os.path.isfile(os.path.join(t, MANIFEST)), "a folder written by harvest.py")
 
 
 # --- Files written atomically, with their checksums ----------------------------------------

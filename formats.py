@@ -424,24 +424,39 @@ def save_saelens(sae, folder):
 # --- Any of the three ----------------------------------------------------------------------
 
 
+def layout(path):
+    """Which SAE `path` holds, told by its files: "ours" (config.json or sae.safetensors), "gemma_scope"
+    (a params.npz or its folder), "saelens" (cfg.json + sae_weights.safetensors) or None."""
+    path = Path(path)
+    if path.is_dir() and ((path / jumprelu.CONFIG_NAME).is_file() or (path / jumprelu.WEIGHTS_NAME).is_file()):
+        return "ours"
+    if (path.is_file() and path.suffix == ".npz") or (path.is_dir() and (path / GEMMA_SCOPE_FILE).is_file()):
+        return "gemma_scope"
+    if path.is_dir() and (path / SAELENS_CONFIG).is_file() and (path / SAELENS_WEIGHTS).is_file():
+        return "saelens"
+    return None
+
+
+# The argparse type of an SAE argument (evaluate.py, export.py, this script): a path in one of the layouts.
+sae_path = cli.check(str, lambda t: t and layout(t), f"an SAE folder (ours or SAELens's) or a Gemma Scope {GEMMA_SCOPE_FILE}")
+
+
 def load_sae(path, device=None):
-    """Any SAE: our folder (config.json + sae.safetensors, any architecture, told by its
-    "architecture"), a Gemma Scope params.npz (or its folder), or a SAELens folder (cfg.json +
-    sae_weights.safetensors), told apart by the files they hold."""
+    """Any SAE: our folder (any architecture, told by config.json's "architecture"), a Gemma Scope
+    params.npz (or its folder), or a SAELens folder; see `layout`."""
     path = Path(path)
     if not path.exists():
         raise ValueError(f"{path} does not exist; pass an SAE folder (this project's or SAELens's) or a Gemma Scope "
                          f"{GEMMA_SCOPE_FILE}.")
-    if path.is_dir() and ((path / jumprelu.CONFIG_NAME).is_file() or (path / jumprelu.WEIGHTS_NAME).is_file()):
+    kind = layout(path)
+    if kind == "ours":
         arch = jumprelu.read_config(path).get("architecture")      # one-sentence errors for a damaged folder
         if not isinstance(arch, str) or arch not in baselines.ARCHITECTURES:
             raise ValueError(f"{path}/{jumprelu.CONFIG_NAME} names architecture {arch!r}, "
                              f"which is none of {', '.join(baselines.ARCHITECTURES)}.")
         return baselines.ARCHITECTURES[arch].load(path, device=device)
-    if (path.is_file() and path.suffix == ".npz") or (path.is_dir() and (path / GEMMA_SCOPE_FILE).is_file()):
-        return load_gemma_scope(path, device=device)
-    if path.is_dir() and (path / SAELENS_CONFIG).is_file() and (path / SAELENS_WEIGHTS).is_file():
-        return load_saelens(path, device=device)
+    if kind:
+        return (load_gemma_scope if kind == "gemma_scope" else load_saelens)(path, device=device)
     raise ValueError(f"{path} is none of the SAE layouts read here: a folder with {jumprelu.CONFIG_NAME} and "
                      f"{jumprelu.WEIGHTS_NAME} (this project), a Gemma Scope {GEMMA_SCOPE_FILE} or its folder, or a "
                      f"SAELens folder with {SAELENS_CONFIG} and {SAELENS_WEIGHTS}.")
@@ -449,8 +464,8 @@ def load_sae(path, device=None):
 
 def main(argv=None):
     p = cli.parser(__doc__)
-    p.add_argument("src", help="our SAE folder, a Gemma Scope params.npz (or its folder), or a SAELens folder")
-    p.add_argument("--out", required=True, help="folder to write")
+    p.add_argument("src", type=sae_path, help="our SAE folder, a Gemma Scope params.npz (or its folder), or a SAELens folder")
+    p.add_argument("--out", required=True, type=cli.out_folder, help="folder to write (created)")
     p.add_argument("--saelens", action="store_true", help="write SAELens's layout (default: this project's)")
     args = p.parse_args(argv)
     try:

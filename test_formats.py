@@ -648,11 +648,13 @@ def test_command_line_converts_both_ways(tmp_path, capsys):
     assert "a jumprelu SAE, d_in 3, d_sae 5" in out and "SAELens's layout" in out
     back = formats.load_sae(tmp_path / "sl")
     assert torch.equal(back.W_enc, torch.eye(3, 5)) and torch.equal(back.threshold, torch.full((5,), 0.5))
-    with pytest.raises(SystemExit, match="error: .*nowhere does not exist"):
+    with pytest.raises(SystemExit, match="error: argument src: pass an SAE folder .*, not '.*nowhere'"):
         formats.main([str(tmp_path / "nowhere"), "--out", str(tmp_path / "x")])
     (tmp_path / "empty").mkdir()
-    with pytest.raises(SystemExit, match="error: .* none of the SAE layouts"):
+    with pytest.raises(SystemExit, match="error: argument src: pass an SAE folder .*, not '.*empty'"):
         formats.main([str(tmp_path / "empty"), "--out", str(tmp_path / "x")])
+    with pytest.raises(ValueError, match="none of the SAE layouts"):          # load_sae itself, for library callers
+        formats.load_sae(tmp_path / "empty")
 
 
 def _source(tmp_path, kind, D, F):
