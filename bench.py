@@ -22,7 +22,6 @@ Each section prints a Markdown table (BENCHMARKS.md holds them) and all rows go 
 
 import copy
 import itertools
-import json
 import math
 import platform
 import statistics
@@ -36,6 +35,7 @@ import torch
 
 import cli
 import train
+from acts import write_json
 from jumprelu import JumpReLUSAE
 
 # The paths must agree with the eager dense path within these (||a - b|| / ||b|| of the loss and
@@ -349,29 +349,48 @@ def print_onnx(rows):
 # --- The command --------------------------------------------------------------------------------
 
 
+def write(path, result):
+    """--json, through a temporary file; a full disk ends in one sentence."""
+    try:
+        write_json(path, result)
+    except OSError as e:
+        sys.exit(f"error: writing {path} failed ({e.strerror or e}); free space or pass another --json.")
+
+
+# The argparse types of --shapes (576x16384) and --profile (2304x16384:bf16:dense).
+shape = cli.check(lambda t: tuple(int(v) for v in t.lower().split("x")), lambda s: len(s) == 2 and min(s) >= 1,
+                  "D_INxD_SAE, such as 576x16384")
+profile = cli.check(lambda t: (*shape(t.split(":")[0]), *t.split(":")[1:]),
+                    lambda p: p[2:] in [(dtype, path) for dtype in AGREE for path in ("dense", "sparse")],
+                    "D_INxD_SAE:DTYPE:PATH, such as 2304x16384:bf16:dense (DTYPE float32 or bf16, PATH dense or sparse)")
+
+
 def main(argv=None):
     p = cli.parser(__doc__)
     p.add_argument("what", nargs="*", metavar="SECTION", help="train, harvest and/or onnx (default: all three)")
     p.add_argument("--quick", action="store_true", help="small shapes and one step: checks that the paths agree (CI)")
-    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
-    p.add_argument("--shapes", nargs="+", default=None, metavar="D_INxD_SAE",
+    p.add_argument("--device", type=cli.device, default=None, help="cuda or cpu (default: cuda when present)")
+    p.add_argument("--shapes", nargs="+", type=shape, default=None, metavar="D_INxD_SAE",
                    help="training shapes (default 576x16384 576x65536 2304x16384 2304x65536 on a GPU; "
                         "576x4096 576x16384 2304x4096 2304x16384 on a CPU)")
-    p.add_argument("--steps", type=int, default=None, help="timed steps per row (median; default 10 GPU, 3 CPU)")
+    p.add_argument("--steps", type=cli.positive_int, default=None, help="timed steps per row (median; default 10 GPU, 3 CPU)")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
-    p.add_argument("--profile", nargs="+", default=[], metavar="D_INxD_SAE:DTYPE:PATH",
+    p.add_argument("--profile", nargs="+", type=profile, default=[], metavar="D_INxD_SAE:DTYPE:PATH",
                    help="after the tables, profile these steps (e.g. 2304x16384:bf16:dense)")
-    p.add_argument("--json", default="bench.json", help="where to write every row (default bench.json)")
+    p.add_argument("--json", type=cli.out_file, default="bench.json",
+                   help="where to write every row (default bench.json; its folder must exist)")
     args = p.parse_args(argv)
     what = args.what or ["train", "harvest", "onnx"]
     if set(what) - {"train", "harvest", "onnx"}:
-        p.error(f"unknown section {sorted(set(what) - {'train', 'harvest', 'onnx'})[0]!r}: choose from train, harvest, onnx.")
+        p.error(f"unknown section {sorted(set(what) - {'train', 'harvest', 'onnx'})[0]!r}: choose from train, harvest, onnx")
+    if args.quick and (args.shapes or args.steps):
+        p.error("--quick times its own small shape for one step; drop --shapes and --steps, or --quick")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     gpu = device == "cuda"
     if args.quick:
         shapes, batch, steps = [(32, 512)], 256, 1
     elif args.shapes:
-        shapes = [tuple(int(v) for v in s.lower().split("x")) for s in args.shapes]
+        shapes = args.shapes
         batch, steps = 4096, args.steps or (10 if gpu else 3)
     else:
         shapes = ([(576, 16_384), (576, 65_536), (2304, 16_384), (2304, 65_536)] if gpu
@@ -386,7 +405,7 @@ def main(argv=None):
     if "train" in what:
         result["train"] = bench_train(shapes, batch, steps, device, dtypes, modes, l0=8 if args.quick else 50)
         print_train_summary(result["train"])
-        Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
+        write(args.json, result)
         failures += [f"train {r['d_in']}x{r['d_sae']} {r['dtype']} {r['mode']} {r['path']}: {r['max_rel_diff']:.1e}"
                      for r in result["train"] if r.get("max_rel_diff", 0) > AGREE[r["dtype"]]]
     if "harvest" in what:
@@ -400,11 +419,9 @@ def main(argv=None):
         print(), print_onnx(result["onnx"])
         failures += [f"onnx {r['device']} {r['d_in']}x{r['d_sae']}: {r['max_rel_diff']:.1e}"
                      for r in result["onnx"] if r["max_rel_diff"] > 1e-4]
-    Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
+    write(args.json, result)
     print(f"\nwrote {args.json}")
-    for spec in args.profile:
-        shape, dtype, path = spec.split(":")
-        d_in, d_sae = (int(v) for v in shape.lower().split("x"))
+    for d_in, d_sae, dtype, path in args.profile:
         profile_step(d_in, d_sae, 128 if args.quick else 4096, dtype, path == "sparse", device)
     if failures:
         raise SystemExit("error: these paths disagree with the reference path, so their timings compare different "

@@ -23,7 +23,7 @@ from tqdm import tqdm
 import acts
 import cli
 import harvest
-from formats import load_sae
+from formats import load_sae, sae_path
 
 DENSE = 0.1   # a latent firing on more than 10% of tokens is "dense" (SPEC section 5)
 
@@ -222,18 +222,22 @@ def table(records):
     return "\n".join([line(cols)] + [line(row) for row in rows])
 
 
+latent_list = cli.check(lambda t: [int(i) for i in t.split(",")], lambda v: min(v) >= 0,
+                        "latent indices separated by commas, such as 12,345")
+
+
 def main(argv=None):
     p = cli.parser(__doc__)
-    p.add_argument("sae_dirs", nargs="+", help="SAE folders (ours, SAELens's, or Gemma Scope params.npz)")
-    p.add_argument("--acts", required=True, help="harvested folder whose held-out split is used")
+    p.add_argument("sae_dirs", nargs="+", type=sae_path, help="SAE folders (ours, SAELens's, or Gemma Scope params.npz)")
+    p.add_argument("--acts", required=True, type=acts.folder, help="harvested folder whose held-out split is used")
     p.add_argument("--lm", action="store_true", help="also splice into the model: delta LM loss, CE recovered, KL")
-    p.add_argument("--lm-windows", type=int, default=64, help="held-out windows for --lm (default 64)")
-    p.add_argument("--json", help="write one record per SAE to this file")
-    p.add_argument("--plot", help="write the sparsity-fidelity plot and firing histogram to this folder")
-    p.add_argument("--latents", help="comma-separated latent indices: print their top held-out contexts")
+    p.add_argument("--lm-windows", type=cli.positive_int, default=64, help="held-out windows for --lm (default 64)")
+    p.add_argument("--json", type=cli.out_file, help="write one record per SAE to this file (its folder must exist)")
+    p.add_argument("--plot", type=cli.out_folder, help="write the sparsity-fidelity plot and firing histogram to this folder (created)")
+    p.add_argument("--latents", type=latent_list, help="comma-separated latent indices: print their top held-out contexts")
     p.add_argument("--allow-mismatch", action="store_true",
                    help="evaluate an SAE on activations of another model, layer or site than its own, on purpose")
-    p.add_argument("--device", default=None)
+    p.add_argument("--device", type=cli.device, default=None)
     args = p.parse_args(argv)
     try:
         records = evaluate(args.sae_dirs, args.acts, lm=args.lm, lm_windows=args.lm_windows, device=args.device,
@@ -245,7 +249,7 @@ def main(argv=None):
         if args.plot:
             print("wrote " + ", ".join(map(str, plot(records, args.plot))))
         if args.latents:
-            latents = [int(i) for i in args.latents.split(",")]
+            latents = args.latents
             manifest, shards = acts.open_split(args.acts, "heldout")
             tokenizer = harvest.load_tokenizer(manifest["model"], manifest.get("gguf_file"))
             for folder in args.sae_dirs:
@@ -257,6 +261,9 @@ def main(argv=None):
                 print(top_contexts(sae, shards, tokenizer, latents, manifest["context"] - 1))
     except ValueError as e:
         sys.exit(f"error: {e}")
+    except OSError as e:     # a full disk: a file written is whole or absent (atomic_write)
+        sys.exit(f"error: writing {e.filename or args.json or args.plot} failed ({e.strerror or e}); free space or pass "
+                 "another path.")
 
 
 if __name__ == "__main__":

