@@ -8,47 +8,75 @@ the code a production pipeline copies: read the SAE's config from the ONNX metad
 input's width and dtype, run the session.
 """
 
-import argparse
 import json
 import sys
 
 import numpy as np
 import onnxruntime as ort
 
+import cli
+
 
 def load(path):
-    """An onnxruntime session (CUDA if available, else CPU) and the SAE config from its metadata."""
+    """An onnxruntime session (CUDA if available, else CPU) and the SAE config from its metadata;
+    one-sentence ValueError for a file that is not an SAE exported by export.py."""
     providers = ["CPUExecutionProvider"]
     if "CUDAExecutionProvider" in ort.get_available_providers():
         providers.insert(0, ("CUDAExecutionProvider", {"use_tf32": "0"}))   # float32 as exported, not TF32
-    sess = ort.InferenceSession(path, providers=providers)
-    meta = {k: json.loads(v) for k, v in sess.get_modelmeta().custom_metadata_map.items()}
+    ort.set_default_logger_severity(4)   # the GPU build on a machine without CUDA logs two screens, then runs on CPU
+    try:
+        sess = ort.InferenceSession(path, providers=providers)
+    except Exception as e:          # onnxruntime's exceptions (InvalidProtobuf, NoSuchFile...) derive from Exception alone
+        raise ValueError(f"{path} is not an ONNX model onnxruntime can load ({type(e).__name__}); pass a file written "
+                         "by export.py.") from None
+    finally:
+        ort.set_default_logger_severity(2)                    # onnxruntime's default: warnings
+    try:
+        meta = {k: json.loads(v) for k, v in sess.get_modelmeta().custom_metadata_map.items()}
+    except ValueError:
+        meta = {}
+    inputs, outputs = [(i.name, i.type) for i in sess.get_inputs()], {o.name for o in sess.get_outputs()}
+    if inputs != [("x", "tensor(float)")] or not {"features", "values"} & outputs or not all(
+            isinstance(meta.get(k), int) for k in ("d_in", "d_sae")):
+        raise ValueError(f"{path} is an ONNX model but not an SAE from export.py (no float input x, features output or "
+                         "d_in in its metadata); pass a file export.py wrote.")
     return sess, meta
+
+
+def read_activations(path):
+    """A .npy array, memory-mapped; one-sentence ValueError for any other file."""
+    try:
+        x = np.load(path, mmap_mode="r", allow_pickle=False)
+        assert isinstance(x, np.ndarray)
+    except (ValueError, OSError, EOFError, AssertionError):
+        raise ValueError(f"{path} cannot be read as a .npy array; pass [rows, d_in] activations saved with numpy.save.") from None
+    return x
 
 
 def encode(sess, meta, x):
     """Feature activations for x [rows, d_in] (raw activations); returns a dict of named outputs."""
     x = np.asarray(x)
     if x.ndim != 2 or x.shape[1] != meta["d_in"]:
-        raise ValueError(f"expected activations of shape [rows, {meta['d_in']}], got {list(x.shape)}.")
-    if not np.issubdtype(x.dtype, np.floating):
-        raise ValueError(f"expected floating-point activations, got {x.dtype}.")
+        raise ValueError(f"expected activations of shape [rows, {meta['d_in']}], got {list(x.shape)}; pass the "
+                         "activations of the site the SAE was trained on.")
+    if not np.issubdtype(x.dtype, np.floating) or not len(x):
+        raise ValueError(f"expected floating-point activations of at least one row, got {len(x)} rows of {x.dtype}.")
     names = [o.name for o in sess.get_outputs()]
     return dict(zip(names, sess.run(None, {"x": x.astype(np.float32)})))
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("onnx_file")
-    p.add_argument("activations", help=".npy file of raw activations [rows, d_in]")
-    p.add_argument("--rows", type=int, default=3, help="rows to print")
-    p.add_argument("--top", type=int, default=5, help="latents to print per row")
+    p = cli.parser(__doc__)
+    p.add_argument("onnx_file", type=cli.existing_file, help="an SAE exported by export.py")
+    p.add_argument("activations", type=cli.existing_file, help=".npy file of raw activations [rows, d_in]")
+    p.add_argument("--rows", type=cli.count, default=3, help="rows to print (default 3)")
+    p.add_argument("--top", type=cli.positive_int, default=5, help="latents to print per row (default 5)")
     args = p.parse_args(argv)
     try:
         sess, meta = load(args.onnx_file)
-        x = np.load(args.activations, mmap_mode="r", allow_pickle=False)
-        out = encode(sess, meta, x[:4096])
-    except (ValueError, OSError) as e:
+        x = read_activations(args.activations)
+        out = encode(sess, meta, x[:4096] if x.ndim == 2 else x)
+    except ValueError as e:
         sys.exit(f"error: {e}")
     if "features" in out:
         f = out["features"]
