@@ -13,11 +13,18 @@ script writes; an output file's folder must exist. Nothing here imports torch (i
 import argparse
 import math
 import os
+import re
 import sys
 import tempfile
 
 
 class Parser(argparse.ArgumentParser):
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        # -1e-3 and -inf are values, to be refused by the type in a sentence (argparse's own pattern
+        # takes only -1 and -.5, and says "expected one argument" for the others).
+        self._negative_number_matcher = re.compile(r"^-(\d|\.\d|inf$)")
+
     def error(self, message):
         """One line, "error: ..." and exit status 1, like the scripts' own errors (--help shows the usage)."""
         sys.exit(f"error: {message}.")

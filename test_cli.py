@@ -302,6 +302,7 @@ def refusal(main, argv, monkeypatch=None, barriers=()):
                                            (["--target-l0", "-3"], "--target-l0: pass a number > 0, not '-3'"),
                                            (["--target-l0", "0"], "--target-l0: pass a number > 0, not '0'"),
                                            (["--batch-size", "0"], "--batch-size: pass a whole number >= 1"),
+                                           (["--lr", "-1e-3"], "--lr: pass a number > 0, not '-1e-3'"),
                                            (["--d-sae", "0"], "--d-sae: pass a whole number >= 1, not '0'"),
                                            (["--d-sae", "8", "--target-l0", "16"], "--d-sae 8 is fewer latents")])
 def test_train_refuses_counts_that_cannot_train(world, tmp_path, monkeypatch, flags, wanted):
