@@ -465,19 +465,22 @@ def harvest(out, *, model_name=DEFAULT_MODEL, gguf_file=None, layer=None, site="
               else {"dataset": dataset} if dataset_column == "text" else {"dataset": dataset, "column": dataset_column})
     settings = dict(model=model_name, gguf_file=gguf_file, context=context, dtype=dtype, heldout_every=heldout_every,
                     split="document", source=source)
-    requested = [(l, s) for l in layers for s in sites]
-    done = resume and (None not in layers or not several) and complete(folders(out, requested), requested, settings, tokens)
+    requested, name = [(l, s) for l in layers for s in sites], acts.rank_manifest(rank, world)
+    named = None not in layers or not several          # the folders are known before the model loads
+    done = resume and named and complete(folders(out, requested), requested, settings, tokens)
     if done:
         if rank == 0:
             print(f"{out} already holds a complete harvest of {done[0]['tokens']:,} tokens; nothing to do.")
         return done if several else done[0]
+    for folder in folders(out, requested) if named else []:
+        check_folder(folder, resume, world, name)
     docs = text_files(text) if text else hub_dataset(dataset, dataset_column) if dataset else python_docs()
     cuda = torch.device(device).type == "cuda"
     model, tokenizer = load_model(model_name, device, torch.bfloat16 if cuda else torch.float32, gguf_file)
     # A fifth of the way in by default: layer 6 of SmolLM2's 30, the paper's early-middle site.
     pairs = [(len(decoder_layers(model)) // 5 if l is None else l, s) for l in layers for s in sites]
-    reader, name, targets = SiteReader(model, pairs), acts.rank_manifest(rank, world), folders(out, pairs)
-    for folder in targets:
+    reader, targets = SiteReader(model, pairs), folders(out, pairs)
+    for folder in targets if not named else []:
         check_folder(folder, resume, world, name)
     bos, separator = special_tokens(tokenizer)
     windows = token_windows(docs, tokenizer, context, heldout_every)
