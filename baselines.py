@@ -111,8 +111,10 @@ class _SAE(nn.Module):
                 raise ValueError(f"{folder}/{CONFIG_NAME} has no valid 'k' (a whole number from 1 to d_sae); "
                                  "it is damaged.")
             kw["k"] = k
-        sae = cls(cfg["d_in"], cfg["d_sae"], device=device, **kw)
-        check_shapes(folder, tensors, {name: tuple(getattr(sae, name).shape) for name in sae.tensor_names()})
+        d_in, d_sae = cfg["d_in"], cfg["d_sae"]          # checked against the file before anything is allocated
+        check_shapes(folder, tensors, {"W_enc": (d_in, d_sae), **{name: (d_sae,) for name in cls.BIASES},
+                                       "W_dec": (d_sae, d_in), "b_dec": (d_in,), **{n: () for n in cls.EXTRA_TENSORS}})
+        sae = cls(d_in, d_sae, device=device, **kw)
         if not all(bool(tensors[name].isfinite().all()) for name in sae.tensor_names()):
             raise ValueError(f"{folder}/{WEIGHTS_NAME} holds NaN or Inf weights; the SAE diverged or the file "
                              "is damaged.")

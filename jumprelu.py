@@ -260,12 +260,12 @@ class JumpReLUSAE(nn.Module):
     def load(cls, folder, device=None):
         """Rebuild an SAE from a folder written by `save`; one-sentence ValueError if it cannot."""
         cfg, tensors = read_folder(folder, cls.architecture)
-        sae = cls(cfg["d_in"], cfg["d_sae"], bandwidth=cfg.get("bandwidth", 0.001),
-                  pre_encoder_bias=cfg.get("pre_encoder_bias", False), device=device)
-        check_shapes(folder, tensors, {"W_enc": (sae.d_in, sae.d_sae), "b_enc": (sae.d_sae,),
-                                       "W_dec": (sae.d_sae, sae.d_in), "b_dec": (sae.d_in,),
-                                       "threshold": (sae.d_sae,)})
+        d_in, d_sae = cfg["d_in"], cfg["d_sae"]          # checked against the file before anything is allocated
+        check_shapes(folder, tensors, {"W_enc": (d_in, d_sae), "b_enc": (d_sae,), "W_dec": (d_sae, d_in),
+                                       "b_dec": (d_in,), "threshold": (d_sae,)})
         check_thresholds(f"{folder}/{WEIGHTS_NAME}", tensors["threshold"])
+        sae = cls(d_in, d_sae, bandwidth=cfg.get("bandwidth", 0.001),
+                  pre_encoder_bias=cfg.get("pre_encoder_bias", False), device=device)
         with torch.no_grad():
             for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
                 getattr(sae, name).copy_(tensors[name])

@@ -451,9 +451,9 @@ def test_a_corrupted_config_gives_an_error_or_the_same_sae(sae_folder, data, as_
 @CORRUPTION
 @given(data=st.data(), recompute=st.booleans())
 def test_a_deliberately_edited_config_never_crashes(sae_folder, data, recompute):
-    """Edits with the checksum recomputed (or removed) load, or end in a one-sentence error."""
+    """Edits with the checksum recomputed (or removed) load as edited, or end in a one-sentence error."""
     path = sae_folder / "config.json"
-    original = path.read_bytes()
+    original, want = path.read_bytes(), formats.load_sae(sae_folder)
     try:
         cfg = _mutate(json.loads(original), data)
         if isinstance(cfg, dict):
@@ -466,8 +466,15 @@ def test_a_deliberately_edited_config_never_crashes(sae_folder, data, recompute)
         except ValueError as e:
             assert _one_sentence(e), e
             return
-        with torch.no_grad():
-            sae(X)
+        # It loads as edited: with the settings config.json now names, and, where only provenance
+        # changed, the same features as before the edit.
+        settings = ("architecture", "d_in", "d_sae", "k", "bandwidth", "pre_encoder_bias")
+        for key in settings:
+            if key in cfg:
+                assert getattr(sae, key) == cfg[key], key
+        if all(cfg.get(k) == json.loads(original).get(k) for k in settings):
+            with torch.no_grad():
+                assert torch.equal(sae(X), want(X))
     finally:
         path.write_bytes(original)
 
