@@ -155,17 +155,18 @@ def input_scale(x_ND):
     return 1.0 / math.sqrt(x_ND.double().pow(2).sum(1).mean().item())
 
 
-def open_data(acts_dir, batch_size, seed, device, verify=True):
+def open_data(acts_dir, batch_size, seed, device, dtype=torch.float32, verify=True):
     """The training shards; the input scale, from a sample of 16,384 training rows; that sample and a
-    held-out batch for the log, both scaled. `verify` checks the shards' sha256 (one rank a machine)."""
+    held-out batch for the log, both scaled, in `dtype`. `verify` checks the shards' sha256 (one rank a
+    machine)."""
     manifest, shards = acts.open_split(acts_dir, "train", verify=verify)
     _, heldout = acts.open_split(acts_dir, "heldout", verify=verify)
     sample_ND = acts.sample_rows(shards, 16_384, seed)
     if not torch.isfinite(sample_ND).all():
         raise ValueError(f"{acts_dir} holds NaN or Inf activations; harvest it again.")
     scale = input_scale(sample_ND)
-    x_eval_BD = acts.sample_rows(heldout, batch_size, seed).to(device) * scale
-    return manifest, shards, scale, sample_ND[:4096].to(device) * scale, x_eval_BD
+    x_eval_BD = acts.sample_rows(heldout, batch_size, seed).to(device, dtype) * scale
+    return manifest, shards, scale, sample_ND[:4096].to(device, dtype) * scale, x_eval_BD
 
 
 @torch.no_grad()
@@ -197,14 +198,14 @@ def init_from_data(sae, x_ND, target_l0, hp):
         sae.b_dec.copy_(x_ND.mean(0))
 
 
-def build(arch, d_in, d_sae, hp, target_l0, sample_ND, device):
+def build(arch, d_in, d_sae, hp, target_l0, sample_ND, device, dtype=torch.float32):
     """A new SAE: SPEC section 3's initialisation (the recipe's bandwidth and thresholds for JumpReLU,
     k = target_l0 for TopK and BatchTopK), then init_from_data on the scaled sample."""
     kw = {}
     if arch == "jumprelu":
         kw = dict(bandwidth=hp["bandwidth"] if hp["bandwidth"] != "auto" else 0.001,
                   threshold_init=hp["threshold_init"] if hp["threshold_init"] != "quantile" else 0.001)
-    sae = make_sae(arch, d_in, d_sae, k=int(target_l0) if arch in TOPK else None, device=device, **kw)
+    sae = make_sae(arch, d_in, d_sae, k=int(target_l0) if arch in TOPK else None, device=device, dtype=dtype, **kw)
     init_from_data(sae, sample_ND, target_l0 or 32, hp)
     return sae
 
@@ -512,10 +513,10 @@ def last_good(ckpt):
     return f"the last good checkpoint is {ckpt}" if Path(ckpt).is_file() else "no checkpoint was written yet"
 
 
-def next_batch(stream, scale, device, ckpt):
-    """The next training batch, on the device and scaled; a NaN in the shards stops the run in one sentence."""
+def next_batch(stream, scale, device, dtype, ckpt):
+    """The next training batch, on the device, in dtype and scaled; a NaN in the shards stops the run in one sentence."""
     try:
-        return next(stream).to(device, non_blocking=True) * scale
+        return next(stream).to(device, dtype, non_blocking=True) * scale
     except ValueError as e:
         raise ValueError(f"{e}; training stopped, {last_good(ckpt)}; re-harvest that shard.") from None
 
@@ -525,12 +526,13 @@ def next_batch(stream, scale, device, ckpt):
 
 def train(acts_dir, out, *, arch="jumprelu", d_sae=None, steps=600, target_l0=None, l0_coefficient=None,
           recipe="small", seed=0, log_every=25, checkpoint_every=100, resume=False, device=None, autocast=None,
-          path="auto", compile_loss=None, quiet=False, **overrides):
+          path="auto", compile_loss=None, dtype=torch.float32, quiet=False, **overrides):
     """Train an SAE of `arch` on the harvested folder `acts_dir`; write it to `out`. Returns the last
     log record (on rank 0; {} on the other ranks under torchrun).
 
     `path` (JumpReLU only): the dense or the sparse loss path, which the tests prove give the same
     loss and gradients, or "auto": sparse once L0 is a small enough fraction of d_sae (choose_path).
+    `dtype`: of the SAE and the batches (float64 for checks against a reference; the saved SAE is float32).
     `compile_loss`: run the loss through torch.compile (default: JumpReLU's on CUDA, where it fused the
     dense step's elementwise work into 1.5-2x the eager speed; not on a CPU, where it gained
     2-10% for a minute of compiling; TopK's AuxK would recompile at every step)."""
@@ -539,14 +541,14 @@ def train(acts_dir, out, *, arch="jumprelu", d_sae=None, steps=600, target_l0=No
     device_type, B = torch.device(device).type, hp["batch_size"]          # B: the global batch
     autocast = device_type == "cuda" if autocast is None else autocast
     compile_loss = device_type == "cuda" and arch == "jumprelu" if compile_loss is None else compile_loss
-    manifest, shards, scale, sample_ND, x_eval_BD = open_data(acts_dir, B, seed, device, verify=local_rank == 0)
+    manifest, shards, scale, sample_ND, x_eval_BD = open_data(acts_dir, B, seed, device, dtype, verify=local_rank == 0)
     d_in, d_sae = manifest["d_in"], 8 * manifest["d_in"] if d_sae is None else d_sae
     check_settings(arch, path, B, world, d_sae, target_l0, l0_coefficient)
     own_group = world > 1 and not dist.is_initialized()
     if own_group:
         dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
     torch.manual_seed(seed)
-    sae = build(arch, d_in, d_sae, hp, target_l0, sample_ND, device)
+    sae = build(arch, d_in, d_sae, hp, target_l0, sample_ND, device, dtype)
     scale = broadcast_(sae, scale, device) if world > 1 else scale
     opt = make_optimizer(sae, hp, device_type)
     hp, l0_coefficient, controller = sparsity(arch, hp, target_l0, l0_coefficient)
@@ -568,7 +570,7 @@ def train(acts_dir, out, *, arch="jumprelu", d_sae=None, steps=600, target_l0=No
               rank=rank, autocast=autocast, quiet=quiet)
     lam, l0, record = state["l0_coefficient"], state.get("last_l0", d_sae), {}
     for step in range(state["step"], steps):
-        x_BD = next_batch(stream, scale, device, ckpt)
+        x_BD = next_batch(stream, scale, device, dtype, ckpt)
         lam = controller.value if controller else l0_coefficient_at(step, l0_coefficient, hp["l0_warmup_steps"])
         lr = lr_at(step, steps, hp["lr"], hp["lr_warmup_steps"], hp["lr_decay_fraction"])
         for group in opt.param_groups:
@@ -650,6 +652,9 @@ def main(argv=None):
     p.add_argument("--checkpoint-every", type=cli.positive_int, default=100)
     p.add_argument("--resume", action="store_true", help="continue from --out/checkpoint.safetensors")
     p.add_argument("--device", type=cli.device, default=None, help="cuda or cpu (default: cuda when present)")
+    p.add_argument("--dtype", choices=("float32", "float64"), default="float32",
+                   help="of the SAE and the batches during training (float64: for checks against a reference, slow); "
+                        "the saved SAE is float32")
     p.add_argument("--path", choices=("auto", "dense", "sparse"), default="auto",
                    help="JumpReLU's loss path: dense, sparse (only the active and in-window latents' rows), or auto "
                         "(default: sparse once L0 is a small fraction of --d-sae); both give the same loss and gradients")
@@ -683,6 +688,7 @@ def main(argv=None):
             r = train(args.acts, out, arch=args.arch, d_sae=args.d_sae, steps=args.steps, recipe=args.recipe,
                       seed=args.seed, log_every=args.log_every, checkpoint_every=args.checkpoint_every,
                       resume=args.resume, device=args.device, path=args.path, compile_loss=args.compile,
+                      dtype=getattr(torch, args.dtype),
                       **{key: value}, **overrides)
         except ValueError as e:
             if dist.is_initialized():
