@@ -83,6 +83,17 @@ def test_splicing_the_activation_itself_leaves_the_loss_unchanged(tiny_model, ti
     assert worse["delta_lm_loss"] == pytest.approx(ce(spliced) - ce(clean), rel=1e-4, abs=1e-6)
     kl = F.kl_div(spliced.log_softmax(-1), clean.log_softmax(-1), log_target=True, reduction="none").sum(-1).mean()
     assert worse["kl"] == pytest.approx(kl.item(), rel=1e-4)
+    # The zero ablation: positions 1.. only (zeroing position 0 too gives another loss, which must not pass).
+    with torch.no_grad():
+        handle = module.register_forward_hook(lambda m, i, o: torch.cat([o[:, :1], torch.zeros_like(o[:, 1:])], 1))
+        zero = model(ids).logits[:, 1:-1]
+        handle.remove()
+        handle = module.register_forward_hook(lambda m, i, o: torch.zeros_like(o))
+        all_zero = model(ids).logits[:, 1:-1]
+        handle.remove()
+    assert worse["ce_zero"] == pytest.approx(ce(zero), rel=1e-5) and abs(ce(all_zero) - ce(zero)) > 1e-3
+    recovered = (ce(zero) - ce(spliced)) / (ce(zero) - ce(clean))
+    assert worse["ce_loss_recovered"] == pytest.approx(recovered, rel=1e-4) and recovered < 0.999
 
 
 def test_evaluate_end_to_end_and_width_mismatch(tiny_model, tiny_acts, tmp_path):

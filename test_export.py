@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import export
-from jumprelu import JumpReLUSAE
+from jumprelu import JumpReLUSAE, exact_log
 
 HERE = Path(__file__).parent
 NODE_EXAMPLE = HERE / "examples" / "node"
@@ -79,11 +79,19 @@ def test_dynamic_batch_and_metadata(tmp_path):
 
 @pytest.mark.parametrize("fp16", [False, True])
 def test_pre_activation_equal_to_threshold_is_inactive_after_export(tmp_path, fp16):
+    """Latent 0's pre-activation is its threshold exactly, latent 1's one step above, latent 2's one
+    below: float32 steps, or for fp16 float16 steps around theta = 0.5 (exact in both), since the
+    float16 graph rounds b_enc and compares in float32 against the float32 thresholds."""
     sae = _at_threshold_latents(_sae())
+    if fp16:    # and latent 3: theta a quarter float16 step below 0.5, which float16 would round up to 0.5
+        with torch.no_grad():
+            sae.W_enc[:, 3] = 0
+            sae.log_threshold[:4] = exact_log(torch.tensor([0.5, 0.5, 0.5, 0.5 - 2.0**-13]))
+            sae.b_enc[:4] = torch.tensor([0.5, 0.5 + 2.0**-11, 0.5 - 2.0**-12, 0.5])    # float16 neighbours of 0.5
     export.export(sae, tmp_path / "m.onnx", fp16=fp16)
     f = _run(tmp_path / "m.onnx", np.random.default_rng(0).standard_normal((5, 24)).astype(np.float32))[0]
-    if not fp16:    # float16 rounds b_enc, so only float32 can place pre exactly at theta
-        assert (f[:, 0] == 0).all() and (f[:, 1] != 0).all() and (f[:, 2] == 0).all()
+    assert (f[:, 0] == 0).all() and (f[:, 1] != 0).all() and (f[:, 2] == 0).all()
+    assert not fp16 or (f[:, 3] == 0.5).all()                      # compared in float32: 0.5 > theta
     assert f.dtype == np.float32
 
 
@@ -239,3 +247,100 @@ def test_node_example_prints_the_latents_of_a_float64_numpy_reference(tmp_path):
     assert not (flipped & ~tie).any()
     both = (got != 0) & (want != 0)
     assert np.abs(got - want)[both].max() <= 1e-6 * np.abs(want).max()
+
+
+# --- Every graph against NumPy computed from the saved files alone ------------------------------
+
+ARCHS = ["jumprelu", "relu", "gated", "topk", "batchtopk"]
+
+
+def _random_sae(arch, d_in=24, d_sae=96, seed=0):
+    """A random SAE of `arch` with spread thresholds: some latents with large pre-activations stay
+    below theirs, so the top k of the features is not the top k of the pre-activations; and negative
+    encoder biases, so that near the centre fewer than 5 latents fire."""
+    import baselines
+    g = torch.Generator().manual_seed(seed)
+    sae = baselines.make_sae(arch, d_in, d_sae, k=8)
+    with torch.no_grad():
+        for name, p in sae.named_parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3 - (0.4 if name in ("b_enc", "b_gate", "b_mag") else 0))
+        if arch == "jumprelu":
+            sae.log_threshold.copy_(torch.rand(d_sae, generator=g) * 2.5 - 1.2)
+        if arch == "batchtopk":
+            sae.threshold.fill_(0.3)
+    return sae
+
+
+def numpy_sae(folder, x):
+    """(features, reconstruction, margin) of the SAE saved in `folder`, in float64 from config.json and
+    sae.safetensors alone, by SPEC sections 1 and 4, independently of the classes and the export.
+    margin [rows, d_sae] is each latent's distance from changing its decision (its threshold, 0, or
+    the row's k-th largest pre-activation), for leaving rounding ties out."""
+    from safetensors.numpy import load_file
+    cfg = json.loads((folder / "config.json").read_text())
+    w = {k: v.astype(np.float64) for k, v in load_file(folder / "sae.safetensors").items()}
+    arch = cfg["architecture"]
+    h = x - w["b_dec"] if cfg.get("pre_encoder_bias", arch != "relu") else x
+    if arch == "gated":
+        gate, mag = h @ w["W_enc"] + w["b_gate"], h @ (w["W_enc"] * np.exp(w["r_mag"])) + w["b_mag"]
+        f, margin = np.where(gate > 0, np.maximum(mag, 0), 0), np.minimum(np.abs(gate), np.abs(mag))
+    else:
+        pre = h @ w["W_enc"] + w["b_enc"]
+        theta = {"jumprelu": w.get("threshold"), "batchtopk": np.maximum(w.get("threshold", 0), 0)}.get(arch, 0.0)
+        if arch == "topk":
+            ranked = -np.sort(-pre, axis=1)
+            kth = ranked[:, cfg["k"] - 1:cfg["k"]]
+            f = np.where(pre >= kth, np.maximum(pre, 0), 0)
+            margin = np.minimum(np.abs(pre), (ranked[:, cfg["k"] - 1] - ranked[:, cfg["k"]])[:, None])
+        else:
+            f, margin = np.where(pre > theta, pre, 0) if arch != "relu" else np.maximum(pre, 0), np.abs(pre - theta)
+    return f, f @ w["W_dec"] + w["b_dec"], margin
+
+
+def _top(f, k):
+    """{latent: value} of each row's k largest features that are > 0."""
+    order = np.argsort(-f, axis=1, kind="stable")[:, :k]
+    return [{int(i): f[r, i] for i in order[r] if f[r, i] > 0} for r in range(len(f))]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_every_graph_matches_numpy_from_the_saved_files(tmp_path, arch, capsys):
+    """The whole-SAE graph, the top-k graph (and infer_onnx.py's reading of it) and the fp16 graph,
+    each against the float64 NumPy SAE of the saved files: not against the module that was exported."""
+    import infer_onnx
+    sae = _random_sae(arch)
+    sae.save(tmp_path / "sae")
+    x = np.random.default_rng(1).normal(size=(256, 24)).astype(np.float32)
+    centre = sae.b_dec.detach().numpy() if getattr(sae, "pre_encoder_bias", arch != "relu") else 0
+    x[::2] = x[::2] * 0.05 + centre                                # inputs near the centre: few latents fire
+    f_ref, x_hat_ref, margin = numpy_sae(tmp_path / "sae", x.astype(np.float64))
+    clear = (margin > 1e-4).all(1)                                 # no decision within float32 rounding
+    assert clear.mean() > 0.5 and (f_ref[clear] != 0).any()
+    export.export(sae, tmp_path / "sae.onnx", what="sae")
+    f, x_hat = _run(tmp_path / "sae.onnx", x)
+    np.testing.assert_allclose(f[clear], f_ref[clear], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(x_hat[clear], x_hat_ref[clear], rtol=1e-5, atol=1e-4)
+    # Top 5 of the features: also where the top 5 of the pre-activations differs (inactive latents).
+    export.export(sae, tmp_path / "top.onnx", topk=5)
+    sess, meta = infer_onnx.load(str(tmp_path / "top.onnx"))
+    got = infer_onnx.encode(sess, meta, x)
+    fifth, sixth = -np.sort(-f_ref, axis=1)[:, 4:6].T
+    rows = clear & ((fifth - sixth > 1e-4) | (sixth == 0))         # the top 5 is not a rounding tie
+    for r in np.flatnonzero(rows):
+        top = {int(i): v for i, v in zip(got["indices"][r], got["values"][r]) if v > 0}
+        want = _top(f_ref[r:r + 1], 5)[0]
+        assert top.keys() == want.keys(), r
+        np.testing.assert_allclose([top[i] for i in want], list(want.values()), rtol=1e-5, atol=1e-5)
+    l0 = np.minimum((f_ref != 0).sum(1), 5)                        # what the top-5 output shows of each row
+    np.testing.assert_array_equal((got["values"][rows] > 0).sum(1), l0[rows])
+    np.save(tmp_path / "x.npy", x)
+    infer_onnx.main([str(tmp_path / "top.onnx"), str(tmp_path / "x.npy"), "--rows", "256"])
+    printed = [int(line.split(": L0 ")[1].split(",")[0]) for line in capsys.readouterr().out.splitlines()
+               if line.startswith("row ")]
+    np.testing.assert_array_equal(np.array(printed)[rows], l0[rows])
+    # fp16: float16 weights and products, so decisions within 1e-2 of a boundary may go either way.
+    export.export(sae, tmp_path / "half.onnx", fp16=True)
+    (f16,) = _run(tmp_path / "half.onnx", x)
+    clear16 = margin > 3e-2                                        # each latent's own decision
+    assert clear16.mean() > 0.3 and (f_ref[clear16] != 0).any()
+    np.testing.assert_allclose(f16[clear16], f_ref[clear16], rtol=2e-2, atol=2e-2)
