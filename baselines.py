@@ -212,9 +212,10 @@ def batch_topk_relu(pre_BF, k):
 
 
 def auxk(sae, x_BD, x_hat_BD, pre_BF, dead_F):
-    """AuxK (Gao et al., 2024): mean over rows of ||e - e_hat||^2, where e = x - x_hat.detach() and
-    e_hat = f_aux @ W_dec (no bias) from the k_aux = min(d_in // 2, #dead) largest pre-activations
-    (ReLU'd) among the dead latents of each row. 0 when no latent is dead."""
+    """AuxK (Gao et al., 2024), normalised as in their code: ||e - e_hat||^2 / ||e - mean(e)||^2,
+    each summed over the batch, where e = x - x_hat.detach() and e_hat = f_aux @ W_dec (no bias)
+    from the k_aux = min(d_in // 2, #dead) largest pre-activations (ReLU'd) among the dead latents
+    of each row. 0 when no latent is dead, or when the residual has no variance to normalise by."""
     zero = pre_BF.new_zeros(())
     if dead_F is None:
         return zero
@@ -225,7 +226,20 @@ def auxk(sae, x_BD, x_hat_BD, pre_BF, dead_F):
     if k_aux == 0:
         return zero
     f_aux_BF = topk_relu(torch.where(dead_F, pre_BF, -math.inf), k_aux)
-    return _mse(x_BD - x_hat_BD.detach(), f_aux_BF @ sae.W_dec)
+    e_BD = (x_BD - x_hat_BD.detach()).flatten(0, -2)
+    e_variance = (e_BD - e_BD.mean(0)).pow(2).sum()
+    if not e_variance > 0:                  # one row, or a residual the same on every row: nothing to normalise by
+        return zero
+    return (e_BD - (f_aux_BF @ sae.W_dec).flatten(0, -2)).pow(2).sum() / e_variance
+
+
+def topk_loss(x_BD, x_hat_BD, aux, aux_coefficient):
+    """Gao et al.'s loss, MSE / Var(x) + c * AuxK, times Var(x): the MSE in the units of the other
+    architectures' losses (Adam is blind to the constant factor), and AuxK against the residual's
+    own variance, about 1/FVU stronger than a raw MSE would make it. Var(x) is the batch's, detached."""
+    mse = _mse(x_BD, x_hat_BD)
+    var_x = (x_BD - x_BD.flatten(0, -2).mean(0)).pow(2).sum(-1).mean().detach()
+    return mse + aux_coefficient * var_x * aux, mse
 
 
 class TopKSAE(_SAE):
@@ -253,9 +267,8 @@ class TopKSAE(_SAE):
         pre_BF = self.pre_acts(x_BD)
         f_BF = topk_relu(pre_BF, self.k)
         x_hat_BD = self.decode(f_BF)
-        mse = _mse(x_BD, x_hat_BD)
         aux = auxk(self, x_BD, x_hat_BD, pre_BF, dead_F)
-        return self._result(mse + aux_coefficient * aux, mse, aux, pre_BF, f_BF, x_hat_BD)
+        return self._result(*topk_loss(x_BD, x_hat_BD, aux, aux_coefficient), aux, pre_BF, f_BF, x_hat_BD)
 
 
 class BatchTopKSAE(TopKSAE):
@@ -291,9 +304,8 @@ class BatchTopKSAE(TopKSAE):
         if update_threshold:
             self.update_threshold_(f_BF)
         x_hat_BD = self.decode(f_BF)
-        mse = _mse(x_BD, x_hat_BD)
         aux = auxk(self, x_BD, x_hat_BD, pre_BF, dead_F)
-        return self._result(mse + aux_coefficient * aux, mse, aux, pre_BF, f_BF, x_hat_BD)
+        return self._result(*topk_loss(x_BD, x_hat_BD, aux, aux_coefficient), aux, pre_BF, f_BF, x_hat_BD)
 
     @torch.no_grad()
     def update_threshold_(self, f_BF):
