@@ -479,6 +479,21 @@ def test_batchtopk_threshold_update():
     assert not sae.loss(x1)["f"].any() and torch.equal(sae.threshold, before)
 
 
+def test_batchtopk_threshold_calibrated_from_the_trained_weights():
+    """Bussmann et al.: the threshold is the mean over batches of the smallest positive activation
+    that the training forward (k * B largest of the batch) keeps; the running estimate is replaced."""
+    sae = BatchTopKSAE(4, 4, k=1)
+    with torch.no_grad():
+        sae.W_enc.copy_(torch.eye(4))                        # the pre-activations are x itself
+        sae.threshold.fill_(9.0)
+    batch1 = torch.tensor([[3.0, -1.0, 2.0, 0.5], [0.25, 0.125, 5.0, -2.0]])    # keeps 5 and 3: min 3
+    batch2 = torch.tensor([[1.0, 0.0, 0.0, 0.0], [0.0, 0.5, 0.0, -1.0]])        # keeps 1 and 0.5: min 0.5
+    nothing = torch.full((2, 4), -1.0)                                           # keeps nothing positive: skipped
+    assert sae.calibrate_threshold_([batch1, batch2, nothing]) == 1.75 and sae.threshold.item() == 1.75
+    assert sae.encode(batch1).count_nonzero() == 3                             # 3, 2 and 5 are above 1.75
+    assert sae.calibrate_threshold_([nothing]) == 1.75                          # none left: unchanged
+
+
 # --- Initialisation, construction by name, the decoder constraint --------------------------------
 
 
