@@ -31,6 +31,25 @@ def _mean_sae(x):
     return sae
 
 
+def test_seed_stability_on_a_known_case():
+    """Decoder rows of B against A's basis rows q0..q7, shuffled: q0 twice (one-to-one: one match),
+    0.8 q1 + 0.6 q8 (cosine 0.8: a match), 0.6 q2 + 0.8 q9 (0.6: none), -q3 (-1: none) and rows
+    orthogonal to every q0..q7: 2 of 8 latents match. The encoders are the decoders' transposes,
+    scaled (a cosine ignores the scale), except that B's encoder has q2 and q3 themselves: 4 of 8."""
+    from baselines import make_sae
+    q = torch.linalg.qr(torch.randn(16, 16, generator=torch.Generator().manual_seed(0), dtype=torch.float64))[0].T
+    dec_b = torch.stack([q[0], q[0], 0.8 * q[1] + 0.6 * q[8], 0.6 * q[2] + 0.8 * q[9], -q[3], q[10], q[11], q[12]])
+    enc_b = torch.stack([q[0], q[0], q[1], q[2], q[3], q[10], q[11], q[12]])
+    order = torch.tensor([5, 2, 7, 0, 3, 6, 1, 4])
+    a, b = make_sae("topk", 16, 8, k=2, dtype=torch.float64), make_sae("relu", 16, 8, dtype=torch.float64)
+    with torch.no_grad():
+        a.W_dec.copy_(q[:8]), a.W_enc.copy_(3 * q[:8].T)
+        b.W_dec.copy_(dec_b[order]), b.W_enc.copy_(0.5 * enc_b[order].T)
+    assert evaluate.seed_stability(a, b) == {"decoder": 2 / 8, "encoder": 4 / 8}
+    assert evaluate.seed_stability(a, a) == {"decoder": 1.0, "encoder": 1.0}
+    assert evaluate.seed_stability(a, b, threshold=0.5) == {"decoder": 3 / 8, "encoder": 4 / 8}
+
+
 def test_fvu_is_zero_for_a_perfect_reconstruction_and_one_for_the_mean():
     rng = np.random.default_rng(0)
     x = rng.uniform(0.5, 2.0, size=(1000, 6)).astype(np.float32)
