@@ -196,10 +196,11 @@ def script(w, name):
         args = {"--acts": Arg(acts_good, acts_bad, "required"), "--out": Arg(new_folder, folder_bad, "required"),
                 "--results": Arg(paths(w, "results/f"), file_bad, "always"),
                 "--archs": Arg(*several(*choice(list(train.ARCHITECTURES)))),
-                "--targets": Arg(st.just(["25"]), several(*positive)[1]), "--seeds-at": Arg(*positive),
+                "--targets": Arg(st.just(["25"]), several(*positive)[1]), "--seeds-at": Arg(st.just(["25"]), several(*positive)[1]),
                 "--seeds": Arg(*positive), "--d-sae": Arg(*positive), "--steps": Arg(*positive),
-                "--lm-windows": Arg(*positive)}
-        combos = [{"--targets": ["5"], "--seeds-at": ["6"]}, {"--targets": ["3000"], "--seeds-at": ["3000"], "--d-sae": ["100"]}]
+                "--lm-windows": Arg(*positive), "--lrs": Arg(*several(GOOD_POSITIVE, BAD_POSITIVE)), "--sweep-at": Arg(*positive)}
+        combos = [{"--targets": ["5"], "--seeds-at": ["6"]}, {"--targets": ["3000"], "--seeds-at": ["3000"], "--d-sae": ["100"]},
+                  {"--targets": ["5"], "--sweep-at": ["3000"], "--d-sae": ["100"]}]
         return frontier.main, [(frontier, "train_all")], args, combos
     if name == "bench":
         shape = st.sampled_from(["576x4096", "32x64"]).map(lambda v: [v])
