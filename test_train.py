@@ -293,6 +293,18 @@ def test_no_latent_is_dead_before_it_has_had_the_window_to_fire():
     assert [d.tolist() for d in seen] == [[False, False]] * 3 + [[False, True]] * 2 + [[True, True]] * 2
 
 
+@pytest.mark.parametrize("arch", ["jumprelu", "topk"])
+def test_training_starts_with_no_latent_dead(tiny_acts, tmp_path, monkeypatch, arch):
+    """train() starts every latent's window at step 0 (before issue 14 fired_at started at -1, so at
+    step 0 every latent was dead); the pull's window for JumpReLU, AuxK's (auxk_window) for TopK."""
+    seen, real = [], train.train_step
+    monkeypatch.setattr(train, "train_step", lambda *a, **k: seen.append((a[5].clone(), a[6], k["dead_steps"])) or real(*a, **k))
+    _train(tiny_acts, tmp_path / "sae", arch=arch, steps=3, dead_window_tokens=256)
+    fired_at, step_, dead_steps = seen[0]
+    assert step_ == 0 and not (fired_at <= step_ - dead_steps).any()
+    assert dead_steps == (train.auxk_window(3, 128) if arch == "topk" else 256 // 128)
+
+
 def test_auxk_window_is_gaos_ten_million_tokens_or_an_eighth_of_the_run():
     assert train.auxk_window(250, 2048) == 31                        # 512k tokens: 31 batches, 63k tokens
     assert train.auxk_window(2_000_000, 4096) == 10_000_000 // 4096  # billions of tokens: Gao et al.'s 10M
