@@ -214,9 +214,10 @@ def batch_topk_relu(pre_BF, k):
 
 
 def auxk(sae, x_BD, x_hat_BD, pre_BF, dead_F):
-    """AuxK (Gao et al., 2024): mean over rows of ||e - e_hat||^2, where e = x - x_hat.detach() and
-    e_hat = f_aux @ W_dec (no bias) from the k_aux = min(d_in // 2, #dead) largest pre-activations
-    (ReLU'd) among the dead latents of each row. 0 when no latent is dead."""
+    """AuxK (Gao et al., 2024), normalised as in their code: ||e - e_hat||^2 / ||e - mean(e)||^2,
+    each summed over the batch, where e = x - x_hat.detach() and e_hat = f_aux @ W_dec (no bias)
+    from the k_aux = min(d_in // 2, #dead) largest pre-activations (ReLU'd) among the dead latents
+    of each row. 0 when no latent is dead, or when the residual has no variance to normalise by."""
     zero = pre_BF.new_zeros(())
     if dead_F is None:
         return zero
@@ -227,7 +228,20 @@ def auxk(sae, x_BD, x_hat_BD, pre_BF, dead_F):
     if k_aux == 0:
         return zero
     f_aux_BF = topk_relu(torch.where(dead_F, pre_BF, -math.inf), k_aux)
-    return _mse(x_BD - x_hat_BD.detach(), f_aux_BF @ sae.W_dec)
+    e_BD = (x_BD - x_hat_BD.detach()).flatten(0, -2)
+    e_variance = (e_BD - e_BD.mean(0)).pow(2).sum()
+    if not e_variance > 0:                  # one row, or a residual the same on every row: nothing to normalise by
+        return zero
+    return (e_BD - (f_aux_BF @ sae.W_dec).flatten(0, -2)).pow(2).sum() / e_variance
+
+
+def topk_loss(x_BD, x_hat_BD, aux, aux_coefficient):
+    """Gao et al.'s loss, MSE / Var(x) + c * AuxK, times Var(x): the MSE in the units of the other
+    architectures' losses (Adam is blind to the constant factor), and AuxK against the residual's
+    own variance, about 1/FVU stronger than a raw MSE would make it. Var(x) is the batch's, detached."""
+    mse = _mse(x_BD, x_hat_BD)
+    var_x = (x_BD - x_BD.flatten(0, -2).mean(0)).pow(2).sum(-1).mean().detach()
+    return mse + aux_coefficient * var_x * aux, mse
 
 
 class TopKSAE(_SAE):
@@ -255,21 +269,23 @@ class TopKSAE(_SAE):
         pre_BF = self.pre_acts(x_BD)
         f_BF = topk_relu(pre_BF, self.k)
         x_hat_BD = self.decode(f_BF)
-        mse = _mse(x_BD, x_hat_BD)
         aux = auxk(self, x_BD, x_hat_BD, pre_BF, dead_F)
-        return self._result(mse + aux_coefficient * aux, mse, aux, pre_BF, f_BF, x_hat_BD)
+        return self._result(*topk_loss(x_BD, x_hat_BD, aux, aux_coefficient), aux, pre_BF, f_BF, x_hat_BD)
 
 
 class BatchTopKSAE(TopKSAE):
     """BatchTopK (Bussmann et al., 2024): TopK's encoder, but training keeps the k * B largest
     pre-activations of the whole batch, and inference a single global threshold.
 
-    The threshold (a 0-dim buffer, saved with the weights) is a running estimate of the smallest
-    positive activation that training keeps, updated by every `loss` call unless
-    `update_threshold=False`: set to the batch's minimum on the first call, then moved by an
-    exponential moving average, threshold <- 0.99 threshold + 0.01 min_kept (as in
-    dictionary_learning's trainer). It starts at -1, meaning "not estimated yet": until the
-    first update, `encode` is a plain ReLU.
+    The threshold (a 0-dim buffer, saved with the weights) is, as Bussmann et al. define it, the
+    expected smallest positive activation that training keeps, a property of the trained SAE:
+    `calibrate_threshold_` sets it from the final weights, the mean of that minimum over
+    training batches (train.py does so after the last step). During training every `loss` call
+    moves a running estimate there unless `update_threshold=False`: the batch's minimum on the
+    first call, then threshold <- 0.99 threshold + 0.01 min_kept (dictionary_learning's trainer).
+    It lags behind the weights and came out biased high (held-out L0 19.5 for k = 25), so it is
+    only a value to log. It starts at -1, meaning "not estimated yet": until then, `encode` is
+    a plain ReLU.
     """
 
     architecture = "batchtopk"
@@ -293,9 +309,8 @@ class BatchTopKSAE(TopKSAE):
         if update_threshold:
             self.update_threshold_(f_BF)
         x_hat_BD = self.decode(f_BF)
-        mse = _mse(x_BD, x_hat_BD)
         aux = auxk(self, x_BD, x_hat_BD, pre_BF, dead_F)
-        return self._result(mse + aux_coefficient * aux, mse, aux, pre_BF, f_BF, x_hat_BD)
+        return self._result(*topk_loss(x_BD, x_hat_BD, aux, aux_coefficient), aux, pre_BF, f_BF, x_hat_BD)
 
     @torch.no_grad()
     def update_threshold_(self, f_BF):
@@ -304,6 +319,17 @@ class BatchTopKSAE(TopKSAE):
         t = self.threshold
         new = torch.where(t < 0, min_kept, 0.99 * t + 0.01 * min_kept)
         t.copy_(torch.where(min_kept.isfinite(), new, t))
+
+    @torch.no_grad()
+    def calibrate_threshold_(self, batches):
+        """threshold <- the mean over `batches` (an iterable of [B, d_in] inputs) of the smallest
+        positive activation that the training forward keeps; returns it. Batches that keep nothing
+        positive are skipped; with none left, the threshold is unchanged."""
+        mins = [f_BF[f_BF > 0].min() for f_BF in (batch_topk_relu(self.pre_acts(x_BD), self.k) for x_BD in batches)
+                if (f_BF > 0).any()]
+        if mins:
+            self.threshold.copy_(torch.stack(mins).mean())
+        return self.threshold.item()
 
 
 ARCHITECTURES = {"jumprelu": JumpReLUSAE, "relu": ReLUSAE, "gated": GatedSAE, "topk": TopKSAE,

@@ -70,6 +70,20 @@ def activation_metrics(sae, shards, batch_size=4096, device="cpu"):
             "firing_frequency": freq_F}
 
 
+def seed_stability(sae_a, sae_b, threshold=0.7):
+    """SPEC section 5 (Paulo and Belrose, 2025): the fraction of sae_a's latents matched one-to-one to
+    one of sae_b's with cosine > threshold, by the Hungarian assignment that maximises the summed
+    cosine; {"decoder": over the decoder rows, "encoder": over the encoder columns}."""
+    from scipy.optimize import linear_sum_assignment
+    out = {}
+    for name, rows in (("decoder", lambda s: s.W_dec), ("encoder", lambda s: s.W_enc.T)):
+        a_FD, b_FD = (torch.nn.functional.normalize(rows(s).detach().double().cpu(), dim=1) for s in (sae_a, sae_b))
+        cos_FF = (a_FD @ b_FD.T).numpy()
+        rows_a, rows_b = linear_sum_assignment(cos_FF, maximize=True)
+        out[name] = float((cos_FF[rows_a, rows_b] > threshold).sum() / sae_a.d_sae)
+    return out
+
+
 class Splice:
     """A forward hook that replaces the site's output at positions 1.. with fn(output)."""
 

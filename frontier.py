@@ -3,66 +3,116 @@
     python harvest.py --out runs/acts           # once (demo.sh does it too): SmolLM2 layer 6, 425k tokens
     python frontier.py --acts runs/acts --out runs/frontier --results results/frontier_cpu
 
-Trains every architecture (JumpReLU, ReLU, Gated, TopK, BatchTopK) at each --targets L0 with the
-same width, token budget and data order, plus extra seeds at one sparsity to show the noise; then
-evaluates them all on held-out tokens, with delta LM loss from splicing each into the model, and
-writes RESULTS.md (a markdown table), RESULTS.json and RESULTS.png (FVU and delta LM loss against
-L0). A finished run is skipped, a killed one resumed, so the command can simply be run again.
+First a learning-rate sweep: every architecture at --sweep-at L0 (25) with each of --lrs, scored by
+held-out FVU; each then trains with its best learning rate at every --targets L0 and every seed
+(--seeds, at --seeds-at: all targets by default), with the same width, token budget and data
+order. All are evaluated on held-out tokens, with delta LM loss from splicing each into the model,
+and each pair of seeds is compared latent by latent (evaluate.seed_stability). Writes RESULTS.md
+(the sweep and the frontier as markdown tables), RESULTS.json and RESULTS.png (FVU and delta LM
+loss against L0). A finished run is skipped, a killed one resumed, so the command can be run again.
 
-How each architecture reaches a target L0 K: JumpReLU by its quadratic target-L0 penalty (the small
-recipe of train.py), TopK and BatchTopK with k = K, ReLU and Gated by the PI controller on their L1
-coefficient. The achieved, held-out L0 is what the table and the plot use.
+The architectures (VARIANTS) and how each reaches a target L0 K: JumpReLU by its quadratic
+target-L0 penalty (the small recipe of train.py), Anthropic's JumpReLU (jumprelu_tanh: train.py's
+--sparsity tanh) by the PI controller on its tanh penalty's lambda, TopK and BatchTopK with k = K,
+ReLU and Gated by the PI controller on their L1 coefficient, warmed up over the first 5% of the
+steps. The achieved, held-out L0 is what the table and the plot use.
 """
 
 import json
+import platform
 import sys
 import time
 from pathlib import Path
 
+import torch
 
 import acts
 import cli
 import evaluate
 import train
-from baselines import ARCHITECTURES
+from formats import load_sae
 from jumprelu import atomic_write
 
+# The frontier's rows: train.train's arguments for each. ReLU and Gated warm their L1 coefficient
+# up linearly over the first L0_WARMUP of the steps (Anthropic's April 2024 update, which the Gated
+# paper's authors recommend for both); the others hold L0 from the start.
+VARIANTS = {"jumprelu": {"arch": "jumprelu"}, "jumprelu_tanh": {"arch": "jumprelu", "sparsity": "tanh"},
+            "relu": {"arch": "relu"}, "gated": {"arch": "gated"}, "topk": {"arch": "topk"},
+            "batchtopk": {"arch": "batchtopk"}}
+L0_WARMUP = 0.05
+WITHIN = 0.1     # the sweep scores only runs whose held-out L0 is within 10% of the target (if any is)
 
-def run_name(arch, target, seed):
-    return f"{arch}_l0_{target:g}_seed{seed}"
+
+def run_name(variant, target, seed, lr):
+    return f"{variant}_l0_{target:g}_seed{seed}_lr{lr:g}"
 
 
-def train_all(acts_dir, out, archs, targets, seeds_at, seeds, d_sae, steps):
-    """Train (or resume, or skip) every run; return the SAE folders in a fixed order."""
-    runs = [(a, t, 0) for a in archs for t in targets] + [(a, seeds_at, s) for a in archs for s in range(1, seeds)]
+def train_all(acts_dir, out, runs, d_sae, steps):
+    """Train (or resume, or skip) each (variant, target, seed, lr) run; return the SAE folders in order."""
     folders = []
-    for i, (arch, target, seed) in enumerate(runs):
-        folder = Path(out) / run_name(arch, target, seed)
+    for i, (variant, target, seed, lr) in enumerate(runs):
+        folder = Path(out) / run_name(variant, target, seed, lr)
         folders.append(folder)
         if (folder / "config.json").is_file():
             print(f"[{i + 1}/{len(runs)}] {folder.name}: done already")
             continue
-        resume = (folder / "checkpoint.safetensors").is_file()
+        kw = dict(VARIANTS[variant])
+        if kw["arch"] in ("relu", "gated"):
+            kw["l0_warmup_steps"] = round(L0_WARMUP * steps)
         t0 = time.perf_counter()
-        r = train.train(acts_dir, folder, arch=arch, d_sae=d_sae, steps=steps, target_l0=target, seed=seed,
-                        resume=resume, quiet=True)
+        r = train.train(acts_dir, folder, d_sae=d_sae, steps=steps, target_l0=target, seed=seed, lr=lr, quiet=True,
+                        resume=(folder / "checkpoint.safetensors").is_file(), **kw)
         print(f"[{i + 1}/{len(runs)}] {folder.name}: held-out L0 {r['heldout_l0']:.1f}, FVU {r['heldout_fvu']:.4f}, "
               f"dead {r['dead_fraction']:.1%} ({time.perf_counter() - t0:.0f} s)", flush=True)
     return folders
 
 
-def markdown(records, settings):
-    """The results table, one row per run, sorted by architecture and L0."""
+def best_lrs(records, target):
+    """Each variant's learning rate with the lowest held-out FVU among its sweep runs whose L0 is
+    within WITHIN of the target (among all of them if none is)."""
+    best = {}
+    for variant in {r["variant"] for r in records}:
+        rs = [r for r in records if r["variant"] == variant]
+        near = [r for r in rs if abs(r["l0"] - target) <= WITHIN * target] or rs
+        best[variant] = min(near, key=lambda r: r["fvu"])["lr"]
+    return best
+
+
+def stability(records):
+    """evaluate.seed_stability of seed 0 against seed 1 for each (variant, target) trained with both;
+    written into both records as "decoder_match" and "encoder_match"."""
+    by_key = {(r["variant"], r["target"], r["seed"]): r for r in records}
+    for (variant, target, seed), r in by_key.items():
+        other = by_key.get((variant, target, 1))
+        if seed == 0 and other:
+            match = evaluate.seed_stability(load_sae(r["path"]), load_sae(other["path"]))
+            for rec in (r, other):
+                rec.update(decoder_match=match["decoder"], encoder_match=match["encoder"])
+
+
+def markdown(sweep, records, settings):
+    """The sweep table, then the frontier table, one row per run, sorted by variant, L0 and seed."""
+    order = lambda r: (list(VARIANTS).index(r["variant"]), r["target"], r["seed"], r["lr"])
+    pct = lambda r, k: f"{r[k]:.1%}" if k in r else ""
     lines = [f"Width {settings['d_sae']:,}, {settings['steps']} steps x {settings['batch_size']:,} tokens "
              f"({settings['steps'] * settings['batch_size']:,} tokens) per SAE on `{settings['acts']}` "
              f"({settings['model']} layer {settings['layer']} {settings['site']}); metrics on "
              f"{records[0]['tokens']:,} held-out tokens, LM metrics on {records[0].get('lm_tokens', 0):,} "
-             f"predictions; {settings['machine']}, {settings['date']}.", "",
-             "| architecture | target | seed | L0 | FVU | delta LM loss | KL | CE recovered | dead |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
-    for r in sorted(records, key=lambda r: (list(ARCHITECTURES).index(r["architecture"]), r["target"], r["seed"])):
-        lines.append(f"| {r['architecture']} | {r['target']:g} | {r['seed']} | {r['l0']:.1f} | {r['fvu']:.4f} | "
-                     f"{r['delta_lm_loss']:.4f} | {r['kl']:.4f} | {r['ce_loss_recovered']:.2%} | {r['dead_fraction']:.1%} |")
+             f"predictions; {settings['machine']}, {settings['date']}, {settings['minutes']} min.", "",
+             f"Learning-rate sweep at target L0 {settings['sweep_at']:g}, seed 0 (chosen: the lowest FVU among runs "
+             f"within {WITHIN:.0%} of the target):", "",
+             "| architecture | lr | L0 | FVU | delta LM loss | dead | chosen |", "| --- | ---: | ---: | ---: | ---: | ---: | :---: |"]
+    for r in sorted(sweep, key=order):
+        lines.append(f"| {r['variant']} | {r['lr']:g} | {r['l0']:.1f} | {r['fvu']:.4f} | {r['delta_lm_loss']:.4f} | "
+                     f"{r['dead_fraction']:.1%} | {'yes' if settings['lr'][r['variant']] == r['lr'] else ''} |")
+    lines += ["", "The frontier, each architecture at its chosen learning rate; decoder and encoder match: the "
+              "fraction of latents matched one-to-one across the two seeds with cosine > 0.7:", "",
+              "| architecture | target | seed | lr | L0 | FVU | delta LM loss | KL | CE recovered | dead | decoder match "
+              "| encoder match |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for r in sorted(records, key=order):
+        lines.append(f"| {r['variant']} | {r['target']:g} | {r['seed']} | {r['lr']:g} | {r['l0']:.1f} | {r['fvu']:.4f} | "
+                     f"{r['delta_lm_loss']:.4f} | {r['kl']:.4f} | {r['ce_loss_recovered']:.2%} | {r['dead_fraction']:.1%} "
+                     f"| {pct(r, 'decoder_match')} | {pct(r, 'encoder_match')} |")
     return "\n".join(lines) + "\n"
 
 
@@ -72,12 +122,12 @@ def plot(records, path):
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for ax, metric, label in zip(axes, ("fvu", "delta_lm_loss"), ("FVU", "delta LM loss (nats)")):
-        for i, arch in enumerate(ARCHITECTURES):
-            main = sorted((r for r in records if r["architecture"] == arch and r["seed"] == 0), key=lambda r: r["l0"])
-            extra = [r for r in records if r["architecture"] == arch and r["seed"] != 0]
+        for i, variant in enumerate(VARIANTS):
+            main = sorted((r for r in records if r["variant"] == variant and r["seed"] == 0), key=lambda r: r["l0"])
+            extra = [r for r in records if r["variant"] == variant and r["seed"] != 0]
             if not main:
                 continue
-            line, = ax.plot([r["l0"] for r in main], [r[metric] for r in main], "o-", color=f"C{i}", label=arch)
+            line, = ax.plot([r["l0"] for r in main], [r[metric] for r in main], "o-", color=f"C{i}", label=variant)
             ax.plot([r["l0"] for r in extra], [r[metric] for r in extra], "o", mfc="none", color=line.get_color())
         ax.set_xscale("log")
         if all(r[metric] > 0 for r in records):      # a delta LM loss can be <= 0 on a toy model
@@ -92,51 +142,72 @@ def plot(records, path):
     plt.close(fig)
 
 
+def run(args):
+    """The sweep, the frontier, their evaluation and the seed comparison; returns (sweep, records, lr)."""
+    variants, lrs = args.archs, sorted(set(args.lrs))
+    sweep_runs = [(v, args.sweep_at, 0, lr) for v in variants for lr in lrs]
+    sweep_folders = train_all(args.acts, args.out, sweep_runs, args.d_sae, args.steps) if len(lrs) > 1 else []
+    sweep = evaluate.evaluate(sweep_folders, args.acts, progress=False)
+    for r, (variant, target, seed, lr) in zip(sweep, sweep_runs):
+        r.update(variant=variant, target=target, seed=seed, lr=lr)
+    lr = best_lrs(sweep, args.sweep_at) if sweep else {v: lrs[0] for v in variants}
+    seeds_at = set(args.seeds_at or args.targets)
+    runs = [(v, t, s, lr[v]) for v in variants for t in args.targets for s in range(args.seeds if t in seeds_at else 1)]
+    runs.sort(key=lambda r: (r[2], r[1] != args.sweep_at))      # seed 0 first, then the other seeds at --sweep-at
+    folders = train_all(args.acts, args.out, runs, args.d_sae, args.steps)
+    everything = list(dict.fromkeys(folders + sweep_folders))         # each SAE spliced into the model once
+    by_folder = dict(zip(everything, evaluate.evaluate(everything, args.acts, lm=True, lm_windows=args.lm_windows)))
+    records, sweep = [by_folder[f] for f in folders], [{**by_folder[f], **s} for f, s in zip(sweep_folders, sweep)]
+    for r, (variant, target, seed, lr_) in zip(records, runs):
+        r.update(variant=variant, target=target, seed=seed, lr=lr_)
+    stability(records)
+    for r in records + sweep:
+        r.pop("firing_frequency", None)
+    return sweep, records, lr
+
+
 def main(argv=None):
     p = cli.parser(__doc__)
     p.add_argument("--acts", required=True, type=acts.folder, help="folder written by harvest.py")
     p.add_argument("--out", required=True, type=cli.out_folder, help="parent folder for the SAEs (created)")
     p.add_argument("--results", default="results/frontier", type=cli.out_file,
                    help="prefix of the .md, .json and .png written (its folder must exist)")
-    p.add_argument("--archs", nargs="+", default=list(ARCHITECTURES), choices=list(ARCHITECTURES))
+    p.add_argument("--archs", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     p.add_argument("--targets", nargs="+", type=cli.positive_int, default=[10, 25, 60, 150],
                    help="target L0s (default 10 25 60 150)")
-    p.add_argument("--seeds-at", type=cli.positive_int, default=25, help="the target trained with extra seeds (default 25)")
-    p.add_argument("--seeds", type=cli.positive_int, default=2, help="seeds at --seeds-at (default 2)")
+    p.add_argument("--seeds", type=cli.positive_int, default=2, help="seeds at each of --seeds-at (default 2)")
+    p.add_argument("--seeds-at", nargs="+", type=cli.positive_int, default=None,
+                   help="the targets trained with --seeds seeds (default: every target)")
+    p.add_argument("--lrs", nargs="+", type=cli.positive, default=[3e-4, 1e-3, 3e-3],
+                   help="learning rates of the sweep (default 3e-4 1e-3 3e-3; one value: no sweep)")
+    p.add_argument("--sweep-at", type=cli.positive_int, default=25, help="the target L0 of the sweep (default 25)")
     p.add_argument("--d-sae", type=cli.positive_int, default=2304, help="latents (default 2,304: 4 x SmolLM2's d_in)")
     p.add_argument("--steps", type=cli.positive_int, default=250, help="training steps of 2,048 tokens (default 250)")
     p.add_argument("--lm-windows", type=cli.positive_int, default=32, help="held-out windows for delta LM loss (default 32)")
     p.add_argument("--machine", default=None, help="a description of the machine for the table's caption")
     args = p.parse_args(argv)
-    if args.seeds_at not in args.targets:
-        p.error(f"--seeds-at {args.seeds_at} must be one of --targets {' '.join(map(str, args.targets))}")
-    if max(args.targets) > args.d_sae:
-        p.error(f"--targets {max(args.targets)} is more than the --d-sae {args.d_sae} latents; pass lower targets")
+    if not set(args.seeds_at or []) <= set(args.targets):
+        p.error(f"--seeds-at {' '.join(map(str, args.seeds_at))} must be among --targets {' '.join(map(str, args.targets))}")
+    if max(args.targets + [args.sweep_at]) > args.d_sae:
+        p.error(f"--targets and --sweep-at must not exceed the --d-sae {args.d_sae} latents; pass lower targets")
     t0 = time.perf_counter()
     try:
-        folders = train_all(args.acts, args.out, args.archs, args.targets, args.seeds_at, args.seeds,
-                            args.d_sae, args.steps)
-        records = evaluate.evaluate(folders, args.acts, lm=True, lm_windows=args.lm_windows)
+        sweep, records, lr = run(args)
     except ValueError as e:
         sys.exit(f"error: {e}")
     except OSError as e:     # a full disk: the SAEs written are whole, and the next run resumes
         sys.exit(f"error: writing under {args.out} failed ({e.strerror or e}); free space, then run again.")
     manifest = json.loads((Path(args.acts) / "manifest.json").read_text())
-    for folder, r in zip(folders, records):
-        meta = json.loads((folder / "config.json").read_text())
-        r.update(target=meta["target_l0"], seed=meta["seed"])
-        r.pop("firing_frequency")
-    import platform
-    import torch
     machine = args.machine or (torch.cuda.get_device_name() if torch.cuda.is_available() else
                                f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads")
     settings = {"d_sae": args.d_sae, "steps": args.steps, "batch_size": train.SMALL["batch_size"], "acts": args.acts,
                 "model": manifest["model"], "layer": manifest["layer"], "site": manifest["site"], "machine": machine,
-                "date": time.strftime("%Y-%m-%d"), "minutes": round((time.perf_counter() - t0) / 60, 1)}
-    results, table = args.results, markdown(records, settings)
+                "lrs": sorted(set(args.lrs)), "sweep_at": args.sweep_at, "lr": lr, "date": time.strftime("%Y-%m-%d"),
+                "minutes": round((time.perf_counter() - t0) / 60, 1)}
+    results, table = args.results, markdown(sweep, records, settings)
     try:
         atomic_write(f"{results}.md", lambda f: f.write(table.encode()))
-        acts.write_json(f"{results}.json", {"settings": settings, "records": records})
+        acts.write_json(f"{results}.json", {"settings": settings, "sweep": sweep, "records": records})
         plot(records, f"{results}.png")
     except OSError as e:
         sys.exit(f"error: writing {results}.md, .json and .png failed ({e.strerror or e}); free space, then run again.")

@@ -39,21 +39,24 @@ def _promoted(z, threshold):
 
 
 def _kernel_sum(z, threshold, bandwidth, grad_out):
-    """sum over the broadcast rows of K((z - theta) / eps) * grad_out, in theta's dtype, and theta.
-    Each estimator applies its constant factor (-theta/eps or -1/eps) to this sum."""
+    """K((z - theta) / eps) * grad_out elementwise and summed over the broadcast rows, both in
+    theta's dtype, and theta. Each estimator applies its constant factor (-theta/eps or -1/eps) to
+    the sum (the theta-gradient) and, passed on to the input, the opposite factor to the elementwise
+    product: the estimator depends on z only through z - theta."""
     z, theta = _promoted(z, threshold)
     g = (rectangle((z - theta) / bandwidth) * grad_out).to(theta.dtype)
-    return (g.sum_to_size(threshold.shape) if g.shape != threshold.shape else g), theta
+    return g, (g.sum_to_size(threshold.shape) if g.shape != threshold.shape else g), theta
 
 
 class _JumpReLU(torch.autograd.Function):
-    """forward z * H(z - theta); d/dz = H(z - theta); d/dtheta = -(theta/eps) K((z - theta)/eps)."""
+    """forward z * H(z - theta); d/dz = H(z - theta); d/dtheta = -(theta/eps) K((z - theta)/eps).
+    With ste_to_input, d/dz gains +(theta/eps) K((z - theta)/eps) (Anthropic, January 2025)."""
 
     @staticmethod
-    def forward(ctx, z, threshold, bandwidth):
+    def forward(ctx, z, threshold, bandwidth, ste_to_input=False):
         active = torch.gt(*_promoted(z, threshold))               # H(z - theta): z > theta strictly
         ctx.save_for_backward(z, threshold, active)
-        ctx.bandwidth = bandwidth
+        ctx.bandwidth, ctx.ste_to_input = bandwidth, ste_to_input
         return torch.where(active, z, 0)
 
     @staticmethod
@@ -61,17 +64,20 @@ class _JumpReLU(torch.autograd.Function):
         z, threshold, active = ctx.saved_tensors
         grad_z = torch.where(active, grad_out, 0)                  # the true derivative, no STE
         # In the promoted dtype: float32 thresholds keep a float32 gradient under bf16.
-        window_sum, theta = _kernel_sum(z, threshold, ctx.bandwidth, grad_out)
-        return grad_z, -(theta / ctx.bandwidth) * window_sum, None
+        window, window_sum, theta = _kernel_sum(z, threshold, ctx.bandwidth, grad_out)
+        if ctx.ste_to_input:
+            grad_z = grad_z + ((theta / ctx.bandwidth) * window).to(grad_z.dtype)
+        return grad_z, -(theta / ctx.bandwidth) * window_sum, None, None
 
 
 class _Step(torch.autograd.Function):
-    """forward H(z - theta); d/dz = 0; d/dtheta = -(1/eps) K((z - theta)/eps)."""
+    """forward H(z - theta); d/dz = 0; d/dtheta = -(1/eps) K((z - theta)/eps).
+    With ste_to_input, d/dz = +(1/eps) K((z - theta)/eps) (Anthropic, January 2025)."""
 
     @staticmethod
-    def forward(ctx, z, threshold, bandwidth):
+    def forward(ctx, z, threshold, bandwidth, ste_to_input=False):
         ctx.save_for_backward(z, threshold)
-        ctx.bandwidth = bandwidth
+        ctx.bandwidth, ctx.ste_to_input = bandwidth, ste_to_input
         # In the promoted dtype (float32 for bf16 z and float32 theta), so that an L0 summed over
         # thousands of latents stays an exact integer.
         return torch.gt(*_promoted(z, threshold)).to(torch.promote_types(z.dtype, threshold.dtype))
@@ -79,23 +85,26 @@ class _Step(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         z, threshold = ctx.saved_tensors
-        window_sum, _ = _kernel_sum(z, threshold, ctx.bandwidth, grad_out)
-        # None: the L0 term sends no gradient to the pre-activations (d/dz = 0).
-        return None, -(1.0 / ctx.bandwidth) * window_sum, None
+        window, window_sum, _ = _kernel_sum(z, threshold, ctx.bandwidth, grad_out)
+        # None: the paper's L0 term sends no gradient to the pre-activations (d/dz = 0).
+        grad_z = ((1.0 / ctx.bandwidth) * window).to(z.dtype) if ctx.ste_to_input else None
+        return grad_z, -(1.0 / ctx.bandwidth) * window_sum, None, None
 
 
-def jumprelu(z, threshold, bandwidth):
+def jumprelu(z, threshold, bandwidth, ste_to_input=False):
     """JumpReLU_theta(z) = z * H(z - theta), with the straight-through estimator for theta.
 
     `threshold` broadcasts over the leading dimensions of `z`; its gradient is summed back
-    to its own shape. `bandwidth` is the kernel width epsilon (a Python float).
+    to its own shape. `bandwidth` is the kernel width epsilon (a Python float). With
+    `ste_to_input` the estimator's gradient also reaches z (SPEC section 3, Anthropic's recipe).
     """
-    return _JumpReLU.apply(z, threshold, bandwidth)
+    return _JumpReLU.apply(z, threshold, bandwidth, ste_to_input)
 
 
-def step(z, threshold, bandwidth):
-    """Heaviside H(z - theta) (1 where z > theta strictly), with the estimator for theta only."""
-    return _Step.apply(z, threshold, bandwidth)
+def step(z, threshold, bandwidth, ste_to_input=False):
+    """Heaviside H(z - theta) (1 where z > theta strictly), with the estimator for theta only
+    (and for z too with `ste_to_input`)."""
+    return _Step.apply(z, threshold, bandwidth, ste_to_input)
 
 
 # --- SPEC sections 1 and 3: the model ------------------------------------------------------
@@ -165,32 +174,38 @@ class JumpReLUSAE(nn.Module):
         return self.decode(self.encode(x_BD))
 
     def loss(self, x_BD, l0_coefficient, dead_F=None, *, sparsity="l0", target_l0=None, dead_pull=0.0,
-             sparse=False, batch_mean=torch.mean):
-        """SPEC section 2: ||x - x_hat||^2 + lambda * S(L0), averaged over rows, with the rows'
-        L0 written through `step` on the pre-activations, so that it trains the thresholds only:
+             tanh_scale=4.0, pre_act_coefficient=0.0, ste_to_input=False, sparse=False, batch_mean=torch.mean):
+        """SPEC section 2: ||x - x_hat||^2 + lambda * S, averaged over rows, with the rows' L0
+        written through `step` on the pre-activations, so that it trains the thresholds only:
 
             sparsity "l0"            S = L0                    the paper
                      "target_row"    S = (2/K) (L0 - K)^2      Gemma Scope 2, per row (K = target_l0)
                      "target_batch"  (2/K) (mean L0 - K)^2     the same on the batch's mean L0
+                     "tanh"          S = sum_i tanh(c f_i ||W_dec,i||)   Anthropic, c = tanh_scale
 
-        The two targets push L0 towards K from both sides. With `dead_pull` > 0, the latents marked
-        in the bool mask dead_F [d_sae] add dead_pull * log_threshold: a dead latent's
-        pre-activations never reach its kernel window, so only this lowers its threshold until
-        it fires again. `batch_mean` averages the rows' L0 (torchrun passes the mean over every
-        rank's rows). Returns {"loss", "mse", "l0"} plus "x_hat" and "fired" (which latents fired
-        on some row), and "f" and "pre" on the dense path.
+        The two targets push L0 towards K from both sides. Anthropic's recipe (SPEC section 3) adds
+        `pre_act_coefficient` * sum_i ReLU(theta_i - pre_i) ||W_dec,i|| over the latents marked dead
+        in the bool mask dead_F [d_sae], and `ste_to_input` passes the estimators' gradient on to
+        the pre-activations. With `dead_pull` > 0, the dead latents add dead_pull * log_threshold:
+        a dead latent's pre-activations never reach its kernel window, so only this lowers its
+        threshold until it fires again. `batch_mean` averages the rows' L0 (torchrun passes the
+        mean over every rank's rows). Returns {"loss", "mse", "l0"} plus "x_hat" and "fired"
+        (which latents fired on some row), and "f" and "pre" on the dense path.
 
         `sparse=True` computes the same loss and gradients (up to float rounding) from the kept
         entries only (`sparse_terms`): for x of shape [B, d_in], faster when few latents are
-        active; also returns "kept", the fraction of [B, d_sae] entries it kept.
+        active; also returns "kept", the fraction of [B, d_sae] entries it kept. The tanh penalty
+        and the pre-activation loss are on the dense path only.
         """
         threshold_F = self.threshold
+        if sparse and (sparsity == "tanh" or pre_act_coefficient):
+            raise ValueError("the tanh penalty and the pre-activation loss need every pre-activation; use the dense path.")
         if sparse:
-            out = sparse_terms(self, x_BD, threshold_F)
+            out = sparse_terms(self, x_BD, threshold_F, ste_to_input)
         else:
             pre_BF = self.pre_acts(x_BD)
-            f_BF = jumprelu(pre_BF, threshold_F, self.bandwidth)
-            out = {"x_hat": self.decode(f_BF), "l0_rows": step(pre_BF, threshold_F, self.bandwidth).sum(-1),
+            f_BF = jumprelu(pre_BF, threshold_F, self.bandwidth, ste_to_input)
+            out = {"x_hat": self.decode(f_BF), "l0_rows": step(pre_BF, threshold_F, self.bandwidth, ste_to_input).sum(-1),
                    "pre": pre_BF, "f": f_BF, "fired": (f_BF != 0).flatten(0, -2).any(0)}
         mse = (x_BD - out["x_hat"]).pow(2).sum(-1).mean()
         l0_B = out.pop("l0_rows")
@@ -201,9 +216,14 @@ class JumpReLUSAE(nn.Module):
             penalty = l0_coefficient * ((2.0 / target_l0) * (l0_B - target_l0).pow(2)).mean()
         elif sparsity == "target_batch":
             penalty = l0_coefficient * (2.0 / target_l0) * (l0 - target_l0) ** 2
+        elif sparsity == "tanh":
+            penalty = l0_coefficient * torch.tanh(tanh_scale * out["f"] * self.W_dec.norm(dim=1)).sum(-1).mean()
         else:
-            raise ValueError(f"sparsity must be l0, target_row or target_batch, not {sparsity!r}.")
+            raise ValueError(f"sparsity must be l0, target_row, target_batch or tanh, not {sparsity!r}.")
         loss = mse + penalty
+        if pre_act_coefficient and dead_F is not None and dead_F.any():
+            gap_BF = (threshold_F - out["pre"]).relu() * dead_F            # dead latents only
+            loss = loss + pre_act_coefficient * (gap_BF * self.W_dec.norm(dim=1)).sum(-1).mean()
         if dead_pull and dead_F is not None and dead_F.any():
             loss = loss + dead_pull * self.log_threshold[dead_F].sum()
         return {"loss": loss, "mse": mse, "l0": l0, **out}
@@ -286,7 +306,7 @@ class JumpReLUSAE(nn.Module):
 # E||x||^2 = 1). On the kept entries the estimators are the ones above.
 
 
-def sparse_terms(sae, x_BD, threshold_F):
+def sparse_terms(sae, x_BD, threshold_F, ste_to_input=False):
     """x_hat, the rows' L0 and the fired latents from the kept entries: embedding bags over W_dec's rows."""
     if x_BD.dim() != 2:
         raise ValueError(f"the sparse path takes a batch of rows [B, d_in], not shape {list(x_BD.shape)}.")
@@ -297,8 +317,8 @@ def sparse_terms(sae, x_BD, threshold_F):
     # index_select, not threshold_F[cols_S]: the latter's CPU backward accumulates in parallel,
     # in a varying order, so two identical steps gave different threshold gradients.
     theta_S = threshold_F.index_select(0, cols_S)
-    f_S = jumprelu(pre_S, theta_S, sae.bandwidth)
-    on_S = step(pre_S, theta_S, sae.bandwidth)
+    f_S = jumprelu(pre_S, theta_S, sae.bandwidth, ste_to_input)
+    on_S = step(pre_S, theta_S, sae.bandwidth, ste_to_input)
     # In the weights' dtype also under autocast (CUDA's embedding_bag has no bf16 gradient for
     # the per-row weights f): float32 gathers, more exact than the dense path's bf16 matmul.
     x_hat_BD = torch.nn.functional.embedding_bag(

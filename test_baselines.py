@@ -99,19 +99,29 @@ def ref_gated_sae(p, x, lam):
 
 
 def ref_auxk(p, x, x_hat, pre, dead):
-    """AuxK: e = x - x_hat (a constant), e_hat = f_aux W_dec (no bias), f_aux the ReLU of the
-    k_aux = min(d_in // 2, #dead) largest pre-activations among the dead latents of each row;
-    aux = mean_b ||e_b - e_hat_b||^2, and 0 (with f_aux = 0) when k_aux is 0 or dead is None."""
+    """AuxK, normalised as Gao et al.'s code does: e = x - x_hat (a constant), e_hat = f_aux W_dec (no
+    bias), f_aux the ReLU of the k_aux = min(d_in // 2, #dead) largest pre-activations among the dead
+    latents of each row; aux = sum_b ||e_b - e_hat_b||^2 / sum_b ||e_b - mean_b(e)||^2, and 0 (with
+    f_aux = 0) when k_aux is 0, dead is None or the denominator is 0. Also returns that denominator."""
     k_aux = 0 if dead is None else min(x.shape[1] // 2, int(dead.sum()))
+    e = x - x_hat
+    e_variance = ((e - e.mean(0)) ** 2).sum()
+    k_aux = k_aux if e_variance > 0 else 0
     keep_aux = ref_top_mask(np.where(dead, pre, -np.inf), k_aux) if k_aux else np.zeros(pre.shape, bool)
     f_aux = np.where(keep_aux, ref_relu(pre), 0.0)
-    e, e_hat = x - x_hat, f_aux @ p["W_dec"]
-    aux = ((e - e_hat) ** 2).sum(1).mean() if k_aux else 0.0
-    return keep_aux, f_aux, e, e_hat, aux
+    e_hat = f_aux @ p["W_dec"]
+    aux = ((e - e_hat) ** 2).sum() / e_variance if k_aux else 0.0
+    return keep_aux, f_aux, e, e_hat, aux, e_variance
+
+
+def ref_variance(x):
+    """Var(x) as Gao et al. normalise the MSE by: mean over rows of ||x_b - mean_b(x)||^2."""
+    return ((x - x.mean(0)) ** 2).sum(1).mean()
 
 
 def ref_topk_sae(p, x, k, dead, c):
-    """TopK SAE: f = ReLU of the k largest of pre = (x - b_dec) W_enc + b_enc per row; L = mse + c * AuxK."""
+    """TopK SAE: f = ReLU of the k largest of pre = (x - b_dec) W_enc + b_enc per row;
+    L = Var(x) (mse / Var(x) + c AuxK), Gao et al.'s loss in the units of a plain MSE."""
     B = x.shape[0]
     h = x - p["b_dec"]
     pre = h @ p["W_enc"] + p["b_enc"]
@@ -119,10 +129,11 @@ def ref_topk_sae(p, x, k, dead, c):
     f = np.where(keep, ref_relu(pre), 0.0)
     x_hat = f @ p["W_dec"] + p["b_dec"]
     mse = ((x - x_hat) ** 2).sum(1).mean()
-    keep_aux, f_aux, e, e_hat, aux = ref_auxk(p, x, x_hat, pre, dead)
+    keep_aux, f_aux, e, e_hat, aux, e_variance = ref_auxk(p, x, x_hat, pre, dead)
+    var_x = ref_variance(x)
 
     d_x_hat = 2.0 * (x_hat - x) / B
-    d_e_hat = c * 2.0 * (e_hat - e) / B
+    d_e_hat = c * var_x * 2.0 * (e_hat - e) / e_variance if aux else np.zeros_like(e)
     d_pre = ((d_x_hat @ p["W_dec"].T) * keep + (d_e_hat @ p["W_dec"].T) * keep_aux) * (pre > 0)
     grads = {
         "W_dec": f.T @ d_x_hat + f_aux.T @ d_e_hat,
@@ -130,7 +141,7 @@ def ref_topk_sae(p, x, k, dead, c):
         "W_enc": h.T @ d_pre,
         "b_enc": d_pre.sum(0),
     }
-    return {"pre": pre, "f": f, "x_hat": x_hat, "mse": mse, "aux": aux, "loss": mse + c * aux}, grads
+    return {"pre": pre, "f": f, "x_hat": x_hat, "mse": mse, "aux": aux, "loss": mse + c * var_x * aux}, grads
 
 
 def ref_batchtopk_train(pre, k):
@@ -324,10 +335,10 @@ def test_batchtopk_training_selection_and_loss(case):
     np.testing.assert_array_equal(out["f"].detach().numpy(), f)
     x_hat = f @ p["W_dec"] + p["b_dec"]
     np.testing.assert_allclose(out["x_hat"].detach().numpy(), x_hat, rtol=1e-12, atol=1e-12)
-    *_, ref_aux = ref_auxk(p, x, x_hat, pre, dead)             # TopK's AuxK, on BatchTopK's x_hat
+    *_, ref_aux, _ = ref_auxk(p, x, x_hat, pre, dead)          # TopK's AuxK, on BatchTopK's x_hat
     np.testing.assert_allclose(out["aux"].item(), ref_aux, rtol=1e-12, atol=1e-12)
     mse = ((x - x_hat) ** 2).sum(1).mean()
-    np.testing.assert_allclose(out["loss"].item(), mse + ref_aux / 32, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(out["loss"].item(), mse + ref_variance(x) * ref_aux / 32, rtol=1e-12, atol=1e-12)
     assert (out["f"] != 0).sum() <= k * len(x)
 
 
@@ -432,7 +443,16 @@ def test_auxk_is_zero_without_dead_latents_and_positive_with_them():
     assert sae.loss(x, dead_F=torch.zeros(32, dtype=torch.bool))["aux"].item() == 0.0
     out = sae.loss(x, dead_F=torch.ones(32, dtype=torch.bool))
     assert out["aux"].item() > 0
-    torch.testing.assert_close(out["loss"], out["mse"] + out["aux"] / 32)
+    var_x = (x - x.mean(0)).pow(2).sum(1).mean()
+    torch.testing.assert_close(out["loss"], out["mse"] + var_x * out["aux"] / 32)
+    # Gao et al.'s normalisation: with no dead latent firing (all pre-activations below 0), e_hat = 0
+    # and AuxK is ||e||^2 / ||e - mean(e)||^2, at least 1; one row has no variance to normalise by.
+    with torch.no_grad():
+        sae.b_enc.fill_(-100.0)
+    out = sae.loss(x, dead_F=torch.ones(32, dtype=torch.bool))
+    e = x - out["x_hat"]
+    torch.testing.assert_close(out["aux"], e.pow(2).sum() / (e - e.mean(0)).pow(2).sum())
+    assert sae.loss(x[:1], dead_F=torch.ones(32, dtype=torch.bool))["aux"].item() == 0.0
     with pytest.raises(ValueError, match="dead_F must be a bool tensor of shape"):
         sae.loss(x, dead_F=torch.ones(31, dtype=torch.bool))
 
@@ -458,6 +478,21 @@ def test_batchtopk_threshold_update():
         sae.W_enc.zero_()
         sae.b_enc.fill_(-1.0)                                 # nothing positive is kept: no update
     assert not sae.loss(x1)["f"].any() and torch.equal(sae.threshold, before)
+
+
+def test_batchtopk_threshold_calibrated_from_the_trained_weights():
+    """Bussmann et al.: the threshold is the mean over batches of the smallest positive activation
+    that the training forward (k * B largest of the batch) keeps; the running estimate is replaced."""
+    sae = BatchTopKSAE(4, 4, k=1)
+    with torch.no_grad():
+        sae.W_enc.copy_(torch.eye(4))                        # the pre-activations are x itself
+        sae.threshold.fill_(9.0)
+    batch1 = torch.tensor([[3.0, -1.0, 2.0, 0.5], [0.25, 0.125, 5.0, -2.0]])    # keeps 5 and 3: min 3
+    batch2 = torch.tensor([[1.0, 0.0, 0.0, 0.0], [0.0, 0.5, 0.0, -1.0]])        # keeps 1 and 0.5: min 0.5
+    nothing = torch.full((2, 4), -1.0)                                           # keeps nothing positive: skipped
+    assert sae.calibrate_threshold_([batch1, batch2, nothing]) == 1.75 and sae.threshold.item() == 1.75
+    assert sae.encode(batch1).count_nonzero() == 3                             # 3, 2 and 5 are above 1.75
+    assert sae.calibrate_threshold_([nothing]) == 1.75                          # none left: unchanged
 
 
 # --- Initialisation, construction by name, the decoder constraint --------------------------------

@@ -146,15 +146,16 @@ def script(w, name):
         args = {"--acts": Arg(acts_good, acts_bad, "required"), "--out": Arg(new_folder, folder_bad, "required"),
                 "--arch": Arg(*choice(list(train.ARCHITECTURES))), "--d-sae": Arg(*positive), "--steps": Arg(*positive),
                 "--target-l0": Arg(*target), "--l0-coefficient": Arg(*target, excludes="--target-l0"), "--recipe": Arg(*choice(["small", "paper"])),
-                "--sparsity": Arg(*choice(["l0", "target_batch", "target_row"])), "--lr": Arg(GOOD_POSITIVE, BAD_POSITIVE),
+                "--sparsity": Arg(*choice(["l0", "target_batch", "target_row", "tanh"])), "--lr": Arg(GOOD_POSITIVE, BAD_POSITIVE),
                 "--batch-size": Arg(*positive), "--bandwidth": Arg(GOOD_POSITIVE, BAD_POSITIVE),
                 "--threshold-lr-scale": Arg(GOOD_POSITIVE, BAD_POSITIVE), "--lr-warmup-steps": Arg(*count),
                 "--l0-warmup-steps": Arg(*count), "--lr-decay-fraction": Arg(GOOD_FRACTION, BAD_FRACTION),
                 "--seed": Arg(*count), "--log-every": Arg(*positive), "--checkpoint-every": Arg(*positive),
                 "--resume": FLAG, "--device": DEVICE, "--path": Arg(*choice(["auto", "dense", "sparse"])), "--compile": FLAG}
         combos = [{"--arch": ["topk"], "--target-l0": ["2.5"]}, {"--arch": ["relu"], "--bandwidth": ["0.1"]},
-                  {"--d-sae": ["4"], "--target-l0": ["8"]}, {"--l0-coefficient": ["1e-3"], "--sparsity": ["l0"]},
-                  {"--arch": ["gated"], "--path": ["sparse"]}, {"--target-l0": ["4"], "--l0-coefficient": ["1"]}]
+                  {"--d-sae": ["4"], "--target-l0": ["8"]}, {"--l0-coefficient": ["1e-3"], "--sparsity": ["target_row"]},
+                  {"--arch": ["gated"], "--path": ["sparse"]}, {"--target-l0": ["4"], "--l0-coefficient": ["1"]},
+                  {"--recipe": ["paper"], "--target-l0": ["8"]}, {"--sparsity": ["tanh"], "--path": ["sparse"]}]
         return train.main, [(train, "train")], args, combos
     if name == "harvest":
         args = {"--out": Arg(new_folder, st.one_of(folder_bad, paths(w, "acts")), "required"),   # acts: a harvest already
@@ -195,10 +196,11 @@ def script(w, name):
         args = {"--acts": Arg(acts_good, acts_bad, "required"), "--out": Arg(new_folder, folder_bad, "required"),
                 "--results": Arg(paths(w, "results/f"), file_bad, "always"),
                 "--archs": Arg(*several(*choice(list(train.ARCHITECTURES)))),
-                "--targets": Arg(st.just(["25"]), several(*positive)[1]), "--seeds-at": Arg(*positive),
+                "--targets": Arg(st.just(["25"]), several(*positive)[1]), "--seeds-at": Arg(st.just(["25"]), several(*positive)[1]),
                 "--seeds": Arg(*positive), "--d-sae": Arg(*positive), "--steps": Arg(*positive),
-                "--lm-windows": Arg(*positive)}
-        combos = [{"--targets": ["5"], "--seeds-at": ["6"]}, {"--targets": ["3000"], "--seeds-at": ["3000"], "--d-sae": ["100"]}]
+                "--lm-windows": Arg(*positive), "--lrs": Arg(*several(GOOD_POSITIVE, BAD_POSITIVE)), "--sweep-at": Arg(*positive)}
+        combos = [{"--targets": ["5"], "--seeds-at": ["6"]}, {"--targets": ["3000"], "--seeds-at": ["3000"], "--d-sae": ["100"]},
+                  {"--targets": ["5"], "--sweep-at": ["3000"], "--d-sae": ["100"]}]
         return frontier.main, [(frontier, "train_all")], args, combos
     if name == "bench":
         shape = st.sampled_from(["576x4096", "32x64"]).map(lambda v: [v])

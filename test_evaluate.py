@@ -31,6 +31,25 @@ def _mean_sae(x):
     return sae
 
 
+def test_seed_stability_on_a_known_case():
+    """Decoder rows of B against A's basis rows q0..q7, shuffled: q0 twice (one-to-one: one match),
+    0.8 q1 + 0.6 q8 (cosine 0.8: a match), 0.6 q2 + 0.8 q9 (0.6: none), -q3 (-1: none) and rows
+    orthogonal to every q0..q7: 2 of 8 latents match. The encoders are the decoders' transposes,
+    scaled (a cosine ignores the scale), except that B's encoder has q2 and q3 themselves: 4 of 8."""
+    from baselines import make_sae
+    q = torch.linalg.qr(torch.randn(16, 16, generator=torch.Generator().manual_seed(0), dtype=torch.float64))[0].T
+    dec_b = torch.stack([q[0], q[0], 0.8 * q[1] + 0.6 * q[8], 0.6 * q[2] + 0.8 * q[9], -q[3], q[10], q[11], q[12]])
+    enc_b = torch.stack([q[0], q[0], q[1], q[2], q[3], q[10], q[11], q[12]])
+    order = torch.tensor([5, 2, 7, 0, 3, 6, 1, 4])
+    a, b = make_sae("topk", 16, 8, k=2, dtype=torch.float64), make_sae("relu", 16, 8, dtype=torch.float64)
+    with torch.no_grad():
+        a.W_dec.copy_(q[:8]), a.W_enc.copy_(3 * q[:8].T)
+        b.W_dec.copy_(dec_b[order]), b.W_enc.copy_(0.5 * enc_b[order].T)
+    assert evaluate.seed_stability(a, b) == {"decoder": 2 / 8, "encoder": 4 / 8}
+    assert evaluate.seed_stability(a, a) == {"decoder": 1.0, "encoder": 1.0}
+    assert evaluate.seed_stability(a, b, threshold=0.5) == {"decoder": 3 / 8, "encoder": 4 / 8}
+
+
 def test_fvu_is_zero_for_a_perfect_reconstruction_and_one_for_the_mean():
     rng = np.random.default_rng(0)
     x = rng.uniform(0.5, 2.0, size=(1000, 6)).astype(np.float32)
@@ -175,21 +194,35 @@ def test_evaluate_takes_every_architecture_side_by_side(tiny_model, tiny_acts, t
     assert len({r["ce_spliced"] for r in records}) == len(records)      # each SAE spliced in, not one
 
 
-def test_frontier_trains_every_run_once_and_writes_table_json_and_plot(tiny_acts, tmp_path, capsys):
+def test_frontier_sweeps_then_trains_every_run_once_and_writes_table_json_and_plot(tiny_acts, tmp_path, capsys):
     import frontier
     (tmp_path / "res").mkdir()                      # an output file's folder must exist (cli.out_file)
     args = ["--acts", str(tiny_acts), "--out", str(tmp_path / "runs"), "--results", str(tmp_path / "res" / "f"),
-            "--archs", "jumprelu", "topk", "--targets", "4", "8", "--seeds-at", "4", "--d-sae", "64", "--steps", "3",
-            "--lm-windows", "2"]
+            "--archs", "jumprelu_tanh", "topk", "--targets", "4", "8", "--seeds-at", "4", "--d-sae", "64", "--steps", "3",
+            "--lm-windows", "2", "--lrs", "1e-3", "3e-3", "--sweep-at", "4"]
     frontier.main(args)
     table = (tmp_path / "res" / "f.md").read_text()
-    rows = [line for line in table.splitlines() if line.startswith("| jumprelu") or line.startswith("| topk")]
-    assert len(rows) == 6                          # 2 architectures x 2 targets, and a second seed at L0 4
-    records = json.loads((tmp_path / "res" / "f.json").read_text())["records"]
-    assert sorted((r["architecture"], r["target"], r["seed"]) for r in records) == sorted(
-        [(a, t, 0) for a in ("jumprelu", "topk") for t in (4, 8)] + [("jumprelu", 4, 1), ("topk", 4, 1)])
-    assert all(r["l0"] <= 4 for r in records if r["architecture"] == "topk" and r["target"] == 4)
+    rows = [line for line in table.splitlines() if line.startswith(("| jumprelu_tanh", "| topk"))]
+    assert len(rows) == 4 + 6                      # the sweep: 2 x 2 learning rates; 2 x 2 targets, a second seed at 4
+    results = json.loads((tmp_path / "res" / "f.json").read_text())
+    records, lr = results["records"], results["settings"]["lr"]
+    assert sorted((r["variant"], r["target"], r["seed"]) for r in records) == sorted(
+        [(a, t, 0) for a in ("jumprelu_tanh", "topk") for t in (4, 8)] + [("jumprelu_tanh", 4, 1), ("topk", 4, 1)])
+    assert all(r["lr"] == lr[r["variant"]] for r in records) and set(lr.values()) <= {1e-3, 3e-3}
+    for variant in ("jumprelu_tanh", "topk"):      # the chosen rate has the lowest FVU of the sweep (all near 4 or none)
+        sweep = [r for r in results["sweep"] if r["variant"] == variant]
+        assert len(sweep) == 2 and lr[variant] in [r["lr"] for r in sweep]
+    assert all(0 <= r["decoder_match"] <= 1 and 0 <= r["encoder_match"] <= 1 for r in records if r["target"] == 4)
+    assert not any("decoder_match" in r for r in records if r["target"] == 8)
+    assert formats_sparsity(records, "jumprelu_tanh") == "tanh"
+    assert all(r["l0"] <= 4 for r in records if r["variant"] == "topk" and r["target"] == 4)
     assert (tmp_path / "res" / "f.png").stat().st_size > 10_000
     capsys.readouterr()
     frontier.main(args)                             # run again: every SAE is there already
-    assert capsys.readouterr().out.count("done already") == 6
+    assert capsys.readouterr().out.count("done already") == 4 + 6
+
+
+def formats_sparsity(records, variant):
+    """The sparsity term a variant's SAE was trained with, from its config.json."""
+    from formats import load_sae
+    return load_sae(next(r["path"] for r in records if r["variant"] == variant)).metadata["sparsity"]

@@ -50,9 +50,11 @@ def ref_jumprelu(z, theta):
     return z * ref_H(z - theta)
 
 
-def ref_jumprelu_grads(z, theta, eps, g):
-    """(d/dz, d/dtheta) of sum(g * jumprelu(z, theta)): H(z - theta) and -(theta/eps) K((z-theta)/eps)."""
-    d_z = g * ref_H(z - theta)
+def ref_jumprelu_grads(z, theta, eps, g, ste=False):
+    """(d/dz, d/dtheta) of sum(g * jumprelu(z, theta)): H(z - theta) and -(theta/eps) K((z-theta)/eps).
+    With the estimator passed on to the input (Anthropic), d/dz gains +(theta/eps) K((z-theta)/eps):
+    the estimator of the jump depends on z - theta only."""
+    d_z = g * ref_H(z - theta) + (ste * (theta / eps) * ref_K((z - theta) / eps) * g)
     d_theta = -(theta / eps) * ref_K((z - theta) / eps) * g
     return d_z, ref_reduce(d_theta, np.shape(theta))
 
@@ -64,6 +66,11 @@ def ref_step(z, theta):
 def ref_step_grad_theta(z, theta, eps, g):
     """d/dtheta of sum(g * step(z, theta)) = -(1/eps) K((z - theta)/eps) (and d/dz = 0)."""
     return ref_reduce(-(1.0 / eps) * ref_K((z - theta) / eps) * g, np.shape(theta))
+
+
+def ref_step_grad_z_ste(z, theta, eps, g):
+    """d/dz of sum(g * step(z, theta)) with the estimator passed on to the input: +(1/eps) K((z - theta)/eps)."""
+    return (1.0 / eps) * ref_K((z - theta) / eps) * g
 
 
 def ref_sae(p, x, lam, eps, pre_bias, target=None):
@@ -98,6 +105,53 @@ def ref_sae(p, x, lam, eps, pre_bias, target=None):
         "log_threshold": theta * d_theta,                   # chain rule through theta = exp(.)
     }
     return {"pre": pre, "f": f, "x_hat": x_hat, "mse": mse, "l0": l0, "loss": mse + lam * sparsity}, grads
+
+
+def ref_anthropic_sae(p, x, lam, eps, pre_bias, c, lam_p, dead, ste, target=None, sparsity="tanh"):
+    """The SAE with Anthropic's January 2025 terms (SPEC section 3), forward, loss and every gradient:
+
+    L = (1/B) sum_b ||x_b - x_hat_b||^2 + lam * (1/B) sum_b S_b
+        + lam_p * (1/B) sum_b sum_{i dead} ReLU(theta_i - pre_bi) ||W_dec,i||,
+    S_b = sum_i tanh(c f_bi ||W_dec,i||) (sparsity "tanh"), or L0_b / (2/K)(L0_b - K)^2 as in ref_sae,
+    and with `ste` each estimator's gradient also reaches pre (through z - theta).
+    """
+    B = x.shape[0]
+    theta = p["theta"]
+    x_in = x - p["b_dec"] if pre_bias else x
+    pre = x_in @ p["W_enc"] + p["b_enc"]
+    active, kernel = ref_H(pre - theta), ref_K((pre - theta) / eps)
+    f = pre * active
+    x_hat = f @ p["W_dec"] + p["b_dec"]
+    norms = np.linalg.norm(p["W_dec"], axis=1)
+    unit = np.divide(p["W_dec"], norms[:, None], out=np.zeros_like(p["W_dec"]), where=norms[:, None] > 0)  # d||w||/dw
+    dead = np.zeros(theta.shape, bool) if dead is None else dead
+    gap = np.maximum(theta - pre, 0.0) * dead                 # ReLU(theta - pre) on dead latents
+    mse = ((x - x_hat) ** 2).sum(1).mean()
+    l0_rows = active.sum(1)
+    if sparsity == "tanh":
+        t = np.tanh(c * f * norms)
+        S, d_f_S, dS_dl0 = t.sum(1).mean(), (lam / B) * c * norms * (1 - t ** 2), np.zeros(B)
+    else:
+        S = l0_rows.mean() if target is None else ((2.0 / target) * (l0_rows - target) ** 2).mean()
+        d_f_S, dS_dl0 = 0.0, np.ones(B) if target is None else (4.0 / target) * (l0_rows - target)
+    loss = mse + lam * S + lam_p * (gap * norms).sum(1).mean()
+
+    d_x_hat = 2.0 * (x_hat - x) / B
+    d_f = d_x_hat @ p["W_dec"].T + d_f_S
+    d_step = (lam / B) * dS_dl0[:, None]                     # upstream gradient of each step(pre, theta)
+    below = (theta > pre) * dead * norms * (lam_p / B)       # d/dtheta of the pre-activation loss; -d/dpre
+    d_pre = d_f * active + ste * (d_f * (theta / eps) + d_step / eps) * kernel - below
+    d_theta = (d_f * -(theta / eps) * kernel).sum(0) + (d_step * -(1.0 / eps) * kernel).sum(0) + below.sum(0)
+    d_norms = (((lam / B) * c * f * (1 - np.tanh(c * f * norms) ** 2)).sum(0) if sparsity == "tanh" else 0.0) \
+        + (lam_p / B) * gap.sum(0)
+    grads = {
+        "W_dec": f.T @ d_x_hat + d_norms[..., None] * unit,
+        "b_dec": d_x_hat.sum(0) - (d_pre.sum(0) @ p["W_enc"].T if pre_bias else 0.0),
+        "W_enc": x_in.T @ d_pre,
+        "b_enc": d_pre.sum(0),
+        "log_threshold": theta * d_theta,
+    }
+    return {"f": f, "x_hat": x_hat, "mse": mse, "l0": l0_rows.mean(), "loss": loss}, grads
 
 
 # --- Hand-computed cases (SAELens style) -------------------------------------------------------
@@ -179,6 +233,27 @@ def test_step_matches_reference(device, dtype, data):
     ref = ref_step_grad_theta(z, theta, dtype(eps), g)
     rtol, atol = (1e-12, 1e-12) if dtype == np.float64 else (1e-5, 1e-5)
     np.testing.assert_allclose(d_theta.cpu().numpy(), ref, rtol=rtol, atol=atol * np.abs(ref).max(initial=1))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@given(data=st.data())
+def test_estimators_passed_on_to_the_input_match_reference(device, data):
+    """Anthropic's estimator change (ste_to_input): the same forward and theta-gradients, and the
+    kernel term, with the opposite sign, on z as well."""
+    z, theta, eps, g = data.draw(z_theta_eps(np.float64))
+    z_t, theta_t = _torch(z, device, True), _torch(theta, device, True)
+    out = jumprelu(z_t, theta_t, eps, ste_to_input=True)
+    np.testing.assert_array_equal(out.detach().cpu().numpy(), ref_jumprelu(z, theta))
+    d_z, d_theta = torch.autograd.grad(out, (z_t, theta_t), _torch(g, device))
+    ref_d_z, ref_d_theta = ref_jumprelu_grads(z, theta, eps, g, ste=True)
+    np.testing.assert_allclose(d_z.cpu().numpy(), ref_d_z, rtol=1e-12, atol=1e-12 * np.abs(ref_d_z).max(initial=1))
+    np.testing.assert_allclose(d_theta.cpu().numpy(), ref_d_theta, rtol=1e-12, atol=1e-12 * np.abs(ref_d_theta).max(initial=1))
+    out = step(z_t, theta_t, eps, ste_to_input=True)
+    d_z, d_theta = torch.autograd.grad(out, (z_t, theta_t), _torch(g, device))
+    ref = ref_step_grad_z_ste(z, theta, eps, g)
+    np.testing.assert_allclose(d_z.cpu().numpy(), ref, rtol=1e-12, atol=1e-12 * np.abs(ref).max(initial=1))
+    ref = ref_step_grad_theta(z, theta, eps, g)
+    np.testing.assert_allclose(d_theta.cpu().numpy(), ref, rtol=1e-12, atol=1e-12 * np.abs(ref).max(initial=1))
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -270,6 +345,59 @@ def test_sae_forward_loss_and_every_gradient(device, sparse, case, target):
         got = getattr(sae, name).grad.cpu().numpy()
         np.testing.assert_allclose(got, ref_grad, rtol=1e-10, atol=1e-10 * max(1, np.abs(ref_grad).max()),
                                    err_msg=f"gradient of {name}")
+
+
+@pytest.mark.parametrize("sparse", [False, True], ids=["dense", "sparse"])
+@given(case=dyadic_sae(), data=st.data())
+def test_anthropic_terms_against_the_reference(sparse, case, data):
+    """Anthropic's tanh penalty (scale c), the pre-activation loss on dead latents and the estimator
+    passed on to the input, each on or off, against ref_anthropic_sae; the dense path takes them all,
+    the sparse path the estimator change with the paper's and Gemma Scope 2's penalties."""
+    p, x, lam, eps, pre_bias = case
+    F = p["theta"].size
+    sparsity = data.draw(st.sampled_from(["l0", "target_row"] if sparse else ["tanh", "tanh", "l0", "target_row"]))
+    c = data.draw(st.sampled_from([0.5, 4.0, 96.0]))
+    lam_p = 0.0 if sparse else data.draw(st.sampled_from([0.0, 0.25, 3.0]))
+    dead = data.draw(st.one_of(st.none(), hnp.arrays(np.bool_, (F,))))
+    ste, target = data.draw(st.booleans()), data.draw(st.integers(1, 6)) if sparsity == "target_row" else None
+    sae = _sae_from(p, eps, pre_bias)
+    p = {**p, "theta": sae.threshold.detach().numpy()}
+    ref, ref_grads = ref_anthropic_sae(p, x, lam, eps, pre_bias, c, lam_p, dead, ste, target, sparsity)
+    out = sae.loss(torch.tensor(x), lam, None if dead is None else torch.tensor(dead), sparsity=sparsity,
+                   target_l0=target, tanh_scale=c, pre_act_coefficient=lam_p, ste_to_input=ste, sparse=sparse)
+    for key in ("x_hat", "mse", "l0", "loss"):
+        np.testing.assert_allclose(out[key].detach().numpy(), ref[key], rtol=1e-12, atol=1e-12, err_msg=key)
+    out["loss"].backward()
+    for name, ref_grad in ref_grads.items():
+        np.testing.assert_allclose(getattr(sae, name).grad.numpy(), ref_grad, rtol=1e-10,
+                                   atol=1e-10 * max(1, np.abs(ref_grad).max()), err_msg=f"gradient of {name}")
+
+
+def test_anthropic_hand_computed_case():
+    """One latent, one row, numbers by hand: pre = 0.75 against theta = 0.5 (eps 0.5, so pre is at the
+    window's edge and outside it), c = 2, ||W_dec|| = 1; then a dead latent below its threshold."""
+    sae = JumpReLUSAE(1, 1, bandwidth=0.5, threshold_init=0.5, dtype=torch.float64)
+    with torch.no_grad():
+        sae.W_enc.fill_(1.0), sae.W_dec.fill_(1.0)
+    x = torch.tensor([[0.75]], dtype=torch.float64)
+    out = sae.loss(x, 0.1, sparsity="tanh", tanh_scale=2.0)
+    # f = 0.75, x_hat = 0.75: mse 0; penalty 0.1 * tanh(2 * 0.75 * 1)
+    assert out["loss"].item() == pytest.approx(0.1 * math.tanh(1.5))
+    out["loss"].backward()
+    # d/db_enc = d/df = 0.1 * 2 * (1 - tanh(1.5)^2); the jump is outside the window: no theta gradient
+    assert sae.b_enc.grad.item() == pytest.approx(0.2 * (1 - math.tanh(1.5) ** 2))
+    assert sae.log_threshold.grad.item() == 0.0
+    sae.zero_grad()
+    x = torch.tensor([[0.25]], dtype=torch.float64)                  # below theta: f = 0, x_hat = 0
+    out = sae.loss(x, 0.0, torch.tensor([True]), sparsity="tanh", pre_act_coefficient=3.0, ste_to_input=True)
+    # mse 0.25^2; pre-activation loss 3 * ReLU(0.5 - 0.25) * 1 = 0.75
+    assert out["loss"].item() == pytest.approx(0.0625 + 0.75)
+    out["loss"].backward()
+    # pre = 0.25 is inside the window (|0.25 - 0.5| / 0.5 = 0.5 is its edge: not inside), so only the
+    # pre-activation loss: d/dpre = -3, d/dtheta = +3 (d/dlog theta = 0.5 * 3)
+    assert sae.b_enc.grad.item() == pytest.approx(-3.0) and sae.log_threshold.grad.item() == pytest.approx(1.5)
+    with pytest.raises(ValueError, match="use the dense path"):
+        sae.loss(x, 0.1, sparsity="tanh", sparse=True)
 
 
 @given(case=dyadic_sae())

@@ -198,6 +198,119 @@ def test_paper_recipe_runs_with_a_fixed_coefficient(tiny_acts, tmp_path):
     assert saved.bandwidth == 0.001 and saved.metadata["recipe"] == "paper"
 
 
+# Every --recipe paper command line with each --sparsity, and --target-l0 K, --l0-coefficient LAMBDA or
+# neither: what it means (the call train() receives), or the sentence that refuses it.
+PAPER_ONLY = "--recipe paper fixes lambda and warms it up over 10,000 steps: pass --l0-coefficient LAMBDA"
+PAPER_CASES = [
+    ([], None, PAPER_ONLY), (["--target-l0", "8"], None, PAPER_ONLY),
+    (["--l0-coefficient", "1e-3"], {"l0_coefficient": 1e-3, "sparsity": None}, None),            # the paper
+    (["--sparsity", "l0"], None, PAPER_ONLY), (["--sparsity", "l0", "--target-l0", "8"], None, PAPER_ONLY),
+    (["--sparsity", "l0", "--l0-coefficient", "1e-3"], {"l0_coefficient": 1e-3, "sparsity": "l0"}, None),   # the same
+    (["--sparsity", "target_batch"], None, PAPER_ONLY), (["--sparsity", "target_row"], None, PAPER_ONLY),
+    (["--sparsity", "target_batch", "--target-l0", "8"], None, PAPER_ONLY),
+    (["--sparsity", "target_row", "--target-l0", "8"], None, PAPER_ONLY),       # a TypeError before issue 14
+    (["--sparsity", "target_batch", "--l0-coefficient", "1e-3"], None, "--sparsity target_batch holds the L0 at --target-l0 K"),
+    (["--sparsity", "target_row", "--l0-coefficient", "1e-3"], None, "--sparsity target_row holds the L0 at --target-l0 K"),
+    (["--sparsity", "tanh"], None, PAPER_ONLY), (["--sparsity", "tanh", "--target-l0", "8"], None, PAPER_ONLY),
+    (["--sparsity", "tanh", "--l0-coefficient", "1e-3"], {"l0_coefficient": 1e-3, "sparsity": "tanh"}, None),  # Anthropic's loss
+    (["--arch", "topk", "--target-l0", "8"], {"target_l0": 8}, None),            # the paper's schedule, k = 8
+    (["--arch", "topk"], None, "set the sparsity with --target-l0 K"),
+    (["--arch", "topk", "--l0-coefficient", "1e-3"], None, "--arch topk needs --target-l0 K"),
+    (["--arch", "relu", "--l0-coefficient", "1e-3"], {"l0_coefficient": 1e-3}, None),        # its L1 coefficient
+    (["--arch", "gated", "--target-l0", "8"], None, PAPER_ONLY),
+    (["--arch", "relu", "--sparsity", "tanh", "--l0-coefficient", "1e-3"], None, "--sparsity is JumpReLU's"),
+]
+
+
+@pytest.mark.parametrize("flags, meaning, refusal", PAPER_CASES, ids=[" ".join(c[0]) or "none" for c in PAPER_CASES])
+def test_every_paper_recipe_combination_runs_with_a_meaning_or_is_refused_in_one_sentence(tiny_acts, tmp_path,
+                                                                                          monkeypatch, flags, meaning, refusal):
+    calls = []
+    monkeypatch.setattr(train, "train", lambda *a, **k: calls.append(k) or {"heldout_l0": 1, "heldout_fvu": 1,
+                                                                             "dead_fraction": 0})
+    argv = ["--acts", str(tiny_acts), "--out", str(tmp_path / "sae"), "--recipe", "paper", "--d-sae", "64", *flags]
+    if refusal:
+        with pytest.raises(SystemExit) as exit_:
+            train.main(argv)
+        message = exit_.value.code
+        assert message.startswith("error: ") and refusal in message and "\n" not in message and not calls, message
+    else:
+        train.main(argv)
+        assert len(calls) == 1 and calls[0]["recipe"] == "paper"
+        assert {k: calls[0].get(k) for k in meaning} == meaning
+
+
+@pytest.mark.parametrize("kw", [dict(sparsity="tanh", l0_coefficient=1e-3, target_l0=None), dict(arch="topk")])
+def test_paper_recipe_runs_anthropics_loss_and_topk(tiny_acts, tmp_path, kw):
+    """Two of the runs above, trained: the paper's schedule with Anthropic's loss (the bandwidth theirs,
+    2.0 on inputs scaled to E||x|| = sqrt(d_in)) and with TopK's k (no lambda to warm up)."""
+    record = _train(tiny_acts, tmp_path / "paper", recipe="paper", **kw)
+    assert math.isfinite(record["heldout_fvu"])
+    sae = formats.load_sae(tmp_path / "paper")
+    if kw.get("sparsity") == "tanh":
+        _, shards = acts.open_split(tiny_acts, "train")
+        x = acts.sample_rows(shards, 16_384, 0)
+        x = x * train.input_scale(x)
+        assert sae.bandwidth == pytest.approx(2.0 * x.norm(dim=1).mean().item() / math.sqrt(32), rel=1e-5)
+        assert record["l0_coefficient"] == pytest.approx(1e-3 * 7 / 10_000)        # warmed up: step 7 of 10,000
+        assert sae.metadata["sparsity"] == "tanh"
+
+
+def test_anthropic_units_convert_from_inputs_of_norm_sqrt_d_in():
+    """Anthropic's constants are for inputs scaled to E||x|| = sqrt(d_in): x_theirs = r x_ours, so the
+    pre-activations scale by r and the MSE by r^2; the loss of our SAE on x_ours, times r^2, must be
+    theirs on x_theirs with their constants."""
+    torch.manual_seed(0)
+    x = torch.randn(64, 8) * 0.3
+    hp = train.anthropic_units({**train.SMALL, **train.ANTHROPIC, "sparsity": "tanh"}, x)
+    r = math.sqrt(8) / x.norm(dim=1).mean().item()
+    ours, theirs = JumpReLUSAE(8, 16, bandwidth=hp["bandwidth"], threshold_init=0.05, dtype=torch.float64), \
+        JumpReLUSAE(8, 16, bandwidth=2.0, threshold_init=0.05 * r, dtype=torch.float64)
+    with torch.no_grad():
+        theirs.W_enc.copy_(ours.W_enc), theirs.W_dec.copy_(ours.W_dec)
+    dead = torch.arange(16) % 3 == 0
+    a = ours.loss(x.double(), 1e-3, dead, sparsity="tanh", tanh_scale=hp["tanh_scale"],                 # tanh has no units
+                  pre_act_coefficient=hp["pre_act_coefficient"])
+    b = theirs.loss(x.double() * r, 1e-3 * r ** 2, dead, sparsity="tanh", tanh_scale=4.0, pre_act_coefficient=3e-6)
+    assert (a["loss"] * r ** 2).item() == pytest.approx(b["loss"].item(), rel=1e-9)
+    assert (a["f"] * r).detach().allclose(b["f"].detach())
+
+
+def test_no_latent_is_dead_before_it_has_had_the_window_to_fire():
+    """fired_at starts at 0: with a window of 3 steps, a latent that never fires is dead from step 3
+    on (after 3 batches), not from step 0; one that fired at step s is dead again from step s + 4."""
+    seen = []
+
+    def loss_fn(x_BD, coefficient, dead_F):
+        seen.append(dead_F.clone())
+        fired = torch.tensor([len(seen) == 2, False])            # latent 0 fires at step 1 only
+        return {"loss": sae.W_enc.sum() * 0, "l0": torch.tensor(0.0), "fired": fired}
+
+    sae = JumpReLUSAE(2, 2)
+    opt, fired_at = torch.optim.Adam(sae.parameters()), torch.zeros(2, dtype=torch.long)
+    for step_ in range(7):
+        train.train_step(sae, opt, loss_fn, torch.zeros(1, 2), 0.0, fired_at, step_, dead_steps=3)
+    assert [d.tolist() for d in seen] == [[False, False]] * 3 + [[False, True]] * 2 + [[True, True]] * 2
+
+
+@pytest.mark.parametrize("arch", ["jumprelu", "topk"])
+def test_training_starts_with_no_latent_dead(tiny_acts, tmp_path, monkeypatch, arch):
+    """train() starts every latent's window at step 0 (before issue 14 fired_at started at -1, so at
+    step 0 every latent was dead); the pull's window for JumpReLU, AuxK's (auxk_window) for TopK."""
+    seen, real = [], train.train_step
+    monkeypatch.setattr(train, "train_step", lambda *a, **k: seen.append((a[5].clone(), a[6], k["dead_steps"])) or real(*a, **k))
+    _train(tiny_acts, tmp_path / "sae", arch=arch, steps=3, dead_window_tokens=256)
+    fired_at, step_, dead_steps = seen[0]
+    assert step_ == 0 and not (fired_at <= step_ - dead_steps).any()
+    assert dead_steps == (train.auxk_window(3, 128) if arch == "topk" else 256 // 128)
+
+
+def test_auxk_window_is_gaos_ten_million_tokens_or_an_eighth_of_the_run():
+    assert train.auxk_window(250, 2048) == 31                        # 512k tokens: 31 batches, 63k tokens
+    assert train.auxk_window(2_000_000, 4096) == 10_000_000 // 4096  # billions of tokens: Gao et al.'s 10M
+    assert train.auxk_window(4, 128) == 1
+
+
 def test_sparsity_must_be_given(tiny_acts, tmp_path):
     with pytest.raises(ValueError, match="--target-l0 K or --l0-coefficient"):
         _train(tiny_acts, tmp_path / "x", target_l0=None)
@@ -214,8 +327,11 @@ def test_every_baseline_trains_resumes_and_loads(tiny_acts, tmp_path, arch):
     assert metrics["fvu"] < 1.0 and metrics["l0"] > 0                     # it learned something
     if arch == "topk":
         assert metrics["l0"] <= 4 and record["heldout_l0"] <= 4
-    if arch == "batchtopk":
-        assert float(sae.threshold) > 0                                     # estimated during training
+    if arch == "batchtopk":                 # set from the trained SAE; the running estimate only logged
+        assert float(sae.threshold) == pytest.approx(record["threshold"]) and record["threshold"] > 0
+        assert record["threshold_running"] > 0 and record["threshold"] != record["threshold_running"]
+        log = [json.loads(line) for line in (tmp_path / "whole" / "log.jsonl").read_text().splitlines()]
+        assert log[-1]["threshold"] == record["threshold"] and log[-1]["heldout_l0"] == record["heldout_l0"]
     # A run killed after its step-8 checkpoint and resumed ends identical (buffers included).
     real_lr_at = train.lr_at
 

@@ -60,12 +60,19 @@ SMALL = dict(lr=1e-3, betas=(0.9, 0.999), lr_warmup_steps=50, lr_decay_fraction=
              b_dec_init="mean",
              orthogonal_init=2,              # encoder starts orthogonal to the sink and mean directions
              dead_threshold_pull=0.01,       # a dead latent's threshold is pulled down until it fires
-             dead_window_tokens=2**15,       # dead: no firing in the last 32k tokens
+             dead_window_tokens=2**15,       # the pull's dead: no firing in the last 32k tokens (AuxK's: auxk_window)
              sparsity="target_batch",        # lambda (2/K)(L0 - K)^2 on the batch's mean L0
              target_l0_coefficient=5e-3)
 AUTO_BANDWIDTH = 0.3   # bandwidth "auto": this fraction of the median over latents of the pre-activation std
 RECIPES = {"paper": PAPER, "small": SMALL}
 TOPK = ("topk", "batchtopk")
+# Anthropic's January 2025 JumpReLU (SPEC section 3), --sparsity tanh: SAELens's jumprelu_sparsity_loss_mode
+# "tanh" with jumprelu_tanh_scale 4, pre_act_loss_coefficient 3e-6 and jumprelu_ste_to_input, and the
+# bandwidth 2.0, all given on inputs scaled to E||x|| = sqrt(d_in); anthropic_units converts them to ours.
+# Their pre-activation loss revives dead latents, in place of our dead-threshold pull.
+ANTHROPIC = dict(bandwidth=2.0, tanh_scale=4.0, pre_act_coefficient=3e-6, ste_to_input=True, dead_threshold_pull=0.0)
+GAO_WINDOW_TOKENS = 10_000_000   # Gao et al.'s dead window, for runs of billions of tokens
+CALIBRATION_BATCHES = 32         # BatchTopK's threshold: the mean of this many batches' smallest kept activation
 
 
 # --- Schedules (SPEC section 3) and the target-L0 controller ----------------------------------
@@ -83,8 +90,17 @@ def lr_at(step, total_steps, lr, warmup_steps, decay_fraction=0.0):
 
 
 def l0_coefficient_at(step, l0_coefficient, warmup_steps):
-    """lambda warmed up linearly from 0 over `warmup_steps`."""
-    return l0_coefficient * min(1.0, step / warmup_steps) if warmup_steps > 0 else l0_coefficient
+    """lambda warmed up linearly from 0 over `warmup_steps` (None, TopK's, stays None)."""
+    return l0_coefficient * min(1.0, step / warmup_steps) if warmup_steps > 0 and l0_coefficient else l0_coefficient
+
+
+def auxk_window(steps, batch_size):
+    """AuxK's dead window in steps: Gao et al.'s 10M tokens, but at most an eighth of the run, so that
+    a latent that dies early has most of the run to be revived (10M tokens is longer than this
+    project's CPU runs). At 250 steps of 2,048 that is 31 batches (63k tokens): a latent firing on 1
+    token in 10,000 (a fortieth of the mean rate at L0 10 over 2,304 latents) misses them with
+    probability 0.2%."""
+    return max(1, min(GAO_WINDOW_TOKENS // batch_size, steps // 8))
 
 
 class TargetL0:
@@ -128,8 +144,10 @@ def processes(device):
     return rank, local_rank, world, device
 
 
-def check_settings(arch, path, batch_size, world, d_sae=None, target_l0=None, l0_coefficient=None):
-    """One-sentence errors for settings that cannot train (d_sae None: not known yet)."""
+def check_settings(arch, path, batch_size, world, d_sae=None, target_l0=None, l0_coefficient=None, recipe="small",
+                   sparsity=None):
+    """One-sentence errors for settings that cannot train (d_sae None: not known yet). With
+    --recipe paper, lambda is fixed and warmed up (--l0-coefficient), or k is --target-l0 for TopK."""
     if arch not in ARCHITECTURES:
         raise ValueError(f"--arch must be one of {', '.join(ARCHITECTURES)}, not {arch!r}.")
     if world > 1 and arch == "batchtopk":
@@ -139,8 +157,19 @@ def check_settings(arch, path, batch_size, world, d_sae=None, target_l0=None, l0
         raise ValueError(f"--path must be auto, dense or sparse, not {path!r}.")
     if path == "sparse" and arch != "jumprelu":
         raise ValueError(f"--path sparse is JumpReLU's; --arch {arch} trains on the dense path (leave --path at auto).")
+    if path == "sparse" and sparsity == "tanh":
+        raise ValueError("--sparsity tanh trains on the dense path (its pre-activation loss needs every pre-activation); "
+                         "leave --path at auto.")
+    if recipe == "paper" and arch not in TOPK and (target_l0 is not None or l0_coefficient is None):
+        raise ValueError("--recipe paper fixes lambda and warms it up over 10,000 steps: pass --l0-coefficient LAMBDA "
+                         "(--target-l0 K is the small recipe's, or k with --arch topk or batchtopk).")
     if target_l0 is None and l0_coefficient is None:
         raise ValueError("set the sparsity with --target-l0 K or --l0-coefficient LAMBDA.")
+    if sparsity is not None and arch != "jumprelu":
+        raise ValueError(f"--sparsity is JumpReLU's; drop it for --arch {arch}.")
+    if sparsity in ("target_batch", "target_row") and target_l0 is None:
+        raise ValueError(f"--sparsity {sparsity} holds the L0 at --target-l0 K; pass it instead of --l0-coefficient, "
+                         "or drop --sparsity.")
     if arch in TOPK and (target_l0 is None or target_l0 != int(target_l0) or target_l0 < 1):
         raise ValueError(f"--arch {arch} needs --target-l0 K, a positive whole number (its k), not {target_l0}.")
     if batch_size % world:
@@ -233,14 +262,27 @@ def make_optimizer(sae, hp, device_type):
                             lr=hp["lr"], betas=hp["betas"], eps=1e-8, fused=device_type == "cuda")
 
 
+def anthropic_units(hp, x_ND):
+    """hp with ANTHROPIC's constants, given on inputs scaled to E||x|| = sqrt(d_in), in the units of
+    our inputs x_ND (E||x||^2 = 1): theirs are r x with r = sqrt(d_in) / E||x||, which scales
+    pre-activations, thresholds and f by r and the MSE by r^2, so the bandwidth becomes 2.0 / r,
+    the tanh scale 4 r and the pre-activation coefficient 3e-6 / r. hp itself without --sparsity tanh."""
+    if hp["sparsity"] != "tanh":
+        return hp
+    r = math.sqrt(x_ND.shape[1]) / x_ND.norm(dim=1).mean().item()
+    return {**hp, "bandwidth": hp["bandwidth"] / r, "tanh_scale": hp["tanh_scale"] * r,
+            "pre_act_coefficient": hp["pre_act_coefficient"] / r}
+
+
 def sparsity(arch, hp, target_l0, l0_coefficient):
-    """(hp with its "sparsity" term, lambda, the controller or None). "l0" is the paper's lambda * L0,
-    lambda fixed or, with a target K, set by the PI controller; "target_row" and "target_batch" are
-    lambda (2/K)(L0 - K)^2 per row or on the batch's mean with a fixed lambda: a force towards K from
-    both sides. A baseline's lambda is its L1 coefficient; TopK and BatchTopK have none."""
-    if not target_l0 or arch != "jumprelu":
+    """(hp with its "sparsity" term, lambda, the controller or None). "l0" is the paper's lambda * L0
+    and "tanh" Anthropic's penalty, lambda fixed or, with a target K, set by the PI controller;
+    "target_row" and "target_batch" are lambda (2/K)(L0 - K)^2 per row or on the batch's mean with a
+    fixed lambda: a force towards K from both sides. A baseline's lambda is its L1 coefficient;
+    TopK and BatchTopK have none."""
+    if arch != "jumprelu" or (not target_l0 and hp["sparsity"] != "tanh"):
         hp = {**hp, "sparsity": "l0"}            # a fixed lambda (the paper's penalty), or a baseline's L1 term
-    quadratic = hp["sparsity"] != "l0"
+    quadratic = hp["sparsity"] in ("target_row", "target_batch")
     if quadratic:
         l0_coefficient = l0_coefficient or hp["target_l0_coefficient"]
     controller = TargetL0(target_l0, l0_coefficient or 1e-3) if target_l0 and not quadratic and arch not in TOPK else None
@@ -264,7 +306,8 @@ def loss_functions(sae, hp, target_l0, world, compile_loss):
     options = {}
     if sae.architecture == "jumprelu":
         options = dict(sparsity=hp["sparsity"], target_l0=target_l0, dead_pull=hp["dead_threshold_pull"],
-                       batch_mean=torch.mean if world == 1 else functools.partial(global_mean, world=world))
+                       batch_mean=torch.mean if world == 1 else functools.partial(global_mean, world=world),
+                       **{k: hp[k] for k in ("tanh_scale", "pre_act_coefficient", "ste_to_input") if k in hp})
     return {"dense": make_loss(sae, compiled=compile_loss, **options), "sparse": make_loss(sae, sparse=True, **options)}
 
 
@@ -324,8 +367,12 @@ def train_step(sae, opt, loss_fn, x_BD, coefficient, fired_at, step, *, dead_ste
     sparsity coefficient and the latents that have not fired in the last `dead_steps` steps;
     backward; the gradients averaged over the ranks (torchrun); the decoder-gradient projection,
     Adam and the decoder renormalised (SPEC section 3); and each latent's last firing step in
-    fired_at. Returns the loss's dict, its "l0" the mean over the global batch, detached."""
-    dead_F = fired_at < step + 1 - min(dead_steps, step + 1)
+    fired_at. Returns the loss's dict, its "l0" the mean over the global batch, detached.
+
+    fired_at[i] is the number of steps done when latent i last fired, and starts at 0: before step
+    `step` a latent is dead when it has not fired in the last dead_steps batches, so no latent is
+    dead before it has had dead_steps batches to fire (Gao et al.'s "not activated in N tokens")."""
+    dead_F = fired_at <= step - dead_steps
     with torch.autocast(device_type=x_BD.device.type, dtype=torch.bfloat16, enabled=autocast):
         out = loss_fn(x_BD, coefficient, dead_F)
     out["l0"] = all_mean(out["l0"].detach(), world)
@@ -374,7 +421,8 @@ class Log:
     """log.jsonl, one record per call, and the progress bar; rank 0 alone writes. Each record has the
     batch's loss, MSE and L0 (over the global batch), the L0 and FVU of a held-out batch at inference,
     the dead fraction (no firing in the last 2^20 tokens), lambda, lr, the step's path, and tokens
-    and FLOP/s since the last record against the matmul ceiling measured then (MFU)."""
+    and FLOP/s since the last record against the matmul ceiling measured then (MFU). `append` adds
+    a record of its own (BatchTopK's calibrated threshold)."""
 
     def __init__(self, path, sae, x_eval_BD, fired_at, *, batch_size, start, steps, world, rank, autocast, quiet):
         self.path, self.sae, self.x_eval_BD, self.fired_at = path, sae, x_eval_BD, fired_at
@@ -388,9 +436,7 @@ class Log:
         if self.rank != 0:
             return {}
         device = self.x_eval_BD.device
-        with torch.no_grad(), torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=self.autocast):
-            f_BF = self.sae.encode(self.x_eval_BD)                 # inference: BatchTopK uses its threshold
-            heldout_l0, x_hat_BD = (f_BF != 0).float().sum(-1).mean().item(), self.sae.decode(f_BF)
+        heldout = self.heldout()
         tokens_per_s = (step - self.since[1]) * B / (time.perf_counter() - self.since[0])
         # The step's matmuls, 2 FLOPs per multiply-add: x @ W_enc and f @ W_dec forward, then the
         # gradients of W_dec, f and W_enc: 5 x 2 x B x d_in x d_sae. The sparse path does only the
@@ -399,13 +445,14 @@ class Log:
         flops = 10 * d_in * d_sae * tokens_per_s
         ceiling = self.world * matmul_ceiling(device, B // self.world, d_in, d_sae,
                                               torch.bfloat16 if self.autocast else torch.float32)
-        dead = self.fired_at < step - min(2**20 // B, step)
-        r = {"step": step, "loss": loss, "mse": mse, "l0": out["l0"].item(), "heldout_l0": heldout_l0,
-             "heldout_fvu": fvu(self.x_eval_BD, x_hat_BD.float()), "dead_fraction": dead.float().mean().item(),
-             "l0_coefficient": lam, "lr": lr, "path": path, "tokens_per_s": tokens_per_s, "flops_per_s": flops,
-             "mfu": flops / ceiling}
-        with open(self.path, "a") as f:
-            f.write(json.dumps(r) + "\n")
+        dead = self.fired_at <= step - min(2**20 // B, step)          # never fired, in a run shorter than that
+        r = {"step": step, "loss": loss, "mse": mse, "l0": out["l0"].item(), **heldout,
+             "dead_fraction": dead.float().mean().item(), "l0_coefficient": lam, "lr": lr, "path": path,
+             "tokens_per_s": tokens_per_s, "flops_per_s": flops, "mfu": flops / ceiling}
+        if self.sae.architecture == "batchtopk":                   # the running estimate, logged only
+            r["threshold_running"] = self.sae.threshold.item()
+        self.append(r)
+        heldout_l0 = r["heldout_l0"]
         if not self.quiet:
             lam_text = f"lambda {lam:.3g} " if lam is not None else ""      # TopK has none
             self.bar.write(f"step {step}: loss {loss:.4f} mse {mse:.4f} L0 {r['l0']:.1f} | held-out L0 {heldout_l0:.1f} "
@@ -415,6 +462,18 @@ class Log:
                              tok_s=f"{tokens_per_s:,.0f}", mfu=f"{r['mfu']:.0%}")
         self.since = (time.perf_counter(), step)
         return r
+
+    def heldout(self):
+        """{"heldout_l0", "heldout_fvu"} of the held-out batch at inference (BatchTopK: its threshold)."""
+        device = self.x_eval_BD.device
+        with torch.no_grad(), torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=self.autocast):
+            f_BF = self.sae.encode(self.x_eval_BD)
+            heldout_l0, x_hat_BD = (f_BF != 0).float().sum(-1).mean().item(), self.sae.decode(f_BF)
+        return {"heldout_l0": heldout_l0, "heldout_fvu": fvu(self.x_eval_BD, x_hat_BD.float())}
+
+    def append(self, record):
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
 
 
 def save_checkpoint(path, sae, opt, fired_at, state):
@@ -492,8 +551,9 @@ def resume_from(ckpt, sae, opt, fired_at, controller, arch, d_sae, steps):
 
 
 def start_log(log_path, resume, step):
-    """A new run starts a new log; a resumed one drops the records of steps after its checkpoint
-    (they are redone) and any line a kill cut short."""
+    """A new run starts a new log (its folder created); a resumed one drops the records of steps after
+    its checkpoint (they are redone) and any line a kill cut short."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
     if log_path.exists() and not resume:
         log_path.unlink()
     if log_path.exists() and resume:
@@ -533,17 +593,18 @@ def train(acts_dir, out, *, arch="jumprelu", d_sae=None, steps=600, target_l0=No
     `path` (JumpReLU only): the dense or the sparse loss path, which the tests prove give the same
     loss and gradients, or "auto": sparse once L0 is a small enough fraction of d_sae (choose_path).
     `dtype`: of the SAE and the batches (float64 for checks against a reference; the saved SAE is float32).
-    `compile_loss`: run the loss through torch.compile (default: JumpReLU's on CUDA, where it fused the
-    dense step's elementwise work into 1.5-2x the eager speed; not on a CPU, where it gained
-    2-10% for a minute of compiling; TopK's AuxK would recompile at every step)."""
-    out, hp = Path(out), {**RECIPES[recipe], **{k: v for k, v in overrides.items() if v is not None}}
+    `compile_loss`: run the loss through torch.compile (default: JumpReLU's on CUDA, 1.5-2x the eager
+    speed there; on a CPU it gained 2-10% for a minute of compiling; TopK's AuxK recompiles each step)."""
+    given = {k: v for k, v in overrides.items() if v is not None}
+    out, hp = Path(out), {**RECIPES[recipe], **(ANTHROPIC if given.get("sparsity") == "tanh" else {}), **given}
     rank, local_rank, world, device = processes(device)
     device_type, B = torch.device(device).type, hp["batch_size"]          # B: the global batch
     autocast = device_type == "cuda" if autocast is None else autocast
     compile_loss = device_type == "cuda" and arch == "jumprelu" if compile_loss is None else compile_loss
     manifest, shards, scale, sample_ND, x_eval_BD = open_data(acts_dir, B, seed, device, dtype, verify=local_rank == 0)
     d_in, d_sae = manifest["d_in"], 8 * manifest["d_in"] if d_sae is None else d_sae
-    check_settings(arch, path, B, world, d_sae, target_l0, l0_coefficient)
+    check_settings(arch, path, B, world, d_sae, target_l0, l0_coefficient, recipe, given.get("sparsity"))
+    hp = anthropic_units(hp, sample_ND)
     own_group = world > 1 and not dist.is_initialized()
     if own_group:
         dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
@@ -553,12 +614,11 @@ def train(acts_dir, out, *, arch="jumprelu", d_sae=None, steps=600, target_l0=No
     opt = make_optimizer(sae, hp, device_type)
     hp, l0_coefficient, controller = sparsity(arch, hp, target_l0, l0_coefficient)
     losses = loss_functions(sae, hp, target_l0, world, compile_loss)
-    path = path if arch == "jumprelu" else "dense"          # the sparse path is JumpReLU's
-    fired_at = torch.full((d_sae,), -1, device=device)      # the last step each latent fired (-1: never)
+    path = path if arch == "jumprelu" and hp["sparsity"] != "tanh" else "dense"     # the sparse path is JumpReLU's
+    fired_at = torch.zeros(d_sae, dtype=torch.long, device=device)      # steps done when each latent last fired
+    dead_steps = auxk_window(steps, B) if arch in TOPK else hp["dead_window_tokens"] // B
     state = {"step": 0, "l0_coefficient": controller.value if controller else l0_coefficient}
     ckpt = out / "checkpoint.safetensors"
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
     if resume:
         state = resume_from(ckpt, sae, opt, fired_at, controller, arch, d_sae, steps)
         scale = state["scale"]
@@ -571,14 +631,14 @@ def train(acts_dir, out, *, arch="jumprelu", d_sae=None, steps=600, target_l0=No
     lam, l0, record = state["l0_coefficient"], state.get("last_l0", d_sae), {}
     for step in range(state["step"], steps):
         x_BD = next_batch(stream, scale, device, dtype, ckpt)
-        lam = controller.value if controller else l0_coefficient_at(step, l0_coefficient, hp["l0_warmup_steps"])
+        lam = l0_coefficient_at(step, controller.value if controller else l0_coefficient, hp["l0_warmup_steps"])
         lr = lr_at(step, steps, hp["lr"], hp["lr_warmup_steps"], hp["lr_decay_fraction"])
         for group in opt.param_groups:
             group["lr"] = lr * group["lr_scale"]
         step_path = choose_path(path, l0, d_sae, device_type, autocast, compile_loss)
         try:
-            out_ = train_step(sae, opt, losses[step_path], x_BD, lam, fired_at, step,
-                              dead_steps=hp["dead_window_tokens"] // B, world=world, autocast=autocast)
+            out_ = train_step(sae, opt, losses[step_path], x_BD, lam, fired_at, step, dead_steps=dead_steps,
+                              world=world, autocast=autocast)
         except FloatingPointError as e:
             raise ValueError(f"{e}; {last_good(ckpt)}; lower --lr and --resume.") from None
         l0 = out_["l0"].item()
@@ -594,14 +654,28 @@ def train(acts_dir, out, *, arch="jumprelu", d_sae=None, steps=600, target_l0=No
             checkpoint(ckpt, sae, opt, fired_at, state, rank, world)
     log.bar.close()
     if rank == 0:
-        save_sae(out, sae, scale, {"model": manifest["model"], "gguf_file": manifest.get("gguf_file"),
-                                   "layer": manifest["layer"], "site": manifest["site"],
-                                   "hook": manifest["hook"], "context": manifest["context"], "acts": str(acts_dir),
-                                   "recipe": recipe, "steps": steps, "tokens": steps * B, "seed": seed,
-                                   "target_l0": target_l0, "l0_coefficient": None if arch in TOPK else lam})
+        batches = (next_batch(stream, scale, device, dtype, ckpt) for _ in range(CALIBRATION_BATCHES))
+        record = finish(out, sae, scale, log, record, batches, {
+            **{k: manifest.get(k) for k in ("model", "gguf_file", "layer", "site", "hook", "context")},
+            "acts": str(acts_dir), "recipe": recipe, "steps": steps, "tokens": steps * B, "seed": seed, "lr": hp["lr"],
+            "target_l0": target_l0, "l0_coefficient": None if arch in TOPK else lam,
+            "sparsity": hp["sparsity"] if arch == "jumprelu" else None})
     if own_group:
         dist.barrier()           # no rank tears the group down while rank 0 still writes (seen: an abort under load)
         dist.destroy_process_group()
+    return record
+
+
+def finish(out, sae, scale, log, record, batches, metadata):
+    """After the last step, on rank 0: BatchTopK's inference threshold set from the trained SAE,
+    calibrate_threshold_ over `batches` (CALIBRATION_BATCHES of them; the running estimate stays in
+    the record as "threshold_running"), with the held-out L0 and FVU it gives, logged; then the SAE
+    saved. Returns the last record."""
+    if sae.architecture == "batchtopk":
+        record = {**record, "threshold_running": sae.threshold.item(), "threshold": sae.calibrate_threshold_(batches)}
+        record.update(log.heldout())
+        log.append(record)
+    save_sae(out, sae, scale, metadata)
     return record
 
 
@@ -636,13 +710,16 @@ def main(argv=None):
     p.add_argument("--steps", type=cli.positive_int, default=600, help="training steps (default 600)")
     sparsity_ = p.add_mutually_exclusive_group()
     sparsity_.add_argument("--target-l0", type=cli.positive, nargs="+", default=None,
-                           help="hold the L0 at K (default 32; k for topk/batchtopk); several values train a sweep")
+                           help="hold the L0 at K (default 32 with --recipe small; k for topk/batchtopk); several values "
+                                "train a sweep")
     sparsity_.add_argument("--l0-coefficient", type=cli.positive, nargs="+", default=None,
                            help="fixed lambda of the L0 term (of the L1 term for relu/gated); several values train a sweep")
     p.add_argument("--recipe", choices=sorted(RECIPES), default="small", help="small (default) or paper (SPEC section 3)")
-    p.add_argument("--sparsity", choices=("l0", "target_batch", "target_row"), default=None,
-                   help="with --target-l0: the paper's lambda*L0 with a controller on lambda (l0), or lambda (2/K)(L0-K)^2 "
-                        "on the batch mean (target_batch, the small recipe's) or per row (target_row, Gemma Scope 2)")
+    p.add_argument("--sparsity", choices=("l0", "target_batch", "target_row", "tanh"), default=None,
+                   help="the paper's lambda*L0 (l0), lambda (2/K)(L0-K)^2 on the batch mean (target_batch, the small "
+                        "recipe's) or per row (target_row, Gemma Scope 2), both with --target-l0 K, or Anthropic's "
+                        "JumpReLU (tanh: its tanh penalty, pre-activation loss, bandwidth and estimator); l0 and tanh "
+                        "take --l0-coefficient LAMBDA, or --target-l0 K for a controller on lambda")
     for name, kind in (("lr", cli.positive), ("batch-size", cli.positive_int), ("bandwidth", cli.positive),
                        ("threshold-lr-scale", cli.positive), ("lr-warmup-steps", cli.count),
                        ("l0-warmup-steps", cli.count), ("lr-decay-fraction", cli.fraction)):
@@ -661,21 +738,20 @@ def main(argv=None):
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="run the loss through torch.compile (default: JumpReLU's on CUDA, otherwise off; see BENCHMARKS.md)")
     args = p.parse_args(argv)
-    if args.target_l0 is None and args.l0_coefficient is None:
+    if args.target_l0 is None and args.l0_coefficient is None and args.recipe == "small":
         args.target_l0 = [32]
     for name in ("sparsity", "bandwidth", "threshold_lr_scale"):      # JumpReLU's own: not silently ignored
         if getattr(args, name) is not None and args.arch != "jumprelu":
             p.error(f"--{name.replace('_', '-')} is JumpReLU's; drop it for --arch {args.arch}")
-    if args.sparsity and args.l0_coefficient:
-        p.error("--sparsity sets how --target-l0 is held; pass --target-l0 K with it, or drop it")
     overrides = {k: getattr(args, k) for k in ("lr", "batch_size", "bandwidth", "threshold_lr_scale", "sparsity",
                                                "lr_warmup_steps", "l0_warmup_steps", "lr_decay_fraction")}
     # One run per sparsity value; a sweep writes each SAE to OUT/<arch>_l0_<K> (or _lambda_<value>).
-    key, values = ("target_l0", args.target_l0) if args.target_l0 else ("l0_coefficient", args.l0_coefficient)
+    key, values = ("target_l0", args.target_l0) if args.target_l0 else ("l0_coefficient", args.l0_coefficient or [None])
     batch_size, world = args.batch_size or RECIPES[args.recipe]["batch_size"], int(os.environ.get("WORLD_SIZE", 1))
     for value in values:        # every run of a sweep is checked before the first one starts
         try:
-            check_settings(args.arch, args.path, batch_size, world, args.d_sae, **{key: value})
+            check_settings(args.arch, args.path, batch_size, world, args.d_sae, **{key: value}, recipe=args.recipe,
+                           sparsity=args.sparsity)
         except ValueError as e:
             sys.exit(f"error: {e}")
     runs = [(args.out if len(values) == 1 else str(Path(args.out) / f"{args.arch}_{'l0' if key == 'target_l0' else 'lambda'}"
