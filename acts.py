@@ -245,7 +245,7 @@ def stream_plan(shard_rows, batch_size, seed, buffer_rows=2**18):
     """
     blocks = [(s, i) for s, n in enumerate(shard_rows) for i in range(0, n, BLOCK)]
     per_buffer = max(1, buffer_rows // BLOCK)
-    epoch = 0
+    epoch, yielded = 0, False
     while True:
         rng = np.random.default_rng([seed, epoch])
         order = rng.permutation(len(blocks))
@@ -253,7 +253,11 @@ def stream_plan(shard_rows, batch_size, seed, buffer_rows=2**18):
             group = [blocks[j] for j in order[k:k + per_buffer]]
             rows = sum(min(BLOCK, shard_rows[s] - i) for s, i in group)
             if rows >= batch_size:
+                yielded = True
                 yield group, rng.permutation(rows)[: rows - rows % batch_size]
+        if not yielded:          # else a generator that never yields: a hang (found: a batch above the split's rows)
+            raise ValueError(f"no shuffle buffer of {buffer_rows:,} rows ({sum(shard_rows):,} in the shards) "
+                             f"holds a batch of {batch_size:,}; lower the batch size or raise buffer_rows")
         epoch += 1
 
 

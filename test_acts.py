@@ -89,3 +89,10 @@ def test_sample_rows_draws_distinct_rows_from_every_shard():
     assert {int(np.searchsorted([300, 350, 1050], r, side="right")) for r in rows} == {0, 1, 2}
     assert torch.equal(acts.sample_rows(shards, 400, seed=1), acts.sample_rows(shards, 400, seed=1))
     assert len(acts.sample_rows(shards, 5000)) == 1050             # at most every row once
+
+
+@pytest.mark.parametrize("rows, buffer_rows", [(3000, 2**18), (5000, 2048)])
+def test_a_batch_no_buffer_can_hold_is_refused_not_a_hang(rows, buffer_rows):
+    """A split (or a shuffle buffer) smaller than one batch: the plan never yielded and training hung."""
+    with pytest.raises(ValueError, match="holds a batch of 4,096"):
+        next(acts.stream_plan([rows], 4096, seed=0, buffer_rows=buffer_rows))

@@ -305,6 +305,12 @@ def test_training_starts_with_no_latent_dead(tiny_acts, tmp_path, monkeypatch, a
     assert dead_steps == (train.auxk_window(3, 128) if arch == "topk" else 256 // 128)
 
 
+def test_a_batch_above_the_training_split_is_refused_in_one_sentence(tiny_acts, tmp_path):
+    rows = json.loads((tiny_acts / "manifest.json").read_text())["splits"]["train"]["rows"]
+    with pytest.raises(ValueError, match=f"has {rows:,} rows, fewer than one batch of {rows + 1:,}"):
+        _train(tiny_acts, tmp_path / "sae", batch_size=rows + 1)
+
+
 def test_auxk_window_is_gaos_ten_million_tokens_or_an_eighth_of_the_run():
     assert train.auxk_window(250, 2048) == 31                        # 512k tokens: 31 batches, 63k tokens
     assert train.auxk_window(2_000_000, 4096) == 10_000_000 // 4096  # billions of tokens: Gao et al.'s 10M

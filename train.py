@@ -190,6 +190,9 @@ def open_data(acts_dir, batch_size, seed, device, dtype=torch.float32, verify=Tr
     machine)."""
     manifest, shards = acts.open_split(acts_dir, "train", verify=verify)
     _, heldout = acts.open_split(acts_dir, "heldout", verify=verify)
+    if sum(len(a) for a, _ in shards) < batch_size:
+        raise ValueError(f"{acts_dir}'s training split has {sum(len(a) for a, _ in shards):,} rows, fewer than one "
+                         f"batch of {batch_size:,}; lower --batch-size or harvest more --tokens.")
     sample_ND = acts.sample_rows(shards, 16_384, seed)
     if not torch.isfinite(sample_ND).all():
         raise ValueError(f"{acts_dir} holds NaN or Inf activations; harvest it again.")
