@@ -22,7 +22,6 @@ A GPU machine without network needs on disk (checked first; what is missing is n
 import argparse
 import importlib.util
 import json
-import platform
 import subprocess
 import sys
 import tempfile
