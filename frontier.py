@@ -178,8 +178,8 @@ def main(argv=None):
     p.add_argument("--seeds", type=cli.positive_int, default=2, help="seeds at each of --seeds-at (default 2)")
     p.add_argument("--seeds-at", nargs="+", type=cli.positive_int, default=None,
                    help="the targets trained with --seeds seeds (default: every target)")
-    p.add_argument("--lrs", nargs="+", type=cli.positive, default=[3e-4, 1e-3, 3e-3],
-                   help="learning rates of the sweep (default 3e-4 1e-3 3e-3; one value: no sweep)")
+    p.add_argument("--lrs", nargs="+", type=cli.positive, default=[3e-4, 1e-3, 3e-3, 1e-2, 3e-2],
+                   help="learning rates of the sweep (default 3e-4 1e-3 3e-3 1e-2 3e-2; one value: no sweep)")
     p.add_argument("--sweep-at", type=cli.positive_int, default=25, help="the target L0 of the sweep (default 25)")
     p.add_argument("--d-sae", type=cli.positive_int, default=2304, help="latents (default 2,304: 4 x SmolLM2's d_in)")
     p.add_argument("--steps", type=cli.positive_int, default=250, help="training steps of 2,048 tokens (default 250)")
