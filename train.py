@@ -190,9 +190,10 @@ def open_data(acts_dir, batch_size, seed, device, dtype=torch.float32, verify=Tr
     machine)."""
     manifest, shards = acts.open_split(acts_dir, "train", verify=verify)
     _, heldout = acts.open_split(acts_dir, "heldout", verify=verify)
-    if sum(len(a) for a, _ in shards) < batch_size:
-        raise ValueError(f"{acts_dir}'s training split has {sum(len(a) for a, _ in shards):,} rows, fewer than one "
-                         f"batch of {batch_size:,}; lower --batch-size or harvest more --tokens.")
+    rows = sum(len(a) for a, _ in shards)
+    if rows < batch_size:
+        raise ValueError(f"{acts_dir}'s training split has {rows:,} rows, fewer than one batch of {batch_size:,}; "
+                         "lower --batch-size or harvest more --tokens.")
     sample_ND = acts.sample_rows(shards, 16_384, seed)
     if not torch.isfinite(sample_ND).all():
         raise ValueError(f"{acts_dir} holds NaN or Inf activations; harvest it again.")
@@ -743,7 +744,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.target_l0 is None and args.l0_coefficient is None and args.recipe == "small":
         args.target_l0 = [32]
-    for name in ("sparsity", "bandwidth", "threshold_lr_scale"):      # JumpReLU's own: not silently ignored
+    for name in ("bandwidth", "threshold_lr_scale"):      # JumpReLU's own: not silently ignored (--sparsity: check_settings)
         if getattr(args, name) is not None and args.arch != "jumprelu":
             p.error(f"--{name.replace('_', '-')} is JumpReLU's; drop it for --arch {args.arch}")
     overrides = {k: getattr(args, k) for k in ("lr", "batch_size", "bandwidth", "threshold_lr_scale", "sparsity",
