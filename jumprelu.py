@@ -352,15 +352,17 @@ class _KeptPre(torch.autograd.Function):
         grad_x = grad_W = grad_b = None
         if ctx.needs_input_grad[2]:
             grad_b = torch.zeros(F, dtype=grad_S.dtype, device=grad_S.device).index_add_(0, cols_S, grad_S)
-        grad_S = grad_S.to(x_BD.dtype)
+        # Each bag's weights in the dtype of the rows it sums (under autocast a bf16 W_enc and
+        # float32 x); autograd casts each gradient back to its input's dtype.
         if ctx.needs_input_grad[0]:                               # x - b_dec with the pre-encoder bias
             grad_x = torch.nn.functional.embedding_bag(
-                cols_S, W_enc_DF.t().contiguous(), _starts(rows_S, B), mode="sum", per_sample_weights=grad_S)
+                cols_S, W_enc_DF.t().contiguous(), _starts(rows_S, B), mode="sum",
+                per_sample_weights=grad_S.to(W_enc_DF.dtype))
         if ctx.needs_input_grad[1]:
             order_S = torch.argsort(cols_S, stable=True)
             grad_W = torch.nn.functional.embedding_bag(
                 rows_S[order_S], x_BD, _starts(cols_S[order_S], F), mode="sum",
-                per_sample_weights=grad_S[order_S]).t()
+                per_sample_weights=grad_S.to(x_BD.dtype)[order_S]).t()
         return grad_x, grad_W, grad_b, None
 
 

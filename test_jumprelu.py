@@ -16,9 +16,11 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from jumprelu import JumpReLUSAE, exact_log, jumprelu, rectangle, step
+from jumprelu import (JumpReLUSAE, atomic_write, exact_log, folder_digest, jumprelu, read_folder, rectangle,
+                      sparse_terms, step)
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
@@ -157,9 +159,11 @@ def ref_anthropic_sae(p, x, lam, eps, pre_bias, c, lam_p, dead, ste, target=None
 # --- Hand-computed cases (SAELens style) -------------------------------------------------------
 
 
-def test_rectangle_open_interval():
-    u = torch.tensor([-0.75, -0.5, -0.4999, 0.0, 0.4999, 0.5, 0.75], dtype=torch.float64)
-    assert rectangle(u).tolist() == [0, 0, 1, 1, 1, 0, 0]
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_rectangle_open_interval(dtype):
+    """K(u) = 1 on the open interval (-1/2, 1/2), else 0, in the dtype of u."""
+    u = torch.tensor([-0.75, -0.5, -0.4999, 0.0, 0.4999, 0.5, 0.75], dtype=dtype)
+    assert rectangle(u).dtype == dtype and rectangle(u).tolist() == [0, 0, 1, 1, 1, 0, 0]
 
 
 def test_hand_computed_window():
@@ -276,6 +280,24 @@ def test_low_precision_z_with_float32_theta(device, z_dtype, data):
     s = step(z_t, theta_t, eps)
     assert s.dtype == torch.float32
     np.testing.assert_array_equal(s.detach().cpu().numpy(), ref_step(z_seen, theta))
+
+
+@given(data=st.data())
+def test_float64_z_with_float32_theta_works_in_float64(data):
+    """The common dtype is the wider one either way round: float64 pre-activations against float32
+    thresholds give the float64 reference's gradients on z (the estimators' terms included), and
+    float32 theta-gradients."""
+    z, theta, eps, g = data.draw(z_theta_eps(np.float64))
+    theta = theta.astype(np.float32)
+    z_t, theta_t = _torch(z, "cpu", True), _torch(theta, "cpu", True)
+    theta_64 = theta.astype(np.float64)                       # the float32 values, exactly
+    refs = {jumprelu: ref_jumprelu_grads(z, theta_64, eps, g, ste=True)[0],
+            step: ref_step_grad_z_ste(z, theta_64, eps, g)}
+    for estimator, ref_d_z in refs.items():
+        out = estimator(z_t, theta_t, eps, ste_to_input=True)
+        d_z, d_theta = torch.autograd.grad(out, (z_t, theta_t), _torch(g, "cpu"))
+        assert d_z.dtype == torch.float64 and d_theta.dtype == torch.float32
+        np.testing.assert_allclose(d_z.numpy(), ref_d_z, rtol=1e-12, atol=1e-12 * np.abs(ref_d_z).max(initial=1))
 
 
 # --- The SAE against the reference ------------------------------------------------------------
@@ -401,6 +423,49 @@ def test_anthropic_hand_computed_case():
     assert sae.b_enc.grad.item() == pytest.approx(-3.0) and sae.log_threshold.grad.item() == pytest.approx(1.5)
     with pytest.raises(ValueError, match="use the dense path"):
         sae.loss(x, 0.1, sparsity="tanh", sparse=True)
+
+
+@pytest.mark.parametrize("sparsity, target, penalty", [
+    ("l0", None, 1.5),
+    ("target_row", 4, 0.5 * ((1 - 4) ** 2 + (2 - 4) ** 2) / 2),
+    ("target_batch", 4, 0.5 * (1.5 - 4) ** 2),
+    ("tanh", None, (math.tanh(4.0) + math.tanh(8.0) + math.tanh(12.0)) / 2),
+])
+def test_each_sparsity_penalty_by_hand(sparsity, target, penalty):
+    """Two rows through an identity SAE with theta = 0.5: f = [1, 0] and [2, 3], L0 1 and 2. With
+    K = 4 (so 2/K = 1/2): target_row averages the rows' (2/K)(L0 - K)^2, target_batch squares the
+    mean L0's distance, and tanh uses the default c = 4 on unit decoder rows."""
+    sae = JumpReLUSAE(2, 2, dtype=torch.float64)
+    with torch.no_grad():
+        sae.W_enc.copy_(torch.eye(2)), sae.W_dec.copy_(torch.eye(2)), sae.log_threshold.fill_(math.log(0.5))
+    x = torch.tensor([[1.0, 0.25], [2.0, 3.0]], dtype=torch.float64)
+    out = sae.loss(x, 0.5, sparsity=sparsity, target_l0=target)
+    assert out["l0"].item() == 1.5 and out["mse"].item() == 0.25**2 / 2       # x_hat = f
+    assert out["loss"].item() == pytest.approx(out["mse"].item() + 0.5 * penalty, rel=1e-12)
+
+
+def test_dense_loss_takes_any_leading_dimensions():
+    """The dense path takes x of shape [..., d_in]: a [2, 3, d_in] batch gives the loss, MSE, L0 and
+    fired latents of its 6 rows, with the tanh penalty and the pre-activation loss as well."""
+    sae, x_BD = _trained_looking_sae(7, B=6)
+    dead_F = torch.arange(sae.d_sae) % 3 == 0
+    for terms in ({"sparsity": "l0"}, {"sparsity": "tanh", "pre_act_coefficient": 0.1}):
+        rows = sae.loss(x_BD, 0.5, dead_F, **terms)
+        nested = sae.loss(x_BD.view(2, 3, -1), 0.5, dead_F, **terms)
+        for key in ("loss", "mse", "l0", "fired"):
+            torch.testing.assert_close(nested[key], rows[key], msg=f"{key} with {terms}")
+
+
+def test_dead_pull_acts_only_on_latents_marked_dead():
+    """dead_pull adds dead_pull * log theta summed over the latents dead_F marks; without a mask, or
+    with none marked, the loss is unchanged."""
+    sae, x_BD = _trained_looking_sae(8)
+    base = sae.loss(x_BD, 0.5)["loss"]
+    assert sae.loss(x_BD, 0.5, None, dead_pull=0.1)["loss"] == base
+    assert sae.loss(x_BD, 0.5, torch.zeros(sae.d_sae, dtype=torch.bool), dead_pull=0.1)["loss"] == base
+    dead_F = torch.arange(sae.d_sae) < 3
+    torch.testing.assert_close(sae.loss(x_BD, 0.5, dead_F, dead_pull=0.1)["loss"],
+                               base + 0.1 * sae.log_threshold[:3].sum())
 
 
 @given(case=dyadic_sae())
@@ -578,6 +643,88 @@ def test_sparse_path_takes_a_batch_of_rows():
         sae.loss(torch.randn(2, 3, 4), 0.1, sparse=True)
 
 
+def test_sparse_path_keeps_the_entries_above_theta_less_three_quarters_of_epsilon():
+    """The kept entries are those with pre > theta - 3/4 epsilon, strictly: every active latent,
+    every one inside its window, a quarter bandwidth of margin, and none further below.
+    `kept` is their fraction (bench.py reports it per row)."""
+    sae = JumpReLUSAE(1, 4, bandwidth=0.125, dtype=torch.float64)
+    with torch.no_grad():                                     # theta 0.5, eps 1/8: floor 0.40625
+        sae.W_enc.copy_(torch.tensor([[0.75, 0.46875, 0.40625, 0.3125]], dtype=torch.float64))
+        sae.log_threshold.fill_(math.log(0.5))
+    assert sae.threshold.eq(0.5).all()
+    out = sae.loss(torch.ones(1, 1, dtype=torch.float64), 0.1, sparse=True)
+    # active, in the window, exactly at the floor, and 1.5 epsilon below theta: the first two are kept
+    assert out["kept"] == 2 / 4 and out["l0"].item() == 1
+
+
+@pytest.mark.parametrize("trained", ["x", "W_enc", "b_enc"])
+def test_sparse_path_gradient_reaches_whatever_alone_requires_one(trained):
+    """With the rest of the SAE frozen, the input (as for attribution), W_enc or b_enc alone gets
+    the dense path's gradient from the sparse path."""
+    sae, x_BD = _trained_looking_sae(3)
+    sae.requires_grad_(False)
+    tensors = {"x": x_BD.clone(), "W_enc": sae.W_enc, "b_enc": sae.b_enc}
+    tensors[trained].requires_grad_(True)
+    grads = []
+    for sparse in (False, True):
+        tensors[trained].grad = None
+        sae.loss(tensors["x"], 0.5, sparse=sparse)["loss"].backward()
+        grads.append(tensors[trained].grad)
+    dense, sparse = grads
+    assert sparse is not None and dense.abs().max() > 0
+    torch.testing.assert_close(sparse, dense, rtol=1e-4, atol=1e-5 * dense.abs().max().item())
+
+
+@pytest.mark.parametrize("pre_bias", [False, True], ids=["no-pre-bias", "pre-bias"])
+@pytest.mark.parametrize("model_dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_sparse_path_of_a_half_precision_model_takes_float32_rows_under_autocast(model_dtype, pre_bias):
+    """A bf16 or float16 model under bf16 autocast takes float32 activations on both paths (in a
+    float16 model the bias turns the bf16 matmul's pre-activations float32), and the sparse path's
+    gradients agree with the dense path's to that precision. With the pre-encoder bias the input
+    needs a gradient too, whose bag sums the model's W_enc with float32 weights: that crashed."""
+    float32_sae, x_BD = _trained_looking_sae(4, pre_bias=pre_bias)
+    sae = JumpReLUSAE(float32_sae.d_in, float32_sae.d_sae, bandwidth=float32_sae.bandwidth, dtype=model_dtype,
+                      pre_encoder_bias=pre_bias)
+    sae.load_state_dict(float32_sae.state_dict())
+    results = []
+    for sparse in (False, True):
+        sae.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = sae.loss(x_BD, 0.1, sparse=sparse)
+        out["loss"].backward()
+        results.append((out, {name: q.grad.clone() for name, q in sae.named_parameters()}))
+    (dense, dense_grads), (sparse, sparse_grads) = results
+    assert sparse["l0"].item() == dense["l0"].item()
+    for name, grad in dense_grads.items():
+        err = (sparse_grads[name].float() - grad.float()).norm() / grad.float().norm()
+        assert err < 2e-2, (name, err.item())
+
+
+def test_sparse_terms_called_alone_follows_the_paper():
+    """Without ste_to_input, sparse_terms sends the L0 estimator's gradient to the thresholds
+    only, as the paper's loss does."""
+    sae, x_BD = _trained_looking_sae(5)
+    sparse_terms(sae, x_BD, sae.threshold)["l0_rows"].sum().backward()
+    for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
+        grad = getattr(sae, name).grad
+        assert grad is None or not grad.any(), name
+    assert sae.log_threshold.grad.any()
+
+
+def test_sparse_path_allocates_on_the_device_of_its_inputs():
+    """The sparse path's own tensors (L0, fired, the bags' offsets, b_enc's gradient) go on the
+    inputs' device, not torch's default one: under a default of meta (as under a user's
+    set_default_device("cuda")) a CPU SAE gives the same loss and gradients, bit for bit."""
+    sae, x_BD = _trained_looking_sae(6, pre_bias=True)
+    out, grads = _loss_and_grads(sae, x_BD, 0.5, None, sparse=True)
+    with torch.device("meta"):
+        again, again_grads = _loss_and_grads(sae, x_BD, 0.5, None, sparse=True)
+    for key in ("loss", "l0", "x_hat", "fired"):
+        assert torch.equal(again[key], out[key]), key
+    for name, grad in grads.items():
+        assert torch.equal(again_grads[name], grad), name
+
+
 def test_finite_differences_agree_for_decoder_parameters():
     """The loss is smooth in W_dec and b_dec: central differences must match autograd."""
     torch.manual_seed(0)
@@ -611,6 +758,25 @@ def test_paper_initialisation():
     assert not sae.b_enc.any() and not sae.b_dec.any()
     torch.testing.assert_close(sae.threshold, torch.full((64,), 0.001))
     assert sae.bandwidth == 0.001 and not sae.pre_encoder_bias
+
+
+@pytest.mark.parametrize("d_in, d_sae, settings", [
+    (0, 4, {}), (4, 0, {}), (4, 4, {"bandwidth": 0.0}), (4, 4, {"threshold_init": 0.0}),
+])
+def test_constructor_refuses_a_setting_that_is_not_positive(d_in, d_sae, settings):
+    """Each of d_in, d_sae, bandwidth and threshold_init alone is refused at 0, in one sentence."""
+    with pytest.raises(ValueError, match="must be positive"):
+        JumpReLUSAE(d_in, d_sae, **settings)
+
+
+def test_encode_carries_the_estimator_at_the_sae_bandwidth():
+    """encode is differentiable as the loss is: one latent with pre = 0.6 against theta = 0.5, inside
+    the window (eps = 0.5), gives d f/d pre = 1 and d f/d log theta = theta * -(theta/eps) = -0.5."""
+    sae = JumpReLUSAE(1, 1, bandwidth=0.5, threshold_init=0.5, dtype=torch.float64)
+    with torch.no_grad():
+        sae.W_enc.fill_(1.0)
+    sae.encode(torch.tensor([[0.6]], dtype=torch.float64)).sum().backward()
+    assert sae.b_enc.grad.item() == 1.0 and sae.log_threshold.grad.item() == pytest.approx(-0.5)
 
 
 def test_decoder_projection_and_renormalisation():
@@ -683,14 +849,19 @@ def test_save_then_load_is_exact(tmp_path_factory, seed, pre_bias):
 
 
 def test_folder_holds_gemma_scope_tensors_in_float32(tmp_path):
+    """The folder (created with its parents) holds Gemma Scope's tensors in float32, and says so:
+    config.json records the dtype, and the weights file's header names the architecture."""
     sae = _random_sae(0, dtype=torch.float64)
-    sae.save(tmp_path)
-    tensors = load_file(str(tmp_path / "sae.safetensors"))
+    folder = sae.save(tmp_path / "new" / "sae")
+    tensors = load_file(str(folder / "sae.safetensors"))
     assert set(tensors) == {"W_enc", "b_enc", "W_dec", "b_dec", "threshold"}
     assert all(t.dtype == torch.float32 for t in tensors.values())
     assert torch.equal(tensors["threshold"], sae.threshold.float())
-    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg = json.loads((folder / "config.json").read_text())
     assert cfg["architecture"] == "jumprelu" and (cfg["d_in"], cfg["d_sae"]) == (6, 20)
+    assert cfg["dtype"] == "float32"
+    with safe_open(str(folder / "sae.safetensors"), "pt") as f:
+        assert f.metadata() == {"architecture": "jumprelu"}
 
 
 @given(seed=st.integers(0, 2**31), scale=st.floats(1e-2, 1e2), pre_bias=st.booleans())
@@ -740,7 +911,8 @@ def _edit_config(folder, keep_sha=False, **changes):
     (lambda f: _edit_config(f, keep_sha=True, pre_encoder_bias=True), "does not match the sha256"),
     (lambda f: _edit_config(f, d_sae="20"), "no valid 'd_sae'"),
     (lambda f: (f / "config.json").write_text("{not json"), "is not valid JSON"),
-    (lambda f: (f / "config.json").unlink(), "has no config.json"),
+    (lambda f: (f / "config.json").write_text("[1, 2]"), "not list; re-save or restore the folder."),
+    (lambda f: (f / "config.json").unlink(), "has no config.json; it is not an SAE folder written by this project."),
     (lambda f: (f / "sae.safetensors").write_bytes((f / "sae.safetensors").read_bytes()[:100]), "does not match the sha256"),
     (lambda f: _rewrite_weights(f, lambda t: t, (f / "sae.safetensors").read_bytes()[:100]), "cannot be read"),
     (lambda f: _rewrite_weights(f, lambda t: {k: v for k, v in t.items() if k != "threshold"}), "has no tensor 'threshold'"),
@@ -752,10 +924,81 @@ def test_load_rejects_a_bad_folder_in_one_sentence(tmp_path, damage, message):
     damage(folder)
     with pytest.raises(ValueError) as info:
         JumpReLUSAE.load(folder)
-    assert message in str(info.value)
+    assert message in str(info.value) and str(folder) in str(info.value)    # it names the folder
     assert str(info.value).count(". ") == 0 and "\n" not in str(info.value)
 
 
 def test_load_of_a_missing_folder_says_what_to_pass(tmp_path):
     with pytest.raises(ValueError, match="is not a folder"):
         JumpReLUSAE.load(tmp_path / "nowhere")
+
+
+@pytest.mark.parametrize("changes, refused", [
+    ({"d_in": 1, "d_sae": 1, "k": 1}, None),
+    ({"d_in": 0}, "no valid 'd_in'"),
+    ({"d_sae": 0}, "no valid 'd_sae'"),
+    ({"bandwidth": 1e-30}, None),
+    ({"bandwidth": 0}, "invalid 'bandwidth'"),
+    ({"pre_encoder_bias": True}, None),
+    ({"pre_encoder_bias": "false"}, "invalid 'pre_encoder_bias'"),
+    ({"k": 20}, None),
+    ({"k": 0}, "invalid 'k'"),
+    ({"k": 21}, "invalid 'k'"),
+])
+def test_read_folder_checks_each_setting_at_its_bounds(tmp_path, changes, refused):
+    """read_folder, shared by every architecture, accepts d_in and d_sae from 1, a bandwidth above
+    0, a bool pre_encoder_bias and k from 1 to d_sae (here 20), and refuses the values just outside."""
+    folder = _saved(tmp_path)
+    _edit_config(folder, **changes)
+    if refused is None:
+        cfg, _ = read_folder(folder, "jumprelu")
+        assert {key: cfg[key] for key in changes} == changes
+    else:
+        with pytest.raises(ValueError, match=refused):
+            read_folder(folder, "jumprelu")
+
+
+def test_load_fills_in_the_settings_a_folder_lacks(tmp_path):
+    """A folder written by another tool may have no bandwidth or pre_encoder_bias: it loads with
+    the defaults, bandwidth 0.001 and no pre-encoder bias."""
+    folder = _saved(tmp_path)
+    cfg = json.loads((folder / "config.json").read_text())
+    for key in ("sha256", "bandwidth", "pre_encoder_bias"):
+        del cfg[key]
+    (folder / "config.json").write_text(json.dumps(cfg))
+    sae = JumpReLUSAE.load(folder)
+    assert sae.bandwidth == 0.001 and sae.pre_encoder_bias is False
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_load_builds_the_sae_on_the_device_asked_for(tmp_path, device):
+    """Every parameter is allocated on `device`, whatever torch's default device is (meta here, so
+    that a machine without a GPU shows it too), and holds the saved values."""
+    sae = _random_sae(0)
+    with torch.device("meta"):
+        loaded = JumpReLUSAE.load(sae.save(tmp_path), device=device)
+    assert {p.device.type for p in loaded.parameters()} == {device}
+    assert torch.equal(loaded.W_enc.cpu(), sae.W_enc) and torch.equal(loaded.threshold.cpu(), sae.threshold)
+
+
+def test_folder_digest_covers_the_other_entries_in_canonical_json(tmp_path):
+    """The sha256 is over config.json's other entries in canonical JSON: a tool that reorders the
+    keys leaves the folder loadable, and the sha256 entry itself is not part of what it covers."""
+    folder = _saved(tmp_path)
+    cfg = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps(dict(reversed(list(cfg.items())))))
+    JumpReLUSAE.load(folder)
+    weights = (folder / "sae.safetensors").read_bytes()
+    without = {key: value for key, value in cfg.items() if key != "sha256"}
+    assert folder_digest(weights, cfg) == folder_digest(weights, without) == cfg["sha256"]
+
+
+def test_atomic_write_raises_the_error_that_stopped_it(tmp_path, monkeypatch):
+    """When the temporary file cannot even be created (a folder the user may not write to), the
+    caller gets that error, not a second one from the clean-up, and nothing is left behind."""
+    def refuse(*args, **kwargs):
+        raise PermissionError(f"no permission to write in {tmp_path}")
+    monkeypatch.setattr("jumprelu.open", refuse, raising=False)
+    with pytest.raises(PermissionError):
+        atomic_write(tmp_path / "x.json", lambda f: f.write(b"{}"))
+    assert not list(tmp_path.iterdir())
