@@ -74,8 +74,8 @@ class _SAE(nn.Module):
         return self.decode(self.encode(x_BD))
 
     def _result(self, loss, mse, aux, pre_BF, f_BF, x_hat_BD):
-        return {"loss": loss, "mse": mse, "l0": _l0(f_BF), "aux": aux, "fired": (f_BF != 0).any(0), "pre": pre_BF,
-                "f": f_BF, "x_hat": x_hat_BD}
+        return {"loss": loss, "mse": mse, "l0": _l0(f_BF), "aux": aux, "fired": (f_BF != 0).flatten(0, -2).any(0),
+                "pre": pre_BF, "f": f_BF, "x_hat": x_hat_BD}
 
     # --- SPEC section 3: the unit-norm decoder and the input scale --------------------------
     # JumpReLUSAE's own methods, shared: they touch only W_enc, W_dec, b_dec and metadata. Folding

@@ -436,6 +436,37 @@ def test_leading_dimensions_are_rows(arch):
         assert (out["f"] != 0).sum() <= 6 * sae.k
 
 
+@pytest.mark.parametrize("arch", BASELINES)
+def test_loss_on_leading_dimensions_is_the_loss_on_their_rows(arch):
+    """Every term of the loss (the L1 penalty, the MSE, TopK's Var(x) and AuxK) averages over all
+    rows, however the leading dimensions group them: [2, 3, d_in] gives the loss of its 6 rows, and
+    the fired latents [d_sae] of those rows (it was [3, d_sae])."""
+    sae = random_sae(arch, 4, dtype=torch.float64)
+    x = torch.randn(2, 3, 6, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    dead_F = torch.ones(20, dtype=torch.bool)                 # every latent dead: AuxK is not 0
+    args = (0.1, None) if arch in ("relu", "gated") else (None, dead_F)
+    out, flat = sae.loss(x, *args), sae.loss(x.reshape(6, 6), *args)
+    for key in ("loss", "mse", "aux", "l0"):
+        torch.testing.assert_close(out[key], flat[key], rtol=1e-12, atol=0, msg=key)
+    assert torch.equal(out["fired"], flat["fired"])
+    assert (out["aux"] > 0) == (arch in ("gated", "topk", "batchtopk"))
+
+
+@pytest.mark.parametrize("arch", BASELINES)
+def test_loss_reports_the_pre_activations_and_the_latents_that_fired(arch):
+    """The loss's "pre" is the encoder's pre-activations (Gated: the gate's), as `pre_acts` gives them;
+    its "fired" [d_sae] is True exactly for the latents non-zero on some row (train.py's dead count)."""
+    sae = random_sae(arch, 5)
+    with torch.no_grad():                                     # latent 0 never fires, latent 1 on every row
+        for name in ("b_gate", "b_mag") if arch == "gated" else ("b_enc",):
+            getattr(sae, name)[:2] = torch.tensor([-100.0, 100.0])
+    x = torch.randn(7, 6, generator=torch.Generator().manual_seed(5))
+    out = sae.loss(x, 0.1) if arch in ("relu", "gated") else sae.loss(x, dead_F=torch.ones(20, dtype=torch.bool))
+    assert torch.equal(out["pre"], sae.pre_acts(x))
+    assert out["fired"].shape == (20,) and torch.equal(out["fired"], (out["f"] != 0).any(0))
+    assert not out["fired"][0] and out["fired"][1] and (out["f"][:, 1] != 0).all()
+
+
 def test_auxk_is_zero_without_dead_latents_and_positive_with_them():
     torch.manual_seed(0)
     sae, x = TopKSAE(8, 32, k=2), torch.randn(16, 8)
@@ -455,6 +486,22 @@ def test_auxk_is_zero_without_dead_latents_and_positive_with_them():
     assert sae.loss(x[:1], dead_F=torch.ones(32, dtype=torch.bool))["aux"].item() == 0.0
     with pytest.raises(ValueError, match="dead_F must be a bool tensor of shape"):
         sae.loss(x, dead_F=torch.ones(31, dtype=torch.bool))
+
+
+def test_hand_computed_auxk_on_a_residual_of_small_variance():
+    """AuxK is ||e - e_hat||^2 / ||e - mean(e)||^2 however small that variance (here 1/32); only a
+    residual with no variance at all gives 0."""
+    sae = TopKSAE(2, 2, k=1)
+    with torch.no_grad():
+        sae.W_enc.copy_(torch.eye(2))                        # the pre-activations are x itself
+        sae.W_dec.copy_(torch.tensor([[1.0, 0.0], [0.0, 0.5]]))
+    x = torch.tensor([[0.5, 0.25], [0.25, 0.0]])
+    out = sae.loss(x, dead_F=torch.tensor([False, True]))    # k_aux = min(2 // 2, 1) = 1
+    # f = [[0.5, 0], [0.25, 0]], e = x - x_hat = [[0, 0.25], [0, 0]], ||e - mean(e)||^2 = 2/64;
+    # latent 1 alone is dead: f_aux = [[0, 0.25], [0, 0]], e_hat = [[0, 0.125], [0, 0]], ||e - e_hat||^2 = 1/64.
+    assert out["f"].tolist() == [[0.5, 0.0], [0.25, 0.0]]
+    assert out["aux"].item() == 0.5
+    assert out["mse"].item() == 1 / 32 and out["loss"].item() == 1 / 32 + (1 / 32) * 0.5 / 32   # Var(x) = 1/32
 
 
 # --- The BatchTopK threshold ---------------------------------------------------------------------
@@ -495,6 +542,18 @@ def test_batchtopk_threshold_calibrated_from_the_trained_weights():
     assert sae.calibrate_threshold_([nothing]) == 1.75                          # none left: unchanged
 
 
+def test_batchtopk_bf16_sae_compares_against_its_float32_threshold():
+    """A bf16 SAE keeps its threshold in float32 and compares each pre-activation with it exactly:
+    0.999 rounds to 1 in bf16, yet a pre-activation of 1 is above it and fires."""
+    sae = BatchTopKSAE(2, 2, k=1, dtype=torch.bfloat16)
+    with torch.no_grad():
+        sae.W_enc.copy_(torch.eye(2))                        # the pre-activations are x itself
+        sae.threshold.fill_(0.999)
+    assert sae.threshold.dtype == torch.float32
+    f = sae.encode(torch.tensor([[1.0, 0.5], [0.998, 2.0]], dtype=torch.bfloat16))
+    assert f.dtype == torch.bfloat16 and f.tolist() == [[1.0, 0.0], [0.0, 2.0]]   # bf16(0.998) = 1 too
+
+
 # --- Initialisation, construction by name, the decoder constraint --------------------------------
 
 
@@ -517,6 +576,23 @@ def test_initialisation_and_parameter_names(arch):
         assert sae.k == 8
     if arch == "batchtopk":
         assert sae.threshold.shape == () and sae.threshold.dtype == torch.float32 and sae.threshold.item() == -1
+
+
+@pytest.mark.parametrize("arch", BASELINES)
+def test_every_tensor_is_made_or_loaded_on_the_requested_device(tmp_path, arch):
+    """`device` places every parameter and buffer (BatchTopK's threshold too), in `make_sae` and in
+    `load`; "meta" stands in for a GPU."""
+    folder = make_sae(arch, 4, 8, k=2).save(tmp_path)
+    for sae in (make_sae(arch, 4, 8, k=2, device="meta"), ARCHITECTURES[arch].load(folder, device="meta")):
+        assert {n: t.device.type for n, t in sae.state_dict().items()} == dict.fromkeys(sae.tensor_names(), "meta")
+
+
+@pytest.mark.parametrize("arch", BASELINES)
+def test_a_width_below_one_is_refused(arch):
+    """d_in and d_sae must each be at least 1: either one at 0 is a ValueError, not an empty SAE."""
+    for d_in, d_sae in ((0, 8), (4, 0)):
+        with pytest.raises(ValueError, match="d_in and d_sae must be positive"):
+            make_sae(arch, d_in, d_sae, k=1)
 
 
 def test_make_sae_errors_and_passthrough():
@@ -645,6 +721,26 @@ def test_folder_holds_the_named_float32_tensors(tmp_path):
         random_sae(arch, 0, dtype=torch.float64).save(tmp_path / arch)
         tensors = load_file(str(tmp_path / arch / "sae.safetensors"))
         assert set(tensors) == names and all(t.dtype == torch.float32 for t in tensors.values())
+
+
+@pytest.mark.parametrize("arch", BASELINES)
+def test_config_json_holds_the_architecture_shapes_k_dtype_and_metadata(tmp_path, arch):
+    """config.json (SPEC section 7) records the architecture, d_in, d_sae, k (TopK and BatchTopK only),
+    "dtype": "float32" (the weights' dtype in the file) and the metadata, besides its checksum."""
+    sae = random_sae(arch, 0, dtype=torch.float64)
+    sae.metadata.update(model="m", layer=3)
+    cfg = json.loads((sae.save(tmp_path) / "config.json").read_text())
+    assert isinstance(cfg.pop("sha256"), str)
+    k = {"k": 5} if arch in ("topk", "batchtopk") else {}
+    assert cfg == {"architecture": arch, "d_in": 6, "d_sae": 20, **k, "dtype": "float32", "model": "m", "layer": 3}
+
+
+@pytest.mark.parametrize("arch", ["topk", "batchtopk"])
+def test_k_of_one_and_of_d_sae_save_and_load(tmp_path, arch):
+    """Every k that construction accepts, 1 to d_sae, is saved and read back, by the class and by load_sae."""
+    for k in (1, 20):
+        folder = random_sae(arch, 0, k=k).save(tmp_path / str(k))
+        assert ARCHITECTURES[arch].load(folder).k == k and load_sae(folder).k == k
 
 
 # The edits below also drop config.json's sha256 (if jumprelu.write_folder wrote one), as a folder
