@@ -16,4 +16,9 @@ demo: setup
 test: setup
 	$(PY) -m pytest -q
 
-.PHONY: setup demo test
+# The mutation run (docs/mutation.md): a dev profile, not part of CI; about an hour on two cores.
+mutation: setup
+	$(PY) -m pip install -q mutmut==3.8.1
+	$(PY) tools/mutation.py
+
+.PHONY: setup demo test mutation

@@ -2,6 +2,7 @@
 
     HYPOTHESIS_PROFILE=ci  (default) deterministic and quick, what CI runs
     HYPOTHESIS_PROFILE=dev many more random examples, for a local run before a change lands
+    HYPOTHESIS_PROFILE=mutation  CI's examples without shrinking, for tools/mutation.py
 """
 
 import json
@@ -9,12 +10,16 @@ import os
 
 import pytest
 import torch
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, Phase, settings
 
 settings.register_profile("ci", max_examples=40, derandomize=True, deadline=None,
                           suppress_health_check=[HealthCheck.too_slow])
 settings.register_profile("dev", max_examples=1000, deadline=None,
                           suppress_health_check=[HealthCheck.too_slow])
+# The mutation run (tools/mutation.py): CI's examples, and a failing example is not shrunk, since
+# shrinking a mutant's failure costs minutes and the run needs only to know that it failed.
+settings.register_profile("mutation", parent=settings.get_profile("ci"), database=None,
+                          phases=[Phase.explicit, Phase.reuse, Phase.generate])
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 

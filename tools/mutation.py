@@ -1,0 +1,137 @@
+"""The mutation run: mutmut 3 over the product, one file at a time, against that file's own tests.
+
+    make mutation                      # every file below; or:
+    .venv/bin/python tools/mutation.py jumprelu.py baselines.py
+
+A dev profile, not part of CI (about an hour and a half on two cores). Each file is mutated in its
+own copy of the tracked tree under runs/mutation/<file>/, so mutmut's cache of one file never meets
+another's. mutmut records which tests call each function and runs only those, fastest first,
+stopping at the first failure; the selections below also leave out the tests that take seconds
+each and only repeat what a faster test checks (bench, the real SmolLM2, torchrun, SIGKILL).
+Lines that only raise, print or exit with a message are not mutated: a changed word in a message
+is not a changed behaviour. Nor are the scripts' argument declarations (add_argument): test_cli.py
+fuzzes every command line, but in subprocesses, where mutmut cannot see which test ran what.
+The figures go to runs/mutation/report.md with every survivor's diff; docs/mutation.md holds the
+last run's figures and why each survivor is left.
+"""
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+SLOW = ["test_bench.py", "test_distributed.py", "test_harvest_distributed.py", "test_tools.py",
+        "test_harvest.py::test_offline_smollm2_layer6_residual",
+        "test_harvest.py::test_python_docs_is_real_english_and_deterministic",
+        "test_reliability.py::test_sigkill_at_random_steps_then_resume_gives_bit_identical_weights"]
+TESTS = {  # the test files that hold each product file
+    "jumprelu.py": ["test_jumprelu.py", "test_reliability.py", "test_formats.py", "test_train.py"],
+    "baselines.py": ["test_baselines.py", "test_reliability.py"],
+    "train.py": ["test_train.py", "test_reliability.py"],
+    "evaluate.py": ["test_evaluate.py", "test_reliability.py"],
+    "export.py": ["test_export.py", "test_reliability.py"],
+    "acts.py": ["test_acts.py", "test_reliability.py", "test_harvest.py"],
+}
+NOT_MUTATED = [r"^\s*raise \w+\(", r"^\s*print\(", r"^\s*sys\.exit\(", r"^\s*p\.error\(",
+               r"^\s*\w+\.add_argument\(", r"^\s*help="]
+
+
+def setup_cfg(path, tests):
+    deselect = [t for t in SLOW if "::" in t and t.split("::")[0] in tests]
+    # forkserver: a worker forked from a process whose torch thread pool has started can hang
+    lines = ["[mutmut]", f"source_paths = {path}", "process_isolation = forkserver",
+             "do_not_mutate_patterns ="]
+    lines += [f"    {p}" for p in NOT_MUTATED]
+    lines += ["also_copy ="] + [f"    {p}" for p in tracked_top_level() if p != path]
+    lines += ["pytest_add_cli_args_test_selection ="] + [f"    {t}" for t in tests]
+    lines += [f"    --deselect={t}" for t in deselect]
+    return "\n".join(lines) + "\n"
+
+
+def tracked():
+    return subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True,
+                          check=True).stdout.split()
+
+
+def tracked_top_level():
+    return sorted({f.split("/")[0] + ("/" if "/" in f else "") for f in tracked()})
+
+
+def copy_tree(dest, fresh=True):
+    if fresh and dest.exists():
+        shutil.rmtree(dest)
+    for name in tracked():
+        (dest / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / name, dest / name)
+    node = ROOT / "examples/node/node_modules"
+    if node.exists() and not (dest / "examples/node/node_modules").exists():  # for the Node example's test
+        os.symlink(node, dest / "examples/node/node_modules")
+
+
+def run_file(path, out, max_children, recheck=False):
+    """Mutate `path` afresh; or, with `recheck`, bring the last run's copy up to date with the tree
+    and run again only what may have changed: the mutants of edited functions, and (with the
+    tests as they are now) every mutant the last run did not kill."""
+    work = out / Path(path).stem
+    copy_tree(work, fresh=not recheck)
+    (work / "setup.cfg").write_text(setup_cfg(path, TESTS[path]))
+    cmd = [sys.executable, "-m", "mutmut", "run"] + (["--max-children", str(max_children)] if max_children else [])
+    # One thread per mutant and one mutant per core; hypothesis does not shrink a mutant's failure.
+    env = dict(os.environ, OMP_NUM_THREADS="1", HYPOTHESIS_PROFILE="mutation")
+    subprocess.run(cmd, cwd=work, env=env, check=False)
+    if recheck:
+        left = [k for k, s in results(path, out, diffs=False)[0].items() if s != "killed"]
+        if left:
+            subprocess.run(cmd + left, cwd=work, env=env, check=False)
+
+
+def results(path, out, diffs=True):
+    """{mutant: status} of the last run of `path`, and the diff of each mutant not killed."""
+    from mutmut.stats import status_by_exit_code
+    work = out / Path(path).stem
+    meta = json.loads((work / "mutants" / f"{path}.meta").read_text())
+    status = {k: status_by_exit_code[v] for k, v in meta["exit_code_by_key"].items()}
+    show = [sys.executable, "-m", "mutmut", "show"]
+    return status, {k: subprocess.run(show + [k], cwd=work, capture_output=True, text=True).stdout
+                    for k, s in status.items() if s != "killed" and diffs}
+
+
+def report(out):
+    """Per-file kill rates of every file run so far, and every mutant not killed with its diff."""
+    rows, survivors = [], []
+    for path in TESTS:
+        if not (out / Path(path).stem / "mutants" / f"{path}.meta").exists():
+            continue
+        status, diffs = results(path, out)
+        count = {s: sum(v == s for v in status.values()) for s in set(status.values())}
+        killed = count.get("killed", 0)
+        rows.append(f"| {path} | {len(status)} | {killed} | {count.get('survived', 0)} | "
+                    f"{count.get('no tests', 0)} | {count.get('timeout', 0)} | {killed / len(status):.1%} |")
+        survivors += [f"### {k} ({status[k]})\n```diff\n{diffs[k].strip()}\n```" for k in sorted(diffs)]
+    table = ["| file | mutants | killed | survived | no tests | timeout | kill rate |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"] + rows
+    (out / "report.md").write_text("\n".join(table + ["", "## Not killed", ""] + survivors) + "\n")
+    print("\n".join(table) + f"\n\nevery mutant not killed, with its diff: {out / 'report.md'}")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("files", nargs="*", default=list(TESTS), choices=list(TESTS), metavar="FILE",
+                   help="the product files to mutate (default: all six)")
+    p.add_argument("--out", type=Path, default=ROOT / "runs/mutation", help="where the copies go")
+    p.add_argument("--max-children", type=int, default=None, help="mutants run at once (default: cores)")
+    p.add_argument("--recheck", action="store_true",
+                   help="after editing tests or code: rerun only edited functions and the mutants not killed")
+    p.add_argument("--report", action="store_true", help="only write the report of the files run so far")
+    a = p.parse_args(argv)
+    for path in [] if a.report else a.files:
+        run_file(path, a.out, a.max_children, a.recheck)
+    report(a.out)
+
+
+if __name__ == "__main__":
+    main()
