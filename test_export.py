@@ -344,3 +344,70 @@ def test_every_graph_matches_numpy_from_the_saved_files(tmp_path, arch, capsys):
     clear16 = margin > 3e-2                                        # each latent's own decision
     assert clear16.mean() > 0.3 and (f_ref[clear16] != 0).any()
     np.testing.assert_allclose(f16[clear16], f_ref[clear16], rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("what, fp16, topk", [("encoder", False, None), ("sae", False, None), ("encoder", True, None),
+                                              ("sae", False, 5)])
+def test_export_main_writes_what_it_is_asked_and_checks_it_on_the_sae_own_activations(
+        tiny_acts, tmp_path, capsys, what, fp16, topk):
+    """export.main, in-process: the file has the outputs asked for (features or the top-k's indices and
+    values, x_hat with --what sae) in the precision asked for, equal to the NumPy SAE of the saved
+    files; the check runs on random rows and on the held-out rows of the folder the SAE's metadata
+    names; the last line gives the file's size in MiB, what it holds and the tolerance met."""
+    manifest = json.loads((tiny_acts / "manifest.json").read_text())
+    sae = _sae(d_in=32, d_sae=4096)
+    sae.metadata.update({k: manifest[k] for k in ("model", "layer", "site")}, acts=str(tiny_acts), input_scale=1.0)
+    sae.save(tmp_path / "sae")
+    out = tmp_path / "m.onnx"
+    export.main([str(tmp_path / "sae"), "--out", str(out), "--what", what] + ["--fp16"] * fp16
+                + ["--topk", str(topk)] * bool(topk))
+    lines = capsys.readouterr().out.splitlines()
+    rows = manifest["splits"]["heldout"]["rows"]
+    assert [line.split(" activations")[0].strip() for line in lines[:-1]] == ["random", "real"]
+    assert f"({min(rows, 512)} rows, CPUExecutionProvider)" in lines[1]
+    size, tol = out.stat().st_size / 2**20, 2e-2 if fp16 else 1e-5
+    assert size > 0.2 and lines[-1] == (f"wrote {out} ({size:.1f} MiB, {what}{', fp16' if fp16 else ''}"
+                                        f"{f', top-{topk}' if topk else ''}): matches PyTorch within {tol:g}")
+    model = onnx.load(str(out))
+    weights = {onnx.helper.tensor_dtype_to_np_dtype(t.data_type) for t in model.graph.initializer if len(t.dims) == 2}
+    assert weights == {np.dtype(np.float16 if fp16 else np.float32)}
+    x = np.random.default_rng(2).normal(size=(64, 32)).astype(np.float32)
+    f_ref, x_hat_ref, margin = numpy_sae(tmp_path / "sae", x.astype(np.float64))
+    got = dict(zip([o.name for o in model.graph.output], _run(out, x)))
+    assert set(got) == ({"indices", "values"} if topk else {"features"}) | ({"x_hat"} if what == "sae" else set())
+    sure = margin > (3e-2 if fp16 else 1e-4)                      # decisions no rounding can flip
+    clear = sure.all(1)
+    assert sure.mean() > 0.5 and (fp16 or clear.mean() > 0.5)
+    tol = dict(rtol=2e-2, atol=2e-2) if fp16 else dict(rtol=1e-5, atol=1e-4)
+    if topk:
+        for r in np.flatnonzero(clear):
+            top = {int(i): v for i, v in zip(got["indices"][r], got["values"][r]) if v > 0}
+            assert top.keys() == _top(f_ref[r:r + 1], topk)[0].keys(), r
+    else:
+        np.testing.assert_allclose(got["features"][sure], f_ref[sure], **tol)
+    if what == "sae":
+        np.testing.assert_allclose(got["x_hat"][clear], x_hat_ref[clear], **tol)
+
+
+def test_export_main_refuses_activations_of_another_layer_unless_told(tiny_acts, tmp_path, capsys):
+    """An SAE whose metadata names another layer than the --acts folder is refused in one line that
+    names both folders; --allow-mismatch checks on them anyway. A folder named in the metadata that
+    is gone leaves the check to random rows, with a note."""
+    manifest = json.loads((tiny_acts / "manifest.json").read_text())
+    sae = _sae(d_in=32, d_sae=64)
+    sae.metadata.update(model=manifest["model"], layer=manifest["layer"] + 1, site=manifest["site"])
+    sae.save(tmp_path / "sae")
+    argv = [str(tmp_path / "sae"), "--out", str(tmp_path / "m.onnx"), "--acts", str(tiny_acts)]
+    with pytest.raises(SystemExit) as info:
+        export.main(argv)
+    assert str(info.value) == (f"error: {tmp_path / 'sae'} was trained on layer {manifest['layer'] + 1} but {tiny_acts} "
+                               f"holds layer {manifest['layer']}; pass the activations it was trained on, or "
+                               "--allow-mismatch to compare them on purpose.")
+    export.main(argv + ["--allow-mismatch"])
+    assert "  real activations" in capsys.readouterr().out
+    sae.metadata["acts"] = str(tmp_path / "gone")
+    sae.save(tmp_path / "sae")
+    export.main(argv[:3])
+    out = capsys.readouterr().out
+    assert f"note: {tmp_path / 'gone'} is not here; checking on random inputs only." in out
+    assert "real activations" not in out and "random activations" in out
