@@ -16,6 +16,7 @@ last run's figures and why each survivor is left.
 """
 
 import argparse
+import importlib.util
 import json
 import os
 import shutil
@@ -120,15 +121,18 @@ def report(out):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("files", nargs="*", default=list(TESTS), choices=list(TESTS), metavar="FILE",
-                   help="the product files to mutate (default: all six)")
+    p.add_argument("files", nargs="*", metavar="FILE", help=f"the files to mutate (default: all of {', '.join(TESTS)})")
     p.add_argument("--out", type=Path, default=ROOT / "runs/mutation", help="where the copies go")
     p.add_argument("--max-children", type=int, default=None, help="mutants run at once (default: cores)")
     p.add_argument("--recheck", action="store_true",
                    help="after editing tests or code: rerun only edited functions and the mutants not killed")
     p.add_argument("--report", action="store_true", help="only write the report of the files run so far")
     a = p.parse_args(argv)
-    for path in [] if a.report else a.files:
+    if set(a.files) - set(TESTS):
+        p.error(f"{', '.join(sorted(set(a.files) - set(TESTS)))} is not one of {', '.join(TESTS)}.")
+    if importlib.util.find_spec("mutmut") is None:
+        sys.exit("error: mutmut is not installed; pip install mutmut==3.8.1, or run make mutation.")
+    for path in [] if a.report else a.files or list(TESTS):
         run_file(path, a.out, a.max_children, a.recheck)
     report(a.out)
 
