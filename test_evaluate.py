@@ -274,3 +274,60 @@ def test_evaluate_main_prints_and_writes_the_metrics_of_the_held_out_rows(tiny_a
     assert f"latent 0:\n  (never fires on the held-out tokens)\nlatent {busiest}:\n" in printed
     top = printed.split(f"latent {busiest}:\n")[1].splitlines()[:5]
     assert len(top) == 5 and float(top[0].split()[0]) == pytest.approx(f[:, busiest].max(), abs=1e-3)
+
+
+def test_check_pairing_names_the_model_by_its_hub_id_and_refuses_a_mismatch_by_default():
+    """"smollm2" (harvest.py's name of the packaged GGUF) and its hub id are the same model; another
+    model, or the same model at another layer, is refused unless allow_mismatch."""
+    sae = JumpReLUSAE(4, 8)
+    manifest = {"d_in": 4, "model": "smollm2", "layer": 3, "site": "resid"}
+    for model in ("smollm2", harvest.hub_id("smollm2")):
+        sae.metadata = {"model": model, "layer": 3, "site": "resid"}
+        evaluate.check_pairing(sae, manifest, "sae", "acts")
+    assert harvest.hub_id("smollm2") != "smollm2"
+    for wrong in ({"model": "gpt2"}, {"layer": 4}):
+        sae.metadata = {"model": "smollm2", "layer": 3, "site": "resid", **wrong}
+        with pytest.raises(ValueError, match=f"was trained on {next(iter(wrong))} "):
+            evaluate.check_pairing(sae, manifest, "sae", "acts")
+        evaluate.check_pairing(sae, manifest, "sae", "acts", allow_mismatch=True)
+
+
+def test_table_lines_up_every_column_and_leaves_a_missing_one_blank():
+    """The printed table: a header of the columns any record has, each cell in its format (L0 to one
+    decimal, MSE to 4 significant digits, fractions in percent, the LM metrics to 4 decimals), right-
+    aligned under its header; a record without the LM metrics leaves those cells blank."""
+    records = [{"name": "a", "l0": 25.04, "mse": 1.5e-5, "fvu": 0.08312, "dead_fraction": 0.001, "dense_fraction": 0.0,
+                "delta_lm_loss": 0.03371, "ce_loss_recovered": 0.9912, "kl": 0.17049},
+               {"name": "bb", "l0": 7.0, "mse": 12.5, "fvu": 0.5, "dead_fraction": 0.25, "dense_fraction": 0.125}]
+    assert evaluate.table(records).splitlines() == [
+        "name    l0      mse     fvu  dead_fraction  dense_fraction  delta_lm_loss  ce_loss_recovered      kl",
+        "   a  25.0  1.5e-05  0.0831           0.1%            0.0%         0.0337              99.1%  0.1705",
+        "  bb   7.0     12.5  0.5000          25.0%           12.5%                                          "]
+
+
+class _TupleBlock(torch.nn.Module):
+    """A decoder layer that returns (hidden states, something else), as some transformers versions do."""
+
+    def forward(self, h):
+        return h * 2, "cache"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_splice_replaces_positions_after_the_first_and_keeps_the_rest_of_a_tuple(dtype):
+    """Splice swaps the site's output at positions 1.. for fn(output), in the output's dtype, leaves
+    position 0 (BOS) as it was, and passes the other entries of a tuple output through."""
+    block = _TupleBlock()
+    h = torch.arange(12, dtype=dtype).view(1, 3, 4)
+    with evaluate.Splice(block, lambda t: t.float() + 0.5):
+        out, extra = block(h)
+    assert extra == "cache" and out.dtype == dtype
+    assert torch.equal(out[:, 0], h[:, 0] * 2) and torch.equal(out[:, 1:], (h[:, 1:] * 2).float().add(0.5).to(dtype))
+    assert torch.equal(block(h)[0], h * 2)                   # the hook is gone on exit
+
+
+def test_evaluate_main_refuses_a_latent_the_sae_does_not_have(tiny_acts, tmp_path):
+    """--latents beyond the SAE's width ends in one line that names the latent and the range."""
+    JumpReLUSAE(32, 48).save(tmp_path / "sae")
+    with pytest.raises(SystemExit) as info:
+        evaluate.main([str(tmp_path / "sae"), "--acts", str(tiny_acts), "--latents", "3,48"])
+    assert str(info.value) == f"error: --latents [48] out of range: {tmp_path / 'sae'} has latents 0 to 47."
