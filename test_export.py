@@ -411,3 +411,399 @@ def test_export_main_refuses_activations_of_another_layer_unless_told(tiny_acts,
     out = capsys.readouterr().out
     assert f"note: {tmp_path / 'gone'} is not here; checking on random inputs only." in out
     assert "real activations" not in out and "random activations" in out
+
+
+# --- The check itself: near_boundary's bound, and verify() against graphs made wrong to order ----
+
+def _hand_built(arch):
+    """A d_in 2 SAE of `arch` whose every number is a short binary fraction, so that float32 holds the
+    decision quantities and their rounding bounds exactly: x = [3, 0], b_dec = [1, 0], W_enc's first
+    row `w` and its second 0, so h = [2, 0] (x itself for ReLU, which does not centre) and hW = h_0 w.
+    Returns the SAE, x, the tie_tol, and the bound and mask near_boundary must give, worked by hand."""
+    import baselines
+    cols = {"jumprelu": 4, "relu": 4, "batchtopk": 4, "topk": 5, "gated": 4}[arch]
+    if arch == "jumprelu":
+        sae = JumpReLUSAE(2, cols, pre_encoder_bias=True)
+    else:
+        sae = baselines.make_sae(arch, 2, cols, k=2 if "topk" in arch else None)
+    w, tie_tol = torch.ones(cols), 0.5
+    with torch.no_grad():
+        sae.b_dec.copy_(torch.tensor([1.0, 0.0]))
+        if arch == "jumprelu":     # pre = 2 + 2 = 4, bound = (2 + 2) / 2 = 2; |pre - theta| = 2, 2.5, 2.5, 1.75
+            sae.b_enc.fill_(2.0)
+            sae.log_threshold.copy_(exact_log(torch.tensor([2.0, 1.5, 6.5, 5.75])))
+            bound, mask = [2, 2, 2, 2], [True, False, False, True]
+        if arch == "relu":         # h = x: pre = 3 + b = -6, -7, -5, 4; bound = (3 + |b|) / 2 = 6, 6.5, 5.5, 2
+            sae.b_enc.copy_(torch.tensor([-9.0, -10.0, -8.0, 1.0]))
+            bound, mask = [6, 6.5, 5.5, 2], [True, False, True, False]
+        if arch == "batchtopk":    # pre - theta = -3.5, -4.5, -2.5, 2.5 with theta 0.5; bound 3.5, 4, 3, 1.5
+            sae.b_enc.copy_(torch.tensor([-5.0, -6.0, -4.0, 1.0]))
+            sae.threshold.fill_(0.5)
+            bound, mask = [3.5, 4, 3, 1.5], [True, False, True, False]
+        if arch == "topk":         # tie_tol 1/8; pre = 4, -1/4, 8, 3.5, 5 so the 2nd largest (k = 2) is 5
+            tie_tol, w[1] = 0.125, 7 / 16
+            sae.b_enc.copy_(torch.tensor([2.0, -9 / 8, 6.0, 1.5, 3.0]))
+            # |pre - kth| = 1 = 2 * bound; |pre| = 1/4 = bound; 3 > 2 * 1; 1.5 > 2 * 7/16; the k-th itself
+            bound, mask = [0.5, 0.25, 1, 7 / 16, 5 / 8], [True, True, False, False, True]
+        if arch == "gated":        # bound = 1 * max(e^r_mag, 1) + max(|b_gate|, |b_mag|) / 2
+            sae.r_mag.copy_(exact_log(torch.tensor([1.0, 1.0, 2.0, 1.0])))
+            sae.b_gate.copy_(torch.tensor([-6.0, 6.0, 8.0, -7.0]))   # gate = 2 + b_gate = -4, 8, 10, -5
+            sae.b_mag.copy_(torch.tensor([6.0, -6.0, -12.0, 7.0]))   # mag = 2 e^r_mag + b_mag = 8, -4, -8, 9
+            bound, mask = [4, 4, 8, 4.5], [True, True, True, False]   # |gate|, |mag|, |mag| at it; 5 beyond
+        sae.W_enc.copy_(torch.stack([w, torch.zeros(cols)]))
+    return sae, np.array([[3.0, 0.0]], np.float32), tie_tol, np.array([bound], np.float32), np.array([mask])
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_near_boundary_marks_decisions_at_the_rounding_bound_and_none_beyond(arch):
+    """near_boundary's bound is tie_tol * (|h| @ |W_enc| + |bias|), with h = x - b_dec where the SAE
+    centres its input (Gated: the magnitude path's scale and the larger bias); a latent is near when
+    its decision quantity (pre - theta, pre, the gate or the magnitude, the distance to the row's k-th
+    largest pre-activation, within twice the bound) is at most the bound: at it exactly counts, past it not."""
+    sae, x, tie_tol, bound, mask = _hand_built(arch)
+    got_mask, got_bound = export.near_boundary(sae, x, tie_tol)
+    np.testing.assert_array_equal(np.broadcast_to(got_bound, bound.shape), bound)
+    np.testing.assert_array_equal(got_mask, mask)
+
+
+class _Edited:
+    """An onnxruntime session whose outputs pass through edit(outputs, x) first: a wrong graph, made to order."""
+
+    def __init__(self, sess, edit):
+        self.sess, self.edit = sess, edit
+
+    def run(self, names, feeds):
+        return self.edit([out.copy() for out in self.sess.run(names, feeds)], feeds["x"])
+
+    def get_providers(self):
+        return self.sess.get_providers()
+
+
+_SESSION = export.session
+
+
+def _verify_edited(monkeypatch, path, module, sae, edit, **kw):
+    """export.verify against the file's outputs as `edit` changes them."""
+    monkeypatch.setattr(export, "session", lambda p: _Edited(_SESSION(p), edit))
+    return export.verify(path, module, sae, **kw)
+
+
+def test_verify_catches_a_whole_sae_graph_whose_x_hat_alone_is_wrong(tmp_path, monkeypatch):
+    """x_hat is checked in its own right: a graph with the right features and x_hat 1e-3 too large fails."""
+    sae = _sae()
+    module = export.export(sae, tmp_path / "m.onnx", what="sae")
+
+    def edit(out, x):
+        out[1] *= 1.001
+        return out
+    ok, reports, _, _ = _verify_edited(monkeypatch, tmp_path / "m.onnx", module, sae, edit, rows=100)
+    assert not ok and 5e-4 < reports["random"]["max_rel"] < 2e-3, reports
+
+
+def test_verify_catches_a_top_k_graph_with_a_wrong_value_or_a_wrong_index(tmp_path, monkeypatch):
+    """With --topk, a value 1e-3 off fails the check, and so does a right value under the wrong index:
+    a small active latent (below 1) reported as a latent that is far below its threshold."""
+    sae = _sae()
+    module = export.export(sae, tmp_path / "m.onnx", topk=8)
+
+    def wrong_value(out, x):
+        out[1][:, 0] *= 1.001
+        return out
+    ok, reports, _, _ = _verify_edited(monkeypatch, tmp_path / "m.onnx", module, sae, wrong_value, rows=100)
+    assert not ok and 5e-4 < reports["random"]["max_rel"] < 2e-3, reports
+
+    def wrong_index(out, x):
+        indices, values = out
+        with torch.no_grad():
+            far_below = (sae.pre_acts(torch.from_numpy(x)) - sae.threshold).argmin(1).numpy()
+        r, i = np.argwhere((values > 0) & (values < 1))[0]
+        indices[r, i] = far_below[r]
+        return out
+    ok, reports, _, _ = _verify_edited(monkeypatch, tmp_path / "m.onnx", module, sae, wrong_index, rows=100)
+    assert not ok and reports["random"]["max_rel"] == float("inf") and reports["random"]["ties"] == 1, reports
+
+
+def test_top_k_rows_where_fewer_than_k_fire_verify_whichever_inactive_latents_fill_them(tmp_path, monkeypatch):
+    """Where fewer than k latents fire, the top k is padded with zeros under any inactive latents; a
+    runtime that picks other ones than PyTorch's is right, with no row left out as a tie."""
+    sae = _sae()
+    module = export.export(sae, tmp_path / "m.onnx", topk=90)
+
+    def other_zeros(out, x):         # each padding zero moved to a latent the output does not name
+        indices, values = out
+        for r in range(len(x)):
+            unnamed = np.setdiff1d(np.arange(96), indices[r])
+            zeros = np.flatnonzero(values[r] == 0)[:len(unnamed)]
+            indices[r, zeros] = unnamed[:len(zeros)]
+        return out
+    ok, reports, _, _ = _verify_edited(monkeypatch, tmp_path / "m.onnx", module, sae, other_zeros, rows=100)
+    assert ok and reports["random"]["ties"] == 0 and reports["random"]["max_rel"] < 1e-5, reports
+
+
+def _tie_in_even_rows(rows=20):
+    """An SAE whose latent 0 is exactly at its threshold where x_0 = 0 (the even rows of x) and far
+    from it elsewhere, and x."""
+    sae = _sae()
+    with torch.no_grad():
+        sae.W_enc[:, 0] = 0
+        sae.W_enc[0, 0] = 1
+        sae.b_enc[0] = sae.threshold[0]
+    x = np.random.default_rng(4).standard_normal((rows, 24)).astype(np.float32)
+    x[:, 0] = np.where(np.arange(rows) % 2 == 0, 0, 2 + np.abs(x[:, 0]))
+    return sae, x
+
+
+def test_compare_reports_rows_ties_and_the_largest_errors(tmp_path):
+    """compare()'s report on a hand-made case: the rows checked, the rows left out as ties (a latent at
+    its threshold flipped; with --topk and x_hat, every row with a latent at its threshold), and the
+    largest absolute error and that error over the largest reference value; a latent flipped away from
+    any threshold makes both errors infinite, and counts its rows."""
+    sae, x = _tie_in_even_rows()
+    tie_tol = 8 * 2.0**-24
+    at_threshold, _ = export.near_boundary(sae, x, tie_tol)
+    assert (at_threshold.any(1) == (np.arange(20) % 2 == 0)).all()
+    with torch.no_grad():
+        want = sae.encode(torch.from_numpy(x)).numpy()
+    module = export.export(sae, tmp_path / "m.onnx")
+
+    def edited(edit, path=tmp_path / "m.onnx"):
+        return _Edited(export.session(path), edit)
+
+    def tie_and_error(out, x):       # row 2: latent 0 flipped at its threshold; row 1: one value 2^-10 off
+        out[0][2, 0] = sae.threshold[0].item()
+        out[0][1, np.flatnonzero(out[0][1])[0]] += 2.0**-10
+        return out
+    report = export.compare(edited(tie_and_error), module, sae, x, tie_tol)
+    scale = np.abs(np.delete(want, 2, axis=0)).max()
+    assert scale > 1.5 and report == {"rows": 20, "ties": 1, "max_abs": pytest.approx(2.0**-10, rel=1e-3),
+                                      "max_rel": pytest.approx(2.0**-10 / scale, rel=1e-3)}
+
+    def flips(out, x):               # rows 1 and 3: latent 0, far above its threshold there, turned off
+        out[0][[1, 3], 0] = 0
+        return out
+    inf = float("inf")
+    assert export.compare(edited(flips), module, sae, x, tie_tol) == {"rows": 20, "ties": 2, "max_abs": inf, "max_rel": inf}
+
+    top = export.export(sae, tmp_path / "top.onnx", topk=8)
+
+    def wrong_in_a_tie_row(out, x):  # row 0 has latent 0 at its threshold, yet its values are checked
+        out[1][0, 0] *= 1.01
+        return out
+    report = export.compare(edited(wrong_in_a_tie_row, tmp_path / "top.onnx"), top, sae, x, tie_tol)
+    assert report["ties"] == 0 and report["max_rel"] > 1e-3, report
+    top_sae = export.export(sae, tmp_path / "top_sae.onnx", topk=8, what="sae")
+    report = export.compare(export.session(tmp_path / "top_sae.onnx"), top_sae, sae, x, tie_tol)
+    assert report["ties"] == 10 and report["max_rel"] < 1e-5, report
+
+
+def test_a_top_k_x_hat_that_no_row_can_check_is_reported_unverified(tmp_path, capsys):
+    """With --topk and --what sae, a row with a latent at its threshold cannot have its x_hat checked
+    (the outputs show only k latents); when that is every row, compare() says so, verify() fails, and
+    export.py exits naming x_hat and what to do instead. Without x_hat the same SAE verifies."""
+    sae = _at_threshold_latents(_sae())                    # latent 0 at its threshold in every row
+    sae.save(tmp_path / "sae")
+    module = export.export(sae, tmp_path / "m.onnx", what="sae", topk=8)
+    x = np.random.default_rng(0).standard_normal((30, 24)).astype(np.float32)
+    inf = float("inf")
+    report = export.compare(export.session(tmp_path / "m.onnx"), module, sae, x, 8 * 2.0**-24)
+    assert report == {"rows": 30, "ties": 30, "max_abs": inf, "max_rel": inf, "unverified": "x_hat"}
+    ok, reports, _, _ = export.verify(tmp_path / "m.onnx", module, sae, rows=30)
+    assert not ok and reports["random"]["unverified"] == "x_hat"
+    with pytest.raises(SystemExit) as info:
+        export.main([str(tmp_path / "sae"), "--out", str(tmp_path / "m.onnx"), "--what", "sae", "--topk", "8"])
+    assert str(info.value).startswith("error: every row has a latent within rounding of its threshold, so x_hat could not be")
+    assert "max abs error inf, max rel error inf (512 rows with an at-threshold tie left out)" in capsys.readouterr().out
+    module = export.export(sae, tmp_path / "e.onnx", topk=8)
+    ok, reports, _, _ = export.verify(tmp_path / "e.onnx", module, sae, rows=30)
+    assert ok and reports["random"]["ties"] == 0, reports
+
+
+def test_an_sae_that_fires_nowhere_verifies_with_zero_error(tmp_path):
+    """Thresholds far above every pre-activation: no latent fires, the features are all 0 in both
+    runtimes, and the check passes with errors of exactly 0."""
+    sae = _sae()
+    with torch.no_grad():
+        sae.log_threshold.fill_(math.log(100.0))
+    for kw in ({}, {"topk": 4}):
+        module = export.export(sae, tmp_path / "m.onnx", **kw)
+        ok, reports, _, _ = export.verify(tmp_path / "m.onnx", module, sae, rows=50)
+        assert ok and reports["random"]["max_abs"] == reports["random"]["max_rel"] == 0.0, (kw, reports)
+
+
+def test_verify_forgives_a_flip_within_float32_rounding_and_no_further(tmp_path, monkeypatch):
+    """A latent one float above its threshold that the runtime turns off is a tie (the row is left out);
+    a latent 1e-4 of its threshold below it that the runtime turns on is an error: far beyond float32
+    rounding (8 unit roundoffs of the dot product), though within float16's."""
+    sae = _at_threshold_latents(_sae())
+    with torch.no_grad():
+        sae.W_enc[:, 3] = 0
+        sae.b_enc[3] = sae.threshold[3] * (1 - 1e-4)
+    module = export.export(sae, tmp_path / "m.onnx")
+
+    def off(out, x):
+        out[0][0, 1] = 0
+        return out
+    ok, reports, _, _ = _verify_edited(monkeypatch, tmp_path / "m.onnx", module, sae, off, rows=50)
+    assert ok and reports["random"]["ties"] == 1, reports
+
+    def on(out, x):
+        out[0][0, 3] = sae.b_enc[3].item()
+        return out
+    ok, reports, _, _ = _verify_edited(monkeypatch, tmp_path / "m.onnx", module, sae, on, rows=50)
+    assert not ok and reports["random"]["max_rel"] == float("inf") and "unverified" not in reports["random"], reports
+
+
+def test_verify_draws_random_rows_at_the_sae_input_scale_and_the_same_rows_each_time(tmp_path, monkeypatch):
+    """The random rows are in raw activation space, of norm about 1 / input_scale (1 when the metadata
+    has none), and drawn from a fixed seed: two checks see the same rows and report the same errors,
+    and a tolerance equal to the error found passes (it is inclusive)."""
+    seen = []
+
+    def record(out, x):
+        seen.append(x.copy())
+        return out
+
+    def off(out, x):
+        out[0] *= 1.001
+        return out
+    for input_scale in (0.5, None):
+        sae = _sae()
+        if input_scale is None:
+            del sae.metadata["input_scale"]
+        module = export.export(sae, tmp_path / "m.onnx")
+        first = _verify_edited(monkeypatch, tmp_path / "m.onnx", module, sae, record)
+        norm = np.linalg.norm(seen[-1], axis=1).mean()
+        assert len(seen[-1]) == 512 and norm == pytest.approx(1 / (input_scale or 1.0), rel=0.05)
+        assert _verify_edited(monkeypatch, tmp_path / "m.onnx", module, sae, record)[1] == first[1]
+        np.testing.assert_array_equal(seen[-1], seen[-2])
+    max_rel = _verify_edited(monkeypatch, tmp_path / "m.onnx", module, sae, off)[1]["random"]["max_rel"]
+    assert max_rel > 0 and _verify_edited(monkeypatch, tmp_path / "m.onnx", module, sae, off, tol=max_rel)[0]
+
+
+def test_the_graph_with_its_defaults_is_the_float32_encoder(tmp_path):
+    """export.Graph(sae), as a notebook would build it, returns the SAE's own float32 features as a
+    tensor (not a tuple of one)."""
+    sae = _sae()
+    x = torch.from_numpy(np.random.default_rng(5).standard_normal((20, 24)).astype(np.float32))
+    with torch.no_grad():
+        got, want = export.Graph(sae)(x), sae.encode(x)
+    assert isinstance(got, torch.Tensor) and got.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("topk", [1, 96])
+def test_topk_may_be_any_count_from_1_to_d_sae(tmp_path, topk):
+    """--topk 1 and --topk d_sae both export and verify; 0 and d_sae + 1 are refused."""
+    sae = _sae()
+    module = export.export(sae, tmp_path / "m.onnx", topk=topk)
+    indices, values = _run(tmp_path / "m.onnx", np.zeros((3, 24), np.float32))
+    assert indices.shape == values.shape == (3, topk)
+    assert export.verify(tmp_path / "m.onnx", module, sae, rows=50)[0]
+    for bad in (0, 97):
+        with pytest.raises(ValueError, match="--topk must be between 1 and d_sae=96"):
+            export.export(sae, tmp_path / "bad.onnx", topk=bad)
+
+
+def test_the_file_is_opset_17_with_a_batch_axis_and_says_what_it_holds(tmp_path):
+    """The file is ONNX opset 17, its input and outputs have a dynamic axis named batch, and its
+    metadata says what it holds (what, fp16, topk) and what its input is."""
+    export.export(_sae(), tmp_path / "m.onnx", what="sae", fp16=True, topk=5)
+    model = onnx.load(str(tmp_path / "m.onnx"))
+    assert [o.version for o in model.opset_import if o.domain in ("", "ai.onnx")] == [17]
+    for value in [*model.graph.input, *model.graph.output]:
+        assert value.type.tensor_type.shape.dim[0].dim_param == "batch", value.name
+    meta = {p.key: json.loads(p.value) for p in model.metadata_props}
+    assert (meta["what"], meta["fp16"], meta["topk"]) == ("sae", True, 5) and "float32 [batch, d_in]" in meta["input"]
+
+
+def test_fp16_batchtopk_compares_with_its_float32_threshold(tmp_path):
+    """BatchTopK's global threshold stays float32 in a float16 graph: with theta a quarter float16 step
+    below 0.5 (float16 would round it up to 0.5), a pre-activation of exactly 0.5 fires."""
+    sae = _baseline("batchtopk")
+    with torch.no_grad():
+        sae.threshold.fill_(0.5 - 2.0**-13)
+        sae.W_enc[:, 0] = 0
+        sae.b_enc[0] = 0.5
+    export.export(sae, tmp_path / "m.onnx", fp16=True)
+    f = _run(tmp_path / "m.onnx", np.random.default_rng(0).standard_normal((5, 24)).astype(np.float32))[0]
+    assert (f[:, 0] == 0.5).all()
+
+
+def test_a_pre_activation_at_its_threshold_is_inactive_for_every_threshold(tmp_path):
+    """Latent by latent, a pre-activation exactly at its threshold stays inactive in ONNX, for 2000
+    thresholds spread over [0.01, 10]: the graph holds theta as a constant, where computing it as
+    exp(log theta) in the runtime misses PyTorch's theta in the last bit for some of them."""
+    sae = _sae(d_sae=2000)
+    with torch.no_grad():
+        sae.log_threshold.copy_(torch.linspace(math.log(0.01), math.log(10), 2000))
+        sae.W_enc.zero_()
+        sae.b_enc.copy_(sae.threshold)
+    export.export(sae, tmp_path / "m.onnx")
+    f = _run(tmp_path / "m.onnx", np.ones((2, 24), np.float32))[0]
+    assert (f == 0).all()
+
+
+def test_a_top_k_swap_is_a_tie_within_twice_the_bound_of_the_kth_value_or_at_a_threshold(tmp_path):
+    """With --topk, a runtime may swap the row's k-th latent for one whose value is within twice the
+    rounding bound of the k-th value (it is left out as a tie), or show a latent that is exactly at its
+    threshold; a latent 2.5 bounds from the k-th value is an error. Hand-made so that float32 is exact:
+    x = [2, 0], W_enc's first row 1, so pre = 2 + b_enc = 8, 5, 4, 3.75, 2.5 and, with tie_tol 1/8, the
+    bound is (2 + b_enc) / 8 = 1, 5/8, 1/2, 15/32, 5/16; thresholds 1/4 but 2.5 for the last latent."""
+    sae = JumpReLUSAE(2, 5)
+    with torch.no_grad():
+        sae.W_enc.copy_(torch.tensor([[1.0] * 5, [0.0] * 5]))
+        sae.b_enc.copy_(torch.tensor([6.0, 3.0, 2.0, 1.75, 0.5]))
+        sae.b_dec.zero_()
+        sae.log_threshold.copy_(exact_log(torch.tensor([0.25, 0.25, 0.25, 0.25, 2.5])))
+    module = export.export(sae, tmp_path / "m.onnx", topk=2)      # top 2: latents 0 and 1 (8, 5)
+    x = np.array([[2.0, 0.0]] * 2, np.float32)
+
+    def shown_in_row_0(latent, value):
+        def edit(out, x):
+            out[0][0], out[1][0] = [0, latent], [8.0, value]
+            return out
+        return _Edited(export.session(tmp_path / "m.onnx"), edit)
+    inf = float("inf")
+    for latent, value, ties, max_rel in ((2, 4.0, 1, 0.0),      # |4 - 5| = 1 = 2 * 1/2: a tie
+                                         (4, 2.5, 1, 0.0),      # pre = theta: a tie
+                                         (3, 3.75, 1, inf)):    # |3.75 - 5| = 1.25 = 2.67 * 15/32: an error
+        report = export.compare(shown_in_row_0(latent, value), module, sae, x, 0.125)
+        assert (report["ties"], report["max_rel"]) == (ties, max_rel), (latent, report)
+
+
+def test_export_main_checks_against_the_tolerance_it_is_given(tmp_path, capsys):
+    """--tol replaces the default tolerance: the last line names it, and an fp16 export checked at 1e-9
+    exits with an error that names the file as untrustworthy."""
+    sae = _sae()
+    sae.save(tmp_path / "sae")
+    export.main([str(tmp_path / "sae"), "--out", str(tmp_path / "m.onnx"), "--tol", "0.001"])
+    assert capsys.readouterr().out.splitlines()[-1].endswith("): matches PyTorch within 0.001")
+    with pytest.raises(SystemExit) as info:
+        export.main([str(tmp_path / "sae"), "--out", str(tmp_path / "h.onnx"), "--fp16", "--tol", "1e-9"])
+    assert str(info.value) == (f"error: the ONNX output differs from PyTorch by more than 1e-09 (relative); "
+                               f"{tmp_path / 'h.onnx'} is not trustworthy.")
+
+
+def test_verify_checks_the_first_held_out_rows_of_the_folder_as_float32(tmp_path, monkeypatch):
+    """The real-activation check reads the first `rows` rows of the folder's held-out split (never the
+    training split), as float32 whatever the folder stores (here float16)."""
+    import acts
+    folder = tmp_path / "acts"
+    manifest = acts.new_manifest(dict(model="tiny", gguf_file=None, layer=1, site="resid", context=4, dtype="float16",
+                                      heldout_every=5, source={"text": "t"}), "model.layers.1", 24)
+    for split in acts.SPLITS:
+        (folder / split).mkdir(parents=True)
+    rng = np.random.default_rng(6)
+    train, heldout = (rng.standard_normal((n, 24)).astype(np.float16) for n in (40, 30))
+    acts.append_shard(folder, manifest, "train", train, np.zeros((1, 4), np.int32))
+    acts.append_shard(folder, manifest, "heldout", heldout, np.zeros((1, 4), np.int32))
+    sae = _sae()
+    module = export.export(sae, tmp_path / "m.onnx")
+    seen = []
+
+    def record(out, x):
+        seen.append(x.copy())
+        return out
+    ok, reports, _, _ = _verify_edited(monkeypatch, tmp_path / "m.onnx", module, sae, record, acts_dir=folder, rows=20)
+    assert ok and reports["real"]["rows"] == 20, reports
+    assert seen[-1].dtype == np.float32 and (seen[-1] == heldout[:20].astype(np.float32)).all()
