@@ -22,6 +22,9 @@ settings.register_profile("mutation", parent=settings.get_profile("ci"), databas
                           phases=[Phase.explicit, Phase.reuse, Phase.generate])
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
+# runs/ holds the scripts' outputs, and tools/mutation.py's copies of the tree with their own tests.
+collect_ignore = ["runs"]
+
 
 TEXT = ("The quick brown fox jumps over the lazy dog. Sparse autoencoders find features in "
         "activations. A JumpReLU latent fires when its pre-activation exceeds its threshold. ") * 3

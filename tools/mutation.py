@@ -3,9 +3,9 @@
     make mutation                      # every file below; or:
     .venv/bin/python tools/mutation.py jumprelu.py baselines.py
 
-A dev profile, not part of CI (about an hour and a half on two cores). Each file is mutated in its
-own copy of the tracked tree under runs/mutation/<file>/, so mutmut's cache of one file never meets
-another's. mutmut records which tests call each function and runs only those, fastest first,
+A dev profile, not part of CI (two hours or more on two cores; docs/mutation.md has the times).
+Each file is mutated in its own copy of the tracked tree under runs/mutation/<file>/, so mutmut's
+cache of one file never meets another's. mutmut records which tests call each function and runs only those, fastest first,
 stopping at the first failure; the selections below also leave out the tests that take seconds
 each and only repeat what a faster test checks (bench, the real SmolLM2, torchrun, SIGKILL).
 Lines that only raise, print or exit with a message are not mutated: a changed word in a message
