@@ -65,7 +65,8 @@ def activation_metrics(sae, shards, batch_size=4096, device="cpu"):
             n += len(x_BD)
     variance = sum_sq - sum_x.pow(2).sum().item() / n           # sum ||x - mean||^2
     freq_F = (fires_F / n).cpu().numpy()
-    return {"tokens": n, "l0": float(fires_F.sum().item() / n), "mse": sq_err / n, "fvu": sq_err / variance,
+    fvu = sq_err / variance if variance > 0 else float("nan")   # rows all alike: nothing to explain
+    return {"tokens": n, "l0": float(fires_F.sum().item() / n), "mse": sq_err / n, "fvu": fvu,
             "dead_fraction": float((freq_F == 0).mean()), "dense_fraction": float((freq_F > DENSE).mean()),
             "firing_frequency": freq_F}
 

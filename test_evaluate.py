@@ -48,6 +48,12 @@ def test_seed_stability_on_a_known_case():
     assert evaluate.seed_stability(a, b) == {"decoder": 2 / 8, "encoder": 4 / 8}
     assert evaluate.seed_stability(a, a) == {"decoder": 1.0, "encoder": 1.0}
     assert evaluate.seed_stability(a, b, threshold=0.5) == {"decoder": 3 / 8, "encoder": 4 / 8}
+    # "cosine > threshold": basis rows match themselves with a cosine of exactly 1, which is not above 1.
+    e = make_sae("relu", 4, 4, dtype=torch.float64)
+    with torch.no_grad():
+        e.W_dec.copy_(torch.eye(4)), e.W_enc.copy_(torch.eye(4))
+    assert evaluate.seed_stability(e, e, threshold=1.0) == {"decoder": 0.0, "encoder": 0.0}
+    assert evaluate.seed_stability(e, e, threshold=0.999) == {"decoder": 1.0, "encoder": 1.0}
 
 
 def test_fvu_is_zero_for_a_perfect_reconstruction_and_one_for_the_mean():
@@ -62,6 +68,11 @@ def test_fvu_is_zero_for_a_perfect_reconstruction_and_one_for_the_mean():
     assert mean["fvu"] == pytest.approx(1.0, rel=1e-5) and mean["l0"] == 0 and mean["dead_fraction"] == 1
     assert mean["mse"] == pytest.approx(((x - x.mean(0)) ** 2).sum(1).mean(), rel=1e-5)
 
+
+def test_fvu_of_rows_all_alike_is_nan_not_a_crash():
+    x = np.ones((5, 6), np.float32)                       # no variance: FVU has no meaning
+    m = evaluate.activation_metrics(_mean_sae(x + 1), [(x, None)])
+    assert np.isnan(m["fvu"]) and m["mse"] == pytest.approx(6.0) and m["tokens"] == 5
 
 def test_firing_frequency_dead_and_dense_by_hand():
     # Latent 0 fires on every row, latent 1 on 5% of rows, latent 2 never.
@@ -115,16 +126,28 @@ def test_splicing_the_activation_itself_leaves_the_loss_unchanged(tiny_model, ti
     assert worse["ce_loss_recovered"] == pytest.approx(recovered, rel=1e-4) and recovered < 0.999
 
 
-def test_evaluate_end_to_end_and_width_mismatch(tiny_model, tiny_acts, tmp_path):
+def test_evaluate_end_to_end_and_width_mismatch(tiny_model, tiny_acts, tmp_path, capsys):
+    """The LM metrics only when asked for (progress=False: no bar); an SAE of another width, or of
+    another layer, is refused by default, in a sentence that names both folders."""
     sae = JumpReLUSAE(32, 64)
     sae.save(tmp_path / "sae")
     records = evaluate.evaluate([tmp_path / "sae"], tiny_acts, lm=True, lm_windows=4, device="cpu", progress=False)
     for key in ("l0", "mse", "fvu", "dead_fraction", "dense_fraction", "delta_lm_loss", "ce_loss_recovered", "kl"):
         assert np.isfinite(records[0][key]), key
-    assert "delta_lm_loss" in evaluate.table(records)
+    assert "delta_lm_loss" in evaluate.table(records) and "LM splice" not in capsys.readouterr().err
+    (plain,) = evaluate.evaluate([tmp_path / "sae"], tiny_acts, device="cpu")
+    assert plain["fvu"] == records[0]["fvu"] and not {"ce_clean", "delta_lm_loss", "kl"} & plain.keys()
     JumpReLUSAE(16, 64).save(tmp_path / "narrow")
-    with pytest.raises(ValueError, match="takes d_in=16 but .* holds d_in=32"):
+    with pytest.raises(ValueError) as info:
         evaluate.evaluate([tmp_path / "narrow"], tiny_acts, device="cpu")
+    assert str(info.value) == (f"{tmp_path / 'narrow'} takes d_in=16 but {tiny_acts} holds d_in=32 activations; "
+                               "pair the SAE with the activations it was trained on.")
+    sae.metadata = {**{k: acts.read_manifest(tiny_acts)[k] for k in ("model", "site")}, "layer": 2}
+    sae.save(tmp_path / "layer2")
+    with pytest.raises(ValueError, match=f"{tmp_path / 'layer2'} was trained on layer 2 but {tiny_acts} holds layer 1"):
+        evaluate.evaluate([tmp_path / "layer2"], tiny_acts, device="cpu")
+    (mismatched,) = evaluate.evaluate([tmp_path / "layer2"], tiny_acts, device="cpu", allow_mismatch=True)
+    assert mismatched["name"] == "layer2" and mismatched["fvu"] == plain["fvu"]
 
 
 def test_an_sae_of_another_layer_is_refused_unless_on_purpose(tiny_model, corpus, tiny_acts, tmp_path, capsys):
@@ -147,16 +170,6 @@ def test_an_sae_of_another_layer_is_refused_unless_on_purpose(tiny_model, corpus
     JumpReLUSAE(32, 64).save(tmp_path / "bare")
     evaluate.main([str(tmp_path / "bare"), "--acts", str(tiny_acts)])
     assert "warning: " in capsys.readouterr().err
-
-
-def test_plot_writes_both_pngs(tmp_path):
-    pytest.importorskip("matplotlib")
-    freq = np.array([0.0, 0.01, 0.2])
-    records = [{"name": f"s{i}", "architecture": "jumprelu", "l0": l0, "fvu": fvu, "delta_lm_loss": d,
-                "dead_fraction": 1 / 3, "firing_frequency": freq}
-               for i, (l0, fvu, d) in enumerate([(16, 0.2, 0.3), (32, 0.12, 0.2), (64, 0.08, 0.1)])]
-    for path in evaluate.plot(records, tmp_path):
-        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_top_contexts_mark_the_token_where_the_latent_fires_most(tiny_model, tiny_acts):
@@ -285,7 +298,7 @@ def test_check_pairing_names_the_model_by_its_hub_id_and_refuses_a_mismatch_by_d
         sae.metadata = {"model": model, "layer": 3, "site": "resid"}
         evaluate.check_pairing(sae, manifest, "sae", "acts")
     assert harvest.hub_id("smollm2") != "smollm2"
-    for wrong in ({"model": "gpt2"}, {"layer": 4}):
+    for wrong in ({"model": "gpt2"}, {"layer": 4}, {"site": "mlp"}):
         sae.metadata = {"model": "smollm2", "layer": 3, "site": "resid", **wrong}
         with pytest.raises(ValueError, match=f"was trained on {next(iter(wrong))} "):
             evaluate.check_pairing(sae, manifest, "sae", "acts")
@@ -331,3 +344,130 @@ def test_evaluate_main_refuses_a_latent_the_sae_does_not_have(tiny_acts, tmp_pat
     with pytest.raises(SystemExit) as info:
         evaluate.main([str(tmp_path / "sae"), "--acts", str(tiny_acts), "--latents", "3,48"])
     assert str(info.value) == f"error: --latents [48] out of range: {tmp_path / 'sae'} has latents 0 to 47."
+
+
+def _acts_copy(tiny_acts, folder, **changes):
+    """A copy of the harvested folder whose manifest says `changes` (signed again, as harvest.py signs it)."""
+    import shutil
+    shutil.copytree(tiny_acts, folder)
+    acts.write_manifest(folder, {**acts.read_manifest(folder), **changes})
+    return folder
+
+
+def test_evaluate_picks_the_gpu_by_default_and_keeps_the_device_asked_for(tiny_acts, tmp_path, monkeypatch):
+    """With no device, evaluate runs on cuda where torch sees a GPU and on the CPU otherwise; --device
+    cpu is kept even where there is a GPU. (No GPU here: torch is told it has one, and load_sae notes
+    the device it is asked for, then stops the run.)"""
+    JumpReLUSAE(32, 8).save(tmp_path / "sae")
+    asked = []
+
+    def load_sae(folder, device=None):
+        asked.append(device)
+        raise ValueError("stopped")
+
+    monkeypatch.setattr(evaluate, "load_sae", load_sae)
+    for gpu in (False, True):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: gpu)
+        with pytest.raises(ValueError, match="stopped"):
+            evaluate.evaluate([tmp_path / "sae"], tiny_acts)
+        with pytest.raises(SystemExit, match="stopped"):
+            evaluate.main([str(tmp_path / "sae"), "--acts", str(tiny_acts), "--device", "cpu"])
+    assert asked == ["cpu", "cpu", "cuda", "cpu"]
+
+
+def test_evaluate_main_with_lm_splices_the_windows_asked_for(tiny_acts, tmp_path, capsys):
+    """--lm --lm-windows 3: the record and the table hold the LM metrics over 3 windows' predictions
+    (positions 1 to context-2), the numbers evaluate() gives; the splice shows its progress."""
+    JumpReLUSAE(32, 64).save(tmp_path / "sae")
+    evaluate.main([str(tmp_path / "sae"), "--acts", str(tiny_acts), "--lm", "--lm-windows", "3",
+                   "--json", str(tmp_path / "e.json")])
+    printed = capsys.readouterr()
+    (record,) = json.loads((tmp_path / "e.json").read_text())
+    assert record["lm_tokens"] == 3 * (acts.read_manifest(tiny_acts)["context"] - 2)
+    (want,) = evaluate.evaluate([tmp_path / "sae"], tiny_acts, lm=True, lm_windows=3, device="cpu", progress=False)
+    for key in ("ce_clean", "ce_zero", "ce_spliced", "delta_lm_loss", "ce_loss_recovered", "kl"):
+        assert record[key] == pytest.approx(want[key], rel=1e-6), key
+    assert printed.out.splitlines()[0].split()[-3:] == ["delta_lm_loss", "ce_loss_recovered", "kl"]
+    assert "LM splice" in printed.err
+
+
+def test_evaluate_runs_a_bfloat16_checkpoint_in_float32_on_a_cpu(tiny_model, tiny_acts, tmp_path):
+    """Most checkpoints on the hub are bfloat16; on a CPU evaluate runs the model in float32 (bfloat16
+    is for a GPU), so its LM metrics are lm_metrics' on the float32 model, to the last digits."""
+    import shutil
+    from transformers import AutoModelForCausalLM
+    shutil.copytree(tiny_model, tmp_path / "bf16")
+    AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.bfloat16).save_pretrained(tmp_path / "bf16")
+    folder = _acts_copy(tiny_acts, tmp_path / "acts", model=str(tmp_path / "bf16"))
+    sae = JumpReLUSAE(32, 64)
+    sae.save(tmp_path / "sae")
+    (record,) = evaluate.evaluate([tmp_path / "sae"], folder, lm=True, lm_windows=4, device="cpu", progress=False)
+    manifest, shards = acts.open_split(folder, "heldout")
+    model, _ = harvest.load_model(str(tmp_path / "bf16"), "cpu", torch.float32)
+    module = harvest.hook_module(model, manifest["layer"], manifest["site"])
+    (want,) = evaluate.lm_metrics(model, module, shards[0][1][:4], [sae], progress=False)
+    for key in ("ce_clean", "ce_zero", "ce_spliced", "kl"):
+        assert record[key] == pytest.approx(want[key], rel=1e-6), key
+
+
+def test_evaluate_loads_the_gguf_file_its_manifest_names(tiny_acts, tmp_path):
+    """A folder harvested from one GGUF file of a model folder (--gguf-file) is evaluated with that
+    file, for the LM metrics and for --latents' tokenizer: one the folder lacks is reported, not
+    replaced by the folder's other weights."""
+    folder = _acts_copy(tiny_acts, tmp_path / "acts", gguf_file="absent.gguf")
+    JumpReLUSAE(32, 8).save(tmp_path / "sae")
+    with pytest.raises(ValueError, match="could not load .*absent.gguf"):
+        evaluate.evaluate([tmp_path / "sae"], folder, lm=True, lm_windows=1, device="cpu", progress=False)
+    with pytest.raises(SystemExit, match="could not load .*absent.gguf"):
+        evaluate.main([str(tmp_path / "sae"), "--acts", str(folder), "--latents", "0"])
+
+
+def _png_size(path):
+    """(width, height) in pixels, from a PNG's IHDR chunk."""
+    head = path.read_bytes()[:24]
+    assert head[:8] == b"\x89PNG\r\n\x1a\n"
+    return int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
+
+
+def test_plot_draws_each_architecture_against_l0_and_each_histogram_of_firing_frequencies(tmp_path, monkeypatch):
+    """What the two PNGs show, read from the figures as they are saved: one panel per metric (FVU,
+    delta LM loss), each with one line per architecture through its SAEs in order of L0, dots on the
+    points, named in the legend; one step histogram of log10 firing frequency per SAE, in 50 bins
+    over the latents that fire, named with its dead fraction. 5 x 4 inches a panel, 6 x 4 for the
+    histograms, at 120 dpi; the folder is made with its parents; no figure is left open."""
+    import matplotlib
+    import matplotlib.pyplot as plt
+    saved, savefig = [], matplotlib.figure.Figure.savefig      # each figure, as plot saves it
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig",
+                        lambda fig, *a, **k: (saved.append(fig), savefig(fig, *a, **k)))
+    rng = np.random.default_rng(0)
+    freq = [np.concatenate([[0.0, 0.0, 1.0], 10 ** rng.uniform(-5, 0, 200)]), np.r_[0.0, 10 ** rng.uniform(-3, -1, 50)]]
+    rows = [("j40", "jumprelu", 40, 0.10, 0.05), ("t8", "topk", 8, 0.30, 0.20), ("j10", "jumprelu", 10, 0.25, 0.15),
+            ("t32", "topk", 32, 0.12, 0.08)]
+    records = [{"name": n, "architecture": a, "l0": l0, "fvu": fvu, "delta_lm_loss": d, "dead_fraction": i / 8,
+                "firing_frequency": freq[i % 2]} for i, (n, a, l0, fvu, d) in enumerate(rows)]
+    folder = tmp_path / "new" / "plots"
+    paths = evaluate.plot(records, folder)
+    assert paths == [folder / "sparsity_fidelity.png", folder / "firing_frequency.png"] and plt.get_fignums() == []
+    assert [_png_size(p) for p in paths] == [(1200, 480), (720, 480)]
+    frontier, hist = saved
+    assert frontier._suptitle.get_text() == "sparsity-fidelity (held-out tokens)"
+    assert [ax.get_ylabel() for ax in frontier.axes] == ["FVU", "delta LM loss (nats)"]
+    for ax, metric in zip(frontier.axes, ("fvu", "delta_lm_loss")):
+        assert ax.get_xlabel() == "L0 (active latents per token)"
+        assert [t.get_text() for t in ax.get_legend().get_texts()] == ["jumprelu", "topk"]
+        for line, arch in zip(ax.get_lines(), ("jumprelu", "topk"), strict=True):
+            rs = sorted((r for r in records if r["architecture"] == arch), key=lambda r: r["l0"])
+            assert line.get_label() == arch and (line.get_marker(), line.get_linestyle()) == ("o", "-")
+            assert list(line.get_xdata()) == [r["l0"] for r in rs] and list(line.get_ydata()) == [r[metric] for r in rs]
+    (ax,) = hist.axes
+    assert (ax.get_xlabel(), ax.get_ylabel()) == ("log10 firing frequency", "latents")
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["j40 (dead 0.0%)", "t8 (dead 12.5%)",
+                                                                   "j10 (dead 25.0%)", "t32 (dead 37.5%)"]
+    assert len(ax.patches) == len(records)
+    for step, r in zip(ax.patches, records):        # a step outline: (left edge, count) at every other vertex
+        assert isinstance(step, matplotlib.patches.Polygon)
+        counts, edges = np.histogram(np.log10(r["firing_frequency"][r["firing_frequency"] > 0]), bins=50)
+        np.testing.assert_allclose(step.get_xy()[1:-1:2], np.c_[edges[:-1], counts])
+    evaluate.plot([{k: v for k, v in r.items() if k != "delta_lm_loss"} for r in records], folder)
+    assert [ax.get_ylabel() for ax in saved[2].axes] == ["FVU"] and _png_size(paths[0]) == (600, 480)
