@@ -1,14 +1,19 @@
 """Tests for train.py: the paper's schedules, the activation stream, the input scale, resume."""
 
+import inspect
+import itertools
 import json
 import math
+import types
 
+import numpy as np
 import pytest
 import torch
 
 import acts
 import formats
 import train
+from baselines import BatchTopKSAE, TopKSAE
 from jumprelu import JumpReLUSAE
 
 
@@ -25,6 +30,7 @@ def test_lr_cosine_warmup_from_a_tenth_then_constant():
     assert lr(250) == pytest.approx(7e-5 * (0.1 + 0.9 * 0.5 * (1 - math.cos(math.pi / 4))))
     assert lr(1000) == lr(99_999) == pytest.approx(7e-5)
     assert all(lr(s) <= lr(s + 1) for s in range(0, 1000, 7))
+    assert train.lr_at(0, 100, 1e-3, 0) == 1e-3                              # --lr-warmup-steps 0: none
 
 
 def test_lr_linear_decay_over_the_last_fraction():
@@ -37,6 +43,8 @@ def test_l0_coefficient_linear_warmup():
     assert train.l0_coefficient_at(0, 2.0, 10_000) == 0.0
     assert train.l0_coefficient_at(2_500, 2.0, 10_000) == pytest.approx(0.5)
     assert train.l0_coefficient_at(10_000, 2.0, 10_000) == train.l0_coefficient_at(50_000, 2.0, 10_000) == 2.0
+    assert train.l0_coefficient_at(0, 2.0, 1) == 0.0 and train.l0_coefficient_at(1, 2.0, 1) == 2.0     # one step of warm-up
+    assert train.l0_coefficient_at(0, 2.0, 0) == 2.0 and train.l0_coefficient_at(5, None, 10) is None   # none; TopK's
 
 
 def test_target_l0_controller_settles_on_the_target():
@@ -81,6 +89,112 @@ def test_target_l0_controller_moves_the_right_way():
     assert up.value == pytest.approx(math.exp(math.log(1e-3) + 0.05))
 
 
+def test_target_l0_controller_by_hand_with_trains_gains_and_clamp():
+    """error = (L0 - K) / K clipped to [-1, 1]; integral += ki error; lambda = exp(integral + kp error),
+    with the ki = 0.05 and kp = 1 that train() uses (it passes neither). An L0 five times K is an error of 1."""
+    c, log0 = train.TargetL0(32, 1e-3), math.log(1e-3)
+    assert c.update(48) == pytest.approx(math.exp(log0 + 0.05 * 0.5 + 0.5))            # error 0.5
+    assert c.update(160) == pytest.approx(math.exp(log0 + 0.05 * 1.5 + 1.0))           # error 4, clipped to 1
+    assert c.update(0) == pytest.approx(math.exp(log0 + 0.05 * 0.5 - 1.0))             # error -1
+    assert c.state() == {"integral": pytest.approx(log0 + 0.025), "value": c.value}
+
+
+def test_processes_reads_torchruns_environment(monkeypatch):
+    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    assert train.processes("cpu") == (0, 0, 1, "cpu")                                # one process
+    assert train.processes(None) == (0, 0, 1, "cuda" if torch.cuda.is_available() else "cpu")
+    monkeypatch.setenv("RANK", "3"), monkeypatch.setenv("LOCAL_RANK", "1"), monkeypatch.setenv("WORLD_SIZE", "4")
+    assert train.processes("cpu") == (3, 1, 4, "cpu")                                # a CPU rank keeps the CPU
+
+
+@pytest.mark.parametrize("arch", ["jumprelu", "topk"])
+def test_adam_takes_the_recipes_settings_and_the_thresholds_their_own_learning_rate(arch):
+    sae = JumpReLUSAE(4, 8) if arch == "jumprelu" else TopKSAE(4, 8, k=2)
+    opt = train.make_optimizer(sae, {**train.SMALL, "lr": 0.01, "betas": (0.5, 0.9), "threshold_lr_scale": 7.0}, "cpu")
+    others, thresholds = opt.param_groups
+    names = {id(p): n for n, p in sae.named_parameters()}
+    assert [names[id(p)] for p in others["params"]] == [n for n, _ in sae.named_parameters() if n != "log_threshold"]
+    assert [names[id(p)] for p in thresholds["params"]] == (["log_threshold"] if arch == "jumprelu" else [])
+    assert (others["lr_scale"], thresholds["lr_scale"]) == (1.0, 7.0)
+    for group in opt.param_groups:
+        assert (group["lr"], group["betas"], group["eps"], group["fused"]) == (0.01, (0.5, 0.9), 1e-8, False)
+
+
+SETTINGS = [  # check_settings' keywords beyond jumprelu, --path auto, a batch of 128, one process; None: it trains
+    (dict(arch="topk", target_l0=1, d_sae=1), None),                      # k = 1 and d_sae = k: the smallest there is
+    (dict(arch="topk", target_l0=4, world=2), None), (dict(arch="batchtopk", target_l0=4), None),
+    (dict(path="sparse", sparsity="l0", l0_coefficient=1e-3), None), (dict(path="dense", arch="relu", l0_coefficient=1e-3), None),
+    (dict(recipe="paper", arch="topk", target_l0=8), None), (dict(recipe="paper", sparsity="tanh", l0_coefficient=1e-3), None),
+    (dict(sparsity="target_row", target_l0=8, d_sae=8), None), (dict(l0_coefficient=1e-3, d_sae=1), None),
+    (dict(arch="bogus", target_l0=4), "--arch must be one of jumprelu, "),
+    (dict(arch="batchtopk", target_l0=4, world=2), "--arch batchtopk ranks the latents of the whole batch"),
+    (dict(path="bogus", target_l0=4), "--path must be auto, dense or sparse, not 'bogus'"),
+    (dict(path="sparse", arch="topk", target_l0=4), "--path sparse is JumpReLU's; --arch topk trains on the dense path"),
+    (dict(path="sparse", sparsity="tanh", l0_coefficient=1e-3), "--sparsity tanh trains on the dense path"),
+    (dict(recipe="paper", target_l0=8), "--recipe paper fixes lambda"), (dict(recipe="paper", arch="relu"), "--recipe paper fixes lambda"),
+    (dict(), "set the sparsity with --target-l0 K or --l0-coefficient LAMBDA"),
+    (dict(arch="relu", sparsity="l0", l0_coefficient=1e-3), "--sparsity is JumpReLU's; drop it for --arch relu"),
+    (dict(sparsity="target_batch", l0_coefficient=1e-3), "--sparsity target_batch holds the L0 at --target-l0 K"),
+    (dict(arch="topk", target_l0=2.5), "--arch topk needs --target-l0 K, a positive whole number (its k), not 2.5"),
+    (dict(arch="topk", target_l0=0), "--arch topk needs --target-l0 K, a positive whole number (its k), not 0"),
+    (dict(arch="topk", l0_coefficient=1e-3), "--arch topk needs --target-l0 K"),
+    (dict(target_l0=4, batch_size=129, world=2), "--batch-size 129 cannot be split evenly over 2 ranks; pass a multiple of 2"),
+    (dict(target_l0=8, d_sae=7), "--d-sae 7 is fewer latents than an L0 of 8 needs"),
+]
+
+
+@pytest.mark.parametrize("settings, refusal", SETTINGS)
+def test_settings_that_cannot_train_are_refused_in_one_sentence_and_the_edge_cases_train(settings, refusal):
+    kw = {"arch": "jumprelu", "path": "auto", "batch_size": 128, "world": 1, **settings}
+    args = [kw.pop(k) for k in ("arch", "path", "batch_size", "world")]
+    if refusal is None:
+        train.check_settings(*args, **kw)
+    else:
+        with pytest.raises(ValueError) as info:
+            train.check_settings(*args, **kw)
+        assert refusal in str(info.value) and "\n" not in str(info.value), str(info.value)
+
+
+def _wide_acts(folder, d_in=4):
+    """A harvested folder of 20,004 training rows (more than open_data's sample of 16,384) and 300 held out."""
+    manifest = acts.new_manifest(dict(model="m", gguf_file=None, layer=1, site="resid", context=4, dtype="float32",
+                                      heldout_every=5, source={"text": "t"}), "model.layers.1", d_in)
+    rng = np.random.default_rng(0)
+    for split, sizes in (("train", (12_000, 8_004)), ("heldout", (300,))):
+        (folder / split).mkdir(parents=True)
+        for rows in sizes:                                           # 3 rows a window of 4 tokens
+            acts_ND = (rng.standard_normal((rows, d_in)) * 3 + 1).astype(np.float32)
+            acts.append_shard(folder, manifest, split, acts_ND, np.zeros((rows // 3, 4), np.int32))
+    return folder
+
+
+def test_open_data_draws_the_scale_and_both_samples_from_the_seed(tmp_path):
+    """The input scale from 16,384 training rows drawn with the seed; the first 4,096 of them for the initialisation and
+    a held-out batch, both scaled, in the run's dtype; a batch may take the whole training split."""
+    folder = _wide_acts(tmp_path / "acts")
+    _, shards, scale, sample_ND, x_eval_BD = train.open_data(folder, 128, 5, "cpu", torch.float64)
+    drawn_ND = acts.sample_rows(shards, 16_384, 5)
+    assert scale == train.input_scale(drawn_ND) and sample_ND.dtype == x_eval_BD.dtype == torch.float64
+    assert torch.equal(sample_ND, drawn_ND[:4096].double() * scale)
+    assert torch.equal(x_eval_BD, acts.sample_rows(acts.open_split(folder, "heldout")[1], 128, 5).double() * scale)
+    assert train.open_data(folder, 20_004, 5, "cpu")[4].shape == (300, 4)           # a batch of the whole split
+    with pytest.raises(ValueError, match="has 20,004 rows, fewer than one batch of 20,005"):
+        train.open_data(folder, 20_005, 5, "cpu")
+
+
+@pytest.mark.parametrize("split", ["train", "heldout"])
+def test_a_damaged_shard_stops_training_before_it_starts(tmp_path, split):
+    """Unless the run is told the shards were checked already (torchrun: one rank a machine reads them)."""
+    folder = _wide_acts(tmp_path / "acts")
+    path = folder / split / "acts_00000.npy"
+    good = path.read_bytes()
+    path.write_bytes(good[:-1] + bytes([good[-1] ^ 1]))              # the last value times 4 or a quarter
+    with pytest.raises(ValueError, match=f"{split}/acts_00000.npy does not match its sha256"):
+        train.open_data(folder, 128, 0, "cpu")
+    train.open_data(folder, 128, 0, "cpu", verify=False)
+
+
 def test_input_scale_makes_mean_squared_norm_one():
     x = torch.randn(1000, 8) * 37 + 5
     s = train.input_scale(x)
@@ -105,21 +219,38 @@ def _checkpoint_sae(folder, d_in=32, d_sae=64):
     return sae, state
 
 
-def test_saved_sae_takes_raw_activations(tiny_acts, tmp_path):
+def test_saved_sae_takes_raw_activations(tiny_acts, tmp_path, capsys):
     record = _train(tiny_acts, tmp_path / "sae")
+    assert capsys.readouterr().out == ""                                     # quiet: no record printed, no bar
     for key in ("loss", "mse", "l0", "heldout_l0", "heldout_fvu", "dead_fraction", "l0_coefficient", "lr", "tokens_per_s"):
         assert math.isfinite(record[key]), key
     saved = JumpReLUSAE.load(tmp_path / "sae")
     assert (saved.threshold > 0).all()                     # our own training keeps theta > 0
     scaled, state = _checkpoint_sae(tmp_path / "sae")
     assert saved.metadata["input_scale"] == pytest.approx(state["scale"]) and state["scale"] != 1.0
+    assert set(state) == {"step", "scale", "bandwidth", "arch", "d_sae", "last_l0", "l0_coefficient", "controller", "recipe",
+                          "hp", "seed"}                              # what a reader of the checkpoint finds in it
+    assert (state["arch"], state["d_sae"], state["recipe"], state["seed"], state["hp"]["lr"]) == ("jumprelu", 64, "small", 0, 1e-3)
+    manifest = json.loads((tiny_acts / "manifest.json").read_text())                  # where it came from, and how
+    assert {k: saved.metadata.get(k) for k in ("model", "gguf_file", "layer", "site", "hook", "context")} == \
+        {k: manifest[k] for k in ("model", "gguf_file", "layer", "site", "hook", "context")}
     assert (saved.metadata["layer"], saved.metadata["site"], saved.metadata["hook"]) == (1, "resid", "model.layers.1")
+    assert {k: saved.metadata[k] for k in ("acts", "recipe", "steps", "tokens", "seed", "lr", "target_l0", "l0_coefficient",
+                                           "sparsity")} == {"acts": str(tiny_acts), "recipe": "small", "steps": 8,
+                                                            "tokens": 8 * 128, "seed": 0, "lr": 1e-3, "target_l0": 4,
+                                                            "l0_coefficient": 5e-3, "sparsity": "target_batch"}
     x_raw = acts.sample_rows(acts.open_split(tiny_acts, "heldout")[1], 200)
     with torch.no_grad():
         torch.testing.assert_close(saved.encode(x_raw), scaled.encode(x_raw * state["scale"]), rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(saved(x_raw), scaled(x_raw * state["scale"]) / state["scale"], rtol=1e-4, atol=1e-4)
     log = [json.loads(line) for line in (tmp_path / "sae" / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [2, 4, 6, 8]
+
+
+def test_the_last_step_is_checkpointed_whatever_the_cadence(tiny_acts, tmp_path):
+    _train(tiny_acts, tmp_path / "sae", steps=6, log_every=4)                # checkpoints at 4, and at 6
+    assert _checkpoint_sae(tmp_path / "sae")[1]["step"] == 6
+    assert [json.loads(line)["step"] for line in (tmp_path / "sae" / "log.jsonl").read_text().splitlines()] == [4, 6]
 
 
 def _killed_at_step_6(monkeypatch, run):
@@ -141,7 +272,8 @@ def _killed_at_step_6(monkeypatch, run):
 def test_resume_after_a_kill_ends_with_identical_weights(tiny_acts, tmp_path, monkeypatch, extra):
     _train(tiny_acts, tmp_path / "whole", **extra)
     _killed_at_step_6(monkeypatch, lambda: _train(tiny_acts, tmp_path / "killed", **extra))
-    assert _checkpoint_sae(tmp_path / "killed")[1]["step"] == 4
+    state = _checkpoint_sae(tmp_path / "killed")[1]
+    assert state["step"] == 4 and state["l0_coefficient"] == (state["controller"]["value"] if state["controller"] else 5e-3)
     _train(tiny_acts, tmp_path / "killed", resume=True, **extra)
     with pytest.raises(ValueError, match="already at step 8"):
         _train(tiny_acts, tmp_path / "killed", resume=True, **extra)
@@ -189,6 +321,104 @@ def test_checkpoint_restores_a_fused_adam_as_torchs_own_load_state_dict(tmp_path
             o.step()
         for (name, p), q in zip(ours_sae.named_parameters(), theirs_sae.parameters()):
             assert torch.equal(p, q), name
+
+
+def _stepped(sae, steps=2):
+    """sae and its optimiser (train's) after `steps` Adam steps, so that every moment is set."""
+    opt = train.make_optimizer(sae, train.SMALL, "cpu")
+    x = torch.randn(32, sae.d_in, dtype=sae.W_enc.dtype)
+    for _ in range(steps):
+        sae.loss(x, 1e-3)["loss"].backward()
+        opt.step()
+        opt.zero_grad()
+    return sae, opt
+
+
+def test_checkpoint_keeps_float64_adam_moments_exactly(tmp_path):
+    """--dtype float64 (checks against a reference): the moments come back bit for bit, not through float32."""
+    torch.manual_seed(0)
+    sae, opt = _stepped(JumpReLUSAE(8, 16, dtype=torch.float64))
+    train.save_checkpoint(tmp_path / "c.safetensors", sae, opt, torch.zeros(16, dtype=torch.long), {"step": 2})
+    again, opt_again = _stepped(JumpReLUSAE(8, 16, dtype=torch.float64), steps=0)
+    train.load_checkpoint(tmp_path / "c.safetensors", again, opt_again, torch.zeros(16, dtype=torch.long))
+    for (name, p), q in zip(sae.named_parameters(), again.parameters()):
+        for key in ("exp_avg", "exp_avg_sq"):
+            got, want = opt_again.state[q][key], opt.state[p][key]
+            assert got.dtype == torch.float64 and torch.equal(got, want), (name, key)
+
+
+def _rewrite_checkpoint(path, tensors=lambda t: t, state=lambda s: s):
+    """The checkpoint at `path` with its tensors and JSON state edited."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+    with safe_open(str(path), "pt") as f:
+        old_state = json.loads(f.metadata()["state"])
+    save_file(tensors(load_file(str(path))), str(path), metadata={"state": json.dumps(state(old_state))})
+
+
+def _without(key):
+    return lambda d: {k: v for k, v in d.items() if k != key}
+
+
+DAMAGE = {  # what a damaged file, or one of another SAE, looks like to load_checkpoint
+    "no step": dict(state=_without("step")),
+    "a step that is no whole number": dict(state=lambda s: {**s, "step": "4"}),
+    "no fired_at": dict(tensors=_without("fired_at")),
+    "fired_at of another width": dict(tensors=lambda t: {**t, "fired_at": t["fired_at"][:8]}),
+    "b_enc of another width, with no moments to give it away": dict(tensors=lambda t: {
+        **{k: v for k, v in t.items() if not k.startswith("adam.b_enc.")}, "param.b_enc": t["param.b_enc"][:1]}),
+    "no BatchTopK threshold (a TopK checkpoint)": dict(tensors=_without("buffer.threshold")),
+}
+
+
+@pytest.mark.parametrize("damage", DAMAGE, ids=list(DAMAGE))
+def test_a_damaged_checkpoint_is_refused_in_one_sentence_and_nothing_is_loaded(tmp_path, damage):
+    torch.manual_seed(0)
+    sae, opt = _stepped(BatchTopKSAE(8, 16, k=2))
+    train.save_checkpoint(tmp_path / "c.safetensors", sae, opt, torch.ones(16, dtype=torch.long), {"step": 4})
+    _rewrite_checkpoint(tmp_path / "c.safetensors", **DAMAGE[damage])
+    torch.manual_seed(1)
+    fresh, opt = _stepped(BatchTopKSAE(8, 16, k=2), steps=0)
+    before, fired_at = {k: v.clone() for k, v in fresh.state_dict().items()}, torch.zeros(16, dtype=torch.long)
+    with pytest.raises(ValueError, match="is damaged or belongs to another SAE") as info:
+        train.load_checkpoint(tmp_path / "c.safetensors", fresh, opt, fired_at)
+    assert "\n" not in str(info.value)
+    assert all(torch.equal(v, before[k]) for k, v in fresh.state_dict().items()) and not fired_at.any() and not opt.state
+
+
+def test_resume_restores_the_runs_bandwidth_and_controller_and_reads_an_older_checkpoint_as_jumprelu(tmp_path):
+    """A checkpoint written before the baselines came (9d2f0d4) names no arch nor d_sae: it is a JumpReLU's.
+    The bandwidth is the checkpoint's, whatever the resumed run's own start gave."""
+    ckpt = tmp_path / "checkpoint.safetensors"
+    sae, opt = _stepped(JumpReLUSAE(8, 16, bandwidth=0.001))
+    old = {"step": 3, "scale": 2.5, "bandwidth": 0.0123, "controller": {"integral": -5.0, "value": 0.02}}
+    train.save_checkpoint(ckpt, sae, opt, torch.zeros(16, dtype=torch.long), old)
+    sae, opt = _stepped(JumpReLUSAE(8, 16, bandwidth=0.001), steps=0)
+    controller = train.TargetL0(4)
+    state = train.resume_from(ckpt, sae, opt, torch.zeros(16, dtype=torch.long), controller, "jumprelu", 16, 10)
+    assert state == old and sae.bandwidth == 0.0123 and controller.state() == old["controller"]
+    topk = TopKSAE(8, 16, k=2)
+    with pytest.raises(ValueError, match="holds a jumprelu SAE"):
+        train.resume_from(ckpt, topk, train.make_optimizer(topk, train.SMALL, "cpu"), torch.zeros(16, dtype=torch.long),
+                          None, "topk", 16, 10)
+
+
+def test_resume_drops_the_log_after_the_checkpoint_and_a_line_a_kill_cut_short(tmp_path):
+    """A record whose newline the kill cut off is dropped too: kept, the next record would be glued to it."""
+    log = tmp_path / "log.jsonl"
+    log.write_text('{"step": 2}\n{"step": 4}\n{"step": 6}\n{"step": 3}')
+    train.start_log(log, resume=True, step=4)
+    assert log.read_text() == '{"step": 2}\n{"step": 4}\n'
+    train.start_log(log, resume=False, step=0)
+    assert not log.exists()
+    train.start_log(tmp_path / "early" / "log.jsonl", resume=True, step=4)     # killed before its first record
+    assert (tmp_path / "early").is_dir() and not (tmp_path / "early" / "log.jsonl").exists()
+
+
+def test_a_failure_says_whether_there_is_a_checkpoint_to_resume_from(tmp_path):
+    assert train.last_good(tmp_path / "checkpoint.safetensors") == "no checkpoint was written yet"
+    (tmp_path / "checkpoint.safetensors").write_bytes(b"")
+    assert train.last_good(tmp_path / "checkpoint.safetensors") == f"the last good checkpoint is {tmp_path}/checkpoint.safetensors"
 
 
 def test_paper_recipe_runs_with_a_fixed_coefficient(tiny_acts, tmp_path):
@@ -282,6 +512,7 @@ def test_no_latent_is_dead_before_it_has_had_the_window_to_fire():
     seen = []
 
     def loss_fn(x_BD, coefficient, dead_F):
+        assert not torch.is_autocast_enabled("cpu")                # bf16 autocast only when asked for
         seen.append(dead_F.clone())
         fired = torch.tensor([len(seen) == 2, False])            # latent 0 fires at step 1 only
         return {"loss": sae.W_enc.sum() * 0, "l0": torch.tensor(0.0), "fired": fired}
@@ -299,10 +530,10 @@ def test_training_starts_with_no_latent_dead(tiny_acts, tmp_path, monkeypatch, a
     step 0 every latent was dead); the pull's window for JumpReLU, AuxK's (auxk_window) for TopK."""
     seen, real = [], train.train_step
     monkeypatch.setattr(train, "train_step", lambda *a, **k: seen.append((a[5].clone(), a[6], k["dead_steps"])) or real(*a, **k))
-    _train(tiny_acts, tmp_path / "sae", arch=arch, steps=3, dead_window_tokens=256)
+    _train(tiny_acts, tmp_path / "sae", arch=arch, steps=3, dead_window_tokens=300)      # 2 whole batches of 128
     fired_at, step_, dead_steps = seen[0]
     assert step_ == 0 and not (fired_at <= step_ - dead_steps).any()
-    assert dead_steps == (train.auxk_window(3, 128) if arch == "topk" else 256 // 128)
+    assert dead_steps == (train.auxk_window(3, 128) if arch == "topk" else 2)
 
 
 def test_a_batch_above_the_training_split_is_refused_in_one_sentence(tiny_acts, tmp_path):
@@ -328,6 +559,7 @@ def test_every_baseline_trains_resumes_and_loads(tiny_acts, tmp_path, arch):
     record = _train(tiny_acts, tmp_path / "whole", arch=arch, steps=12, lr_warmup_steps=2)
     sae = formats.load_sae(tmp_path / "whole")
     assert sae.architecture == arch and sae.metadata["target_l0"] == 4 and sae.metadata["input_scale"] > 0
+    assert sae.metadata["sparsity"] is None and (sae.metadata["l0_coefficient"] is None) == (arch in train.TOPK)
     _, heldout = acts.open_split(tiny_acts, "heldout")
     metrics = evaluate.activation_metrics(sae, heldout)
     assert metrics["fvu"] < 1.0 and metrics["l0"] > 0                     # it learned something
@@ -338,6 +570,7 @@ def test_every_baseline_trains_resumes_and_loads(tiny_acts, tmp_path, arch):
         assert record["threshold_running"] > 0 and record["threshold"] != record["threshold_running"]
         log = [json.loads(line) for line in (tmp_path / "whole" / "log.jsonl").read_text().splitlines()]
         assert log[-1]["threshold"] == record["threshold"] and log[-1]["heldout_l0"] == record["heldout_l0"]
+        assert set(log[-1]) == set(log[-2]) | {"threshold"}        # the last step's record, the threshold added
     # A run killed after its step-8 checkpoint and resumed ends identical (buffers included).
     real_lr_at = train.lr_at
 
@@ -369,9 +602,153 @@ def test_sweep_from_the_command_line_writes_one_folder_per_sparsity(tiny_acts, t
     for k in (2, 5):
         sae = formats.load_sae(tmp_path / "sweep" / f"topk_l0_{k}")
         assert sae.k == k
-    assert capsys.readouterr().out.count("wrote the SAE to") == 2
+    printed, bar = capsys.readouterr()
+    assert printed.count("wrote the SAE to") == 2 and printed.count("step 4: loss") == 2      # the last step's record
+    assert bar.count("| 4/4 [") >= 2                                                           # a bar to --steps, each run
     with pytest.raises(SystemExit, match="needs --target-l0 K, a positive whole number"):
         train.main(["--acts", str(tiny_acts), "--out", str(tmp_path / "x"), "--arch", "topk", "--target-l0", "2.5"])
+
+
+def _main(monkeypatch, argv, world=None, rank=None):
+    """train.main(argv) with train() recorded, not run: the (acts, out, kwargs) of each call."""
+    for name, value in (("WORLD_SIZE", world), ("RANK", rank)):
+        if value is None:
+            monkeypatch.delenv(name, raising=False)
+        else:
+            monkeypatch.setenv(name, value)
+    calls = []
+    monkeypatch.setattr(train, "train", lambda *a, **k: calls.append((*a, k)) or {"heldout_l0": 1, "heldout_fvu": 1,
+                                                                                   "dead_fraction": 0})
+    train.main(argv)
+    return calls
+
+
+def test_main_passes_every_option_on_to_train(tiny_acts, tmp_path, monkeypatch):
+    """Each flag reaches train() as itself; an odd --batch-size and BatchTopK are fine in one process."""
+    out = str(tmp_path / "sae")
+    calls = _main(monkeypatch, ["--acts", str(tiny_acts), "--out", out, "--d-sae", "64", "--steps", "7", "--seed", "3",
+                                "--log-every", "5", "--checkpoint-every", "6", "--resume", "--device", "cpu", "--path",
+                                "dense", "--compile", "--dtype", "float64", "--lr", "0.01", "--batch-size", "101",
+                                "--bandwidth", "0.05", "--threshold-lr-scale", "3", "--lr-warmup-steps", "2",
+                                "--l0-warmup-steps", "4", "--lr-decay-fraction", "0.5", "--sparsity", "l0",
+                                "--target-l0", "8"])
+    assert calls == [(str(tiny_acts), out, dict(
+        arch="jumprelu", d_sae=64, steps=7, recipe="small", seed=3, log_every=5, checkpoint_every=6, resume=True,
+        device="cpu", path="dense", compile_loss=True, dtype=torch.float64, target_l0=8, lr=0.01, batch_size=101,
+        bandwidth=0.05, threshold_lr_scale=3, sparsity="l0", lr_warmup_steps=2, l0_warmup_steps=4,
+        lr_decay_fraction=0.5))]
+    (_, _, k), = _main(monkeypatch, ["--acts", str(tiny_acts), "--out", out])          # the defaults
+    assert (k["target_l0"], k["d_sae"], k["resume"], k["compile_loss"], k["dtype"]) == (32, None, False, None, torch.float32)
+    assert (k["steps"], k["seed"], k["log_every"], k["checkpoint_every"], k["device"], k["path"]) == (600, 0, 25, 100, None, "auto")
+    assert _main(monkeypatch, ["--acts", str(tiny_acts), "--out", out, "--arch", "batchtopk", "--target-l0", "4",
+                               "--batch-size", "101"])[0][1] == out
+
+
+def test_train_defaults_are_the_command_lines(tiny_acts, tmp_path, monkeypatch):
+    """import train; train.train(acts, out, target_l0=32) in a notebook is `python train.py --acts ACTS --out OUT`."""
+    defaults = {name: p.default for name, p in inspect.signature(train.train).parameters.items() if p.default is not p.empty}
+    (_, _, called), = _main(monkeypatch, ["--acts", str(tiny_acts), "--out", str(tmp_path / "sae")])
+    assert {k: called[k] for k in called if k in defaults and k != "target_l0"} == \
+        {k: defaults[k] for k in called if k in defaults and k != "target_l0"}
+    assert defaults["quiet"] is False                                         # main passes no quiet: it prints
+
+
+@pytest.mark.parametrize("argv, rank, headers", [(["--l0-coefficient", "0.001", "2e-3"], None, 2),
+                                                  (["--l0-coefficient", "0.001", "2e-3"], "1", 0),
+                                                  (["--l0-coefficient", "0.001"], None, 0)])
+def test_a_sweep_names_each_run_and_rank_0_alone_prints(tiny_acts, tmp_path, monkeypatch, capsys, argv, rank, headers):
+    calls = _main(monkeypatch, ["--acts", str(tiny_acts), "--out", str(tmp_path / "sweep"), *argv], rank=rank)
+    values = [float(v) for v in argv[1:]]
+    outs = [str(tmp_path / "sweep" / f"jumprelu_lambda_{v:g}") for v in values] if len(values) > 1 else [str(tmp_path / "sweep")]
+    assert [(out, k["l0_coefficient"]) for _, out, k in calls] == list(zip(outs, values))
+    printed = capsys.readouterr().out
+    assert printed.count("== jumprelu, l0 coefficient") == headers
+    assert printed.count("wrote the SAE to") == (0 if rank else len(values))
+
+
+@pytest.mark.parametrize("argv, world, refusal", [
+    (["--d-sae", "64", "--target-l0", "4", "100"], None, "--d-sae 64 is fewer latents than an L0 of 100 needs"),
+    (["--batch-size", "128"], "3", "--batch-size 128 cannot be split evenly over 3 ranks"),
+    (["--arch", "batchtopk", "--target-l0", "4"], "2", "--arch batchtopk ranks the latents of the whole batch")])
+def test_main_checks_every_run_of_a_sweep_before_the_first_starts(tiny_acts, tmp_path, monkeypatch, argv, world, refusal):
+    with pytest.raises(SystemExit) as info:
+        _main(monkeypatch, ["--acts", str(tiny_acts), "--out", str(tmp_path / "sae"), *argv], world=world)
+    assert str(info.value).startswith("error: ") and refusal in str(info.value)
+    assert not (tmp_path / "sae").exists()
+
+
+@pytest.mark.parametrize("flag", [["--bandwidth", "0.1"], ["--threshold-lr-scale", "3"]])
+def test_jumprelus_own_flags_are_refused_for_a_baseline(tiny_acts, tmp_path, monkeypatch, flag):
+    with pytest.raises(SystemExit, match=f"^error: {flag[0]} is JumpReLU's; drop it for --arch relu"):
+        _main(monkeypatch, ["--acts", str(tiny_acts), "--out", str(tmp_path / "sae"), "--arch", "relu", *flag])
+
+
+# --- The log ----------------------------------------------------------------------------------------
+
+
+def test_fvu_by_hand():
+    """SPEC section 5: sum ||x - x_hat||^2 / sum ||x - mean(x)||^2, the mean over rows: 5 / 4."""
+    x_BD, x_hat_BD = torch.tensor([[1.0, 0.0], [3.0, 2.0]]), torch.tensor([[1.0, 1.0], [3.0, 0.0]])
+    assert train.fvu(x_BD, x_hat_BD) == 1.25
+
+
+def _clock(monkeypatch, *times):
+    """train's time.perf_counter returns `times`, one per call, then the last of them."""
+    ticks = itertools.chain(times, itertools.repeat(times[-1]))
+    monkeypatch.setattr(train, "time", types.SimpleNamespace(perf_counter=lambda: next(ticks)))
+
+
+def test_matmul_ceiling_is_the_flop_rate_of_one_B_by_d_in_by_d_sae_matmul(monkeypatch):
+    made, randn = [], torch.randn
+    monkeypatch.setattr(torch, "randn", lambda *shape, **k: made.append((shape, k)) or randn(*shape, **k))
+    _clock(monkeypatch, 10.0, 12.0)                                   # 2 s for the timed repeats
+    assert train.matmul_ceiling("cpu", 6, 4, 5, torch.float64, repeats=3) == 3 * 2 * 6 * 4 * 5 / 2.0
+    assert made == [((6, 4), dict(device="cpu", dtype=torch.float64)), ((4, 5), dict(device="cpu", dtype=torch.float64))]
+
+
+@pytest.mark.parametrize("arch, autocast", [("jumprelu", False), ("batchtopk", True)])
+def test_a_log_record_by_hand(tmp_path, monkeypatch, arch, autocast):
+    """tokens/s from the clock since the last record; FLOP/s 10 d_in d_sae a token (the step's five matmuls);
+    MFU against the ceiling of one rank's slice in the step's dtype (bf16 under autocast); dead: no firing
+    in the last 2^20 tokens (10 batches of 100,000 rows); BatchTopK's running threshold. The line is the record."""
+    sae, ceilings = JumpReLUSAE(8, 16) if arch == "jumprelu" else BatchTopKSAE(8, 16, k=2), []
+    monkeypatch.setattr(train, "matmul_ceiling", lambda *a: ceilings.append(a) or 1e12)
+    _clock(monkeypatch, 100.0, 102.5, 103.0)                          # Log() at 100 s, the record at 102.5 s
+    fired_at = torch.tensor([0, 10, 11, 20] * 4)                     # at step 20, dead: last fired at step 10 or before
+    x_BD = torch.randn(4, 8)
+    log = train.Log(tmp_path / "log.jsonl", sae, x_BD, fired_at, batch_size=100_000, start=10, steps=40,
+                    world=1, rank=0, autocast=autocast, quiet=True)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):   # the held-out batch at inference
+        f_BF = sae.encode(x_BD)
+        heldout = {"heldout_l0": (f_BF != 0).sum(1).float().mean().item(), "heldout_fvu": train.fvu(x_BD, sae.decode(f_BF).float())}
+    r = log.write(20, {"loss": torch.tensor(2.0), "mse": torch.tensor(0.5), "l0": torch.tensor(3.0)}, 1e-3, 1e-4, "dense")
+    tokens_per_s = 10 * 100_000 / 2.5
+    assert ceilings == [(torch.device("cpu"), 100_000, 8, 16, torch.bfloat16 if autocast else torch.float32)]
+    assert r == {"step": 20, "loss": 2.0, "mse": 0.5, "l0": 3.0, **heldout, "dead_fraction": 0.5,
+                 "l0_coefficient": 1e-3, "lr": 1e-4, "path": "dense", "tokens_per_s": tokens_per_s,
+                 "flops_per_s": 10 * 8 * 16 * tokens_per_s, "mfu": 10 * 8 * 16 * tokens_per_s / 1e12,
+                 **({"threshold_running": sae.threshold.item()} if arch == "batchtopk" else {})}
+    assert [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()] == [r]
+
+
+@pytest.mark.parametrize("world, lam", [(1, 1e-3), (2, None)])             # TopK has no lambda
+def test_a_record_is_printed_and_shown_on_the_progress_bar(tmp_path, monkeypatch, capsys, world, lam):
+    monkeypatch.setattr(train, "matmul_ceiling", lambda *a: 1e9)
+    monkeypatch.setattr(train, "all_mean", lambda t, world: t)        # rank 0 of `world`, without a process group
+    _clock(monkeypatch, 100.0, 102.5, 103.0)
+    log = train.Log(tmp_path / "log.jsonl", JumpReLUSAE(8, 16), torch.randn(4, 8), torch.tensor([0, 10, 11, 20] * 4),
+                    batch_size=100_000, start=10, steps=40, world=world, rank=0, autocast=False, quiet=False)
+    r = log.write(20, {"loss": torch.tensor(2.0), "mse": torch.tensor(0.5), "l0": torch.tensor(3.0)}, lam, 1e-4, "dense")
+    mfu = f"{10 * 8 * 16 * 400_000 / (world * 1e9):.0%}"
+    printed, bar = capsys.readouterr()
+    assert printed == (f"step 20: loss 2.0000 mse 0.5000 L0 3.0 | held-out L0 {r['heldout_l0']:.1f} FVU {r['heldout_fvu']:.4f} | "
+                       f"dead 50.0% {'lambda 0.001 ' if lam else ''}lr 0.0001 | 400,000 tok/s, MFU {mfu}"
+                       f"{' (2 ranks)' if world == 2 else ''}\n")
+    assert f"dead=50.0%, fvu={r['heldout_fvu']:.3f}, l0={r['heldout_l0']:.1f}, mfu={mfu}, tok_s=400,000]" in bar   # sorted
+    assert bar.startswith("\rtrain:  25%|") and "| 10/40 [" in bar and "step/s" in bar   # a resumed run's starts at its step
+    for quiet, rank in ((True, 0), (False, 1)):                      # --quiet, and the other ranks: no bar
+        assert train.Log(tmp_path / "log.jsonl", JumpReLUSAE(8, 16), torch.randn(4, 8), torch.zeros(16), batch_size=128,
+                         start=0, steps=40, world=2, rank=rank, autocast=False, quiet=quiet).bar.disable
 
 
 # --- The loss path ------------------------------------------------------------------------------
@@ -388,6 +765,7 @@ def test_auto_path_goes_sparse_only_when_few_latents_fire():
     assert train.choose_path("auto", 50, 16_384, "cuda", False) == "sparse"     # float32 on a GPU
     assert train.choose_path("dense", 1, 65_536, "cpu", False) == "dense"
     assert train.choose_path("sparse", 4096, 4096, "cpu", False) == "sparse"
+    assert train.choose_path("auto", 100, 5000, "cpu", False) == "dense"          # sparse strictly below 2% of d_sae
 
 
 def test_sparse_and_dense_paths_train_the_same_sae(tiny_acts, tmp_path):
@@ -469,6 +847,36 @@ def test_training_ends_within_10_percent_of_the_target_l0(tiny_acts, tmp_path, s
         assert record["heldout_l0"] == pytest.approx(K, rel=0.1), K
 
 
+@pytest.mark.parametrize("sparsity", ["target_batch", "tanh"])
+def test_the_training_loss_is_the_saes_loss_with_the_recipes_options(sparsity):
+    """loss_functions binds the recipe to sae.loss: the target, the dead-threshold pull, Anthropic's tanh scale,
+    pre-activation loss and estimator; one process averages the rows' L0 with torch.mean. The "sparse" path
+    is sae.loss's sparse one (it alone reports "kept"). Same loss and gradients, bit for bit."""
+    torch.manual_seed(0)
+    sae, x_BD, dead_F = JumpReLUSAE(8, 32, bandwidth=0.05, threshold_init=0.05), torch.randn(64, 8) * 0.3, torch.arange(32) % 4 == 0
+    if sparsity == "tanh":
+        hp = train.anthropic_units({**train.SMALL, **train.ANTHROPIC, "sparsity": "tanh"}, x_BD)
+        options = dict(sparsity="tanh", target_l0=4, dead_pull=0.0, tanh_scale=hp["tanh_scale"],
+                       pre_act_coefficient=hp["pre_act_coefficient"], ste_to_input=True)
+        assert hp["tanh_scale"] != 4.0 and hp["pre_act_coefficient"] > 0
+    else:
+        hp, options = train.SMALL, dict(sparsity="target_batch", target_l0=4, dead_pull=0.01)
+    losses = train.loss_functions(sae, hp, 4, 1, False)
+    for path in ("dense", "sparse") if sparsity != "tanh" else ("dense",):
+        got = losses[path](x_BD, 1e-2, dead_F)
+        want = sae.loss(x_BD, 1e-2, dead_F, **options, sparse=path == "sparse")
+        assert ("kept" in got) == (path == "sparse") and torch.equal(got["loss"], want["loss"]), path
+        for a, b, (name, _) in zip(torch.autograd.grad(got["loss"], list(sae.parameters())),
+                                   torch.autograd.grad(want["loss"], list(sae.parameters())), sae.named_parameters()):
+            assert torch.equal(a, b), (path, name)
+
+
+def test_the_pi_controller_starts_from_the_given_lambda_or_1e_3():
+    for given, start in ((5e-3, 5e-3), (None, 1e-3)):
+        hp, lam, controller = train.sparsity("jumprelu", {**train.SMALL, "sparsity": "l0"}, 32, given)
+        assert hp["sparsity"] == "l0" and lam == given and controller.value == start
+
+
 def test_init_from_data_keeps_each_of_its_promises():
     """On the sample: each threshold at the quantile that fires its latent on K/d_sae of the rows (L0
     = K, no latent dead), the bandwidth 0.3 x the median pre-activation std, the tied encoder and
@@ -490,6 +898,20 @@ def test_init_from_data_keeps_each_of_its_promises():
     assert fires_NF.float().sum(1).mean().item() == pytest.approx(6, abs=0.1) and fires_NF.any(0).all()
 
 
+def test_build_starts_from_the_recipes_bandwidth_and_thresholds():
+    """Without the small recipe's data-driven start ("auto", "quantile"), a JumpReLU starts at the recipe's own
+    bandwidth and threshold, whatever they are; TopK's k is the target L0."""
+    sample_ND = torch.randn(64, 4)
+    sae = train.build("jumprelu", 4, 8, {**train.PAPER, "bandwidth": 0.01, "threshold_init": 0.05}, None, sample_ND, "cpu")
+    assert sae.bandwidth == 0.01 and torch.allclose(sae.threshold, torch.full((8,), 0.05))
+    assert train.build("topk", 4, 8, train.PAPER, 3.0, sample_ND, "cpu").k == 3
+    # The small recipe with a fixed lambda (no --target-l0): thresholds at the quantiles of an L0 of 32.
+    x_ND = torch.randn(2000, 32, generator=torch.Generator().manual_seed(0))
+    sae = train.build("jumprelu", 32, 128, train.SMALL, None, x_ND, "cpu")
+    with torch.no_grad():
+        assert (sae.pre_acts(x_ND) > sae.threshold).float().sum(1).mean().item() == pytest.approx(32, abs=0.1)
+
+
 def test_the_dead_threshold_pull_lowers_a_dead_latents_threshold():
     """A latent whose pre-activations never reach its kernel window gets no estimator gradient; the
     pull adds exactly dead_pull to its log-threshold's gradient, so a step lowers the threshold."""
@@ -509,8 +931,19 @@ def test_training_batches_are_scaled_to_unit_mean_squared_norm(tiny_acts, tmp_pa
     seen, step = [], train.train_step
 
     def recording_step(sae, opt, loss_fn, x_BD, *a, **k):
-        seen.append(x_BD.pow(2).sum(1).mean().item())
+        seen.append(x_BD)
         return step(sae, opt, loss_fn, x_BD, *a, **k)
     monkeypatch.setattr(train, "train_step", recording_step)
     _train(tiny_acts, tmp_path / "sae")
-    assert len(seen) == 8 and all(0.8 < s < 1.25 for s in seen), seen
+    norms = [x_BD.pow(2).sum(1).mean().item() for x_BD in seen]
+    assert len(seen) == 8 and all(0.8 < s < 1.25 for s in norms), norms
+    scale = _checkpoint_sae(tmp_path / "sae")[1]["scale"]                   # and they are acts.batches' stream from the seed
+    stream = acts.batches(acts.open_split(tiny_acts, "train")[1], 128, 0)
+    assert all(torch.equal(x_BD, next(stream) * scale) for x_BD in seen)
+
+
+def test_global_mean_in_one_process_is_the_mean_with_its_gradient():
+    l0_B = torch.tensor([1.0, 2.0, 6.0], requires_grad=True)
+    mean = train.global_mean(l0_B, world=1)
+    mean.backward()
+    assert mean.item() == 3.0 and torch.equal(l0_B.grad, torch.full((3,), 1 / 3))

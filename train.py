@@ -339,9 +339,9 @@ def choose_path(mode, l0, d_sae, device_type, autocast, compiled=False):
 
 
 def all_mean(t, world):
-    """The mean over the ranks of the detached tensor t; t itself in one process."""
+    """The mean over the ranks of the detached tensor t; t, detached, in one process."""
     if world == 1:
-        return t
+        return t.detach()
     t = t.detach().clone()
     dist.all_reduce(t)
     return t / world
