@@ -38,10 +38,11 @@ TESTS = {  # the test files that hold each product file
     "export.py": ["test_export.py", "test_reliability.py"],
     "acts.py": ["test_acts.py", "test_reliability.py", "test_harvest.py"],
 }
-# Functions that only a subprocess runs (torchrun's ranks): mutmut cannot trace which test reaches
-# them, so it runs none. Their mutants are run here against that test, with the mutant named in the
-# script's own module, __main__, so that the test's one-process reference runs the original.
-BY_SUBPROCESS = {"train.py": (["broadcast_", "average_gradients_"],
+# Functions with code that only a subprocess runs (torchrun's ranks): mutmut cannot trace that test,
+# so a mutant there that no in-process test kills is run here against it, named in the script's own
+# module, __main__, so that the test's one-process reference runs the original.
+BY_SUBPROCESS = {"train.py": (["broadcast_", "average_gradients_", "all_mean", "loss_functions", "train_step",
+                               "checkpoint"],
                               "test_distributed.py::test_two_ranks_match_one_process_to_float64_rounding")}
 NOT_MUTATED = [r"^\s*raise \w+\(", r"^\s*print\(", r"^\s*sys\.exit\(", r"^\s*p\.error\(",
                r"^\s*\w+\.add_argument\(", r"^\s*help="]
@@ -99,13 +100,15 @@ def run_file(path, out, max_children, recheck=False):
 
 
 def run_by_subprocess(path, work, env):
-    """Each mutant of BY_SUBPROCESS's functions that mutmut ran no test on, against its test; the
-    exit codes go to by_subprocess.json, which results() lays over mutmut's."""
+    """Each mutant of BY_SUBPROCESS's functions that mutmut's tests did not kill, against the
+    subprocess test; the exit codes go to by_subprocess.json, which results() lays over mutmut's."""
+    from mutmut.stats import status_by_exit_code
     functions, test = BY_SUBPROCESS[path]
     meta = json.loads((work / "mutants" / f"{path}.meta").read_text())["exit_code_by_key"]
     done_file = work / "by_subprocess.json"
     done = json.loads(done_file.read_text()) if done_file.exists() else {}
-    todo = [k for k in meta if k.split("__mutmut_")[0].split(".x_")[-1] in functions and done.get(k) != 1]
+    todo = [k for k, code in meta.items() if k.split("__mutmut_")[0].split(".x_")[-1] in functions
+            and code is not None and status_by_exit_code[code] != "killed" and done.get(k) != 1]
     for i, key in enumerate(todo):
         run = subprocess.Popen([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", test],
                                cwd=work / "mutants", env=dict(env, MUTANT_UNDER_TEST="__main__." + key.split(".", 1)[1]),
