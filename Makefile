@@ -16,7 +16,7 @@ demo: setup
 test: setup
 	$(PY) -m pytest -q
 
-# The mutation run (docs/mutation.md): a dev profile, not part of CI; two hours or more on two cores.
+# The mutation run (docs/mutation.md): a dev profile, not part of CI; several hours on two cores.
 mutation: setup
 	$(PY) -m pip install -q mutmut==3.8.1
 	$(PY) tools/mutation.py

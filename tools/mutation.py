@@ -3,7 +3,7 @@
     make mutation                      # every file below; or:
     .venv/bin/python tools/mutation.py jumprelu.py baselines.py
 
-A dev profile, not part of CI (two hours or more on two cores; docs/mutation.md has the times).
+A dev profile, not part of CI (several hours on two cores; docs/mutation.md has the times).
 Each file is mutated in its own copy of the tracked tree under runs/mutation/<file>/, so mutmut's
 cache of one file never meets another's. mutmut records which tests call each function and runs only those, fastest first,
 stopping at the first failure; the selections below also leave out the tests that take seconds
