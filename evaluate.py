@@ -47,28 +47,28 @@ def check_pairing(sae, manifest, folder, acts_dir, allow_mismatch=False):
                          "activations it was trained on, or --allow-mismatch to compare them on purpose.")
 
 
-@torch.no_grad()
 def activation_metrics(sae, shards, batch_size=4096, device="cpu"):
     """L0, MSE, FVU, dead and dense fractions and per-latent firing frequencies over the rows."""
-    n, sq_err, sum_x, sum_sq = 0, 0.0, None, 0.0
-    fires_F = torch.zeros(sae.d_sae, dtype=torch.float64, device=device)
-    for rows_ND, _ in shards:
-        for i in range(0, len(rows_ND), batch_size):
-            x_BD = torch.from_numpy(np.array(rows_ND[i:i + batch_size], dtype=np.float32)).to(device)
-            f_BF = sae.encode(x_BD)
-            x_hat_BD = sae.decode(f_BF)
-            active_BF = f_BF != 0
-            fires_F += active_BF.sum(0)
-            sq_err += (x_BD - x_hat_BD).double().pow(2).sum().item()
-            sum_x = x_BD.double().sum(0) if sum_x is None else sum_x + x_BD.double().sum(0)
-            sum_sq += x_BD.double().pow(2).sum().item()
-            n += len(x_BD)
-    variance = sum_sq - sum_x.pow(2).sum().item() / n           # sum ||x - mean||^2
-    freq_F = (fires_F / n).cpu().numpy()
-    fvu = sq_err / variance if variance > 0 else float("nan")   # rows all alike: nothing to explain
-    return {"tokens": n, "l0": float(fires_F.sum().item() / n), "mse": sq_err / n, "fvu": fvu,
-            "dead_fraction": float((freq_F == 0).mean()), "dense_fraction": float((freq_F > DENSE).mean()),
-            "firing_frequency": freq_F}
+    with torch.no_grad():   # in the body, not a decorator: mutmut mutates no decorated function
+        n, sq_err, sum_x, sum_sq = 0, 0.0, None, 0.0
+        fires_F = torch.zeros(sae.d_sae, dtype=torch.float64, device=device)
+        for rows_ND, _ in shards:
+            for i in range(0, len(rows_ND), batch_size):
+                x_BD = torch.from_numpy(np.array(rows_ND[i:i + batch_size], dtype=np.float32)).to(device)
+                f_BF = sae.encode(x_BD)
+                x_hat_BD = sae.decode(f_BF)
+                active_BF = f_BF != 0
+                fires_F += active_BF.sum(0)
+                sq_err += (x_BD - x_hat_BD).double().pow(2).sum().item()
+                sum_x = x_BD.double().sum(0) if sum_x is None else sum_x + x_BD.double().sum(0)
+                sum_sq += x_BD.double().pow(2).sum().item()
+                n += len(x_BD)
+        variance = sum_sq - sum_x.pow(2).sum().item() / n           # sum ||x - mean||^2
+        freq_F = (fires_F / n).cpu().numpy()
+        fvu = sq_err / variance if variance > 0 else float("nan")   # rows all alike: nothing to explain
+        return {"tokens": n, "l0": float(fires_F.sum().item() / n), "mse": sq_err / n, "fvu": fvu,
+                "dead_fraction": float((freq_F == 0).mean()), "dense_fraction": float((freq_F > DENSE).mean()),
+                "firing_frequency": freq_F}
 
 
 def seed_stability(sae_a, sae_b, threshold=0.7):
@@ -104,68 +104,68 @@ class Splice:
         self.handle.remove()
 
 
-@torch.no_grad()
 def lm_metrics(model, module, windows, saes, batch_size=8, device="cpu", progress=True):
     """Delta LM loss, CE loss recovered and KL for each SAE, on the same token windows."""
-    totals = {"clean": 0.0, "zero": 0.0}
-    per_sae = [{"ce": 0.0, "kl": 0.0} for _ in saes]
-    count = 0
-    steps = range(0, len(windows), batch_size)
-    for i in tqdm(steps, desc="LM splice", disable=not progress):
-        ids = torch.from_numpy(np.asarray(windows[i:i + batch_size], dtype=np.int64)).to(device)
-        targets = ids[:, 2:]                           # predictions made at positions 1 .. T-2
+    with torch.no_grad():
+        totals = {"clean": 0.0, "zero": 0.0}
+        per_sae = [{"ce": 0.0, "kl": 0.0} for _ in saes]
+        count = 0
+        steps = range(0, len(windows), batch_size)
+        for i in tqdm(steps, desc="LM splice", disable=not progress):
+            ids = torch.from_numpy(np.asarray(windows[i:i + batch_size], dtype=np.int64)).to(device)
+            targets = ids[:, 2:]                           # predictions made at positions 1 .. T-2
 
-        def logprobs():
-            return torch.log_softmax(model(ids).logits[:, 1:-1].float(), dim=-1)
+            def logprobs():
+                return torch.log_softmax(model(ids).logits[:, 1:-1].float(), dim=-1)
 
-        def ce(lp):
-            return -lp.gather(-1, targets.unsqueeze(-1)).sum().item()
+            def ce(lp):
+                return -lp.gather(-1, targets.unsqueeze(-1)).sum().item()
 
-        clean = logprobs()
-        totals["clean"] += ce(clean)
-        with Splice(module, torch.zeros_like):
-            totals["zero"] += ce(logprobs())
-        for sae, acc in zip(saes, per_sae):
-            with Splice(module, lambda h, sae=sae: sae(h.float())):
-                spliced = logprobs()
-            acc["ce"] += ce(spliced)
-            acc["kl"] += (clean.exp() * (clean - spliced)).sum().item()
-        count += targets.numel()
-    ce_clean, ce_zero = totals["clean"] / count, totals["zero"] / count
-    out = []
-    for acc in per_sae:
-        ce_spliced = acc["ce"] / count
-        out.append({"ce_clean": ce_clean, "ce_zero": ce_zero, "ce_spliced": ce_spliced,
-                    "delta_lm_loss": ce_spliced - ce_clean,
-                    "ce_loss_recovered": (ce_zero - ce_spliced) / (ce_zero - ce_clean),
-                    "kl": acc["kl"] / count, "lm_tokens": count})
-    return out
+            clean = logprobs()
+            totals["clean"] += ce(clean)
+            with Splice(module, torch.zeros_like):
+                totals["zero"] += ce(logprobs())
+            for sae, acc in zip(saes, per_sae):
+                with Splice(module, lambda h, sae=sae: sae(h.float())):
+                    spliced = logprobs()
+                acc["ce"] += ce(spliced)
+                acc["kl"] += (clean.exp() * (clean - spliced)).sum().item()
+            count += targets.numel()
+        ce_clean, ce_zero = totals["clean"] / count, totals["zero"] / count
+        out = []
+        for acc in per_sae:
+            ce_spliced = acc["ce"] / count
+            out.append({"ce_clean": ce_clean, "ce_zero": ce_zero, "ce_spliced": ce_spliced,
+                        "delta_lm_loss": ce_spliced - ce_clean,
+                        "ce_loss_recovered": (ce_zero - ce_spliced) / (ce_zero - ce_clean),
+                        "kl": acc["kl"] / count, "lm_tokens": count})
+        return out
 
 
-@torch.no_grad()
 def top_contexts(sae, shards, tokenizer, latents, context_rows, k=5, width=12, device="cpu"):
     """The k held-out tokens on which each latent fires most, each with `width` tokens before it."""
-    best = {i: [] for i in latents}
-    for s, (rows_ND, _) in enumerate(shards):
-        for r0 in range(0, len(rows_ND), 4096):
-            x = torch.from_numpy(np.array(rows_ND[r0:r0 + 4096], dtype=np.float32)).to(device)
-            f = sae.encode(x)[:, latents]
-            for j, latent in enumerate(latents):
-                vals, rows = f[:, j].topk(min(k, len(f)))
-                best[latent] += [(v, s, r0 + r) for v, r in zip(vals.tolist(), rows.tolist()) if v > 0]
-    lines = []
-    for latent in latents:
-        lines.append(f"latent {latent}:")
-        top = sorted(best[latent], reverse=True)[:k]
-        if not top:
-            lines.append("  (never fires on the held-out tokens)")
-        for value, s, row in top:
-            window, pos = divmod(row, context_rows)
-            tokens = shards[s][1][window]
-            pos += 1                                   # rows start at the window's second position
-            before = tokenizer.decode(tokens[max(0, pos - width):pos])
-            lines.append(f"  {value:8.3f}  {before!r:>60} [[{tokenizer.decode(tokens[pos:pos + 1])}]]")
-    return "\n".join(lines)
+    with torch.no_grad():
+        best = {i: [] for i in latents}
+        for s, (rows_ND, _) in enumerate(shards):
+            for r0 in range(0, len(rows_ND), 4096):
+                x = torch.from_numpy(np.array(rows_ND[r0:r0 + 4096], dtype=np.float32)).to(device)
+                f = sae.encode(x)[:, latents]
+                for j, latent in enumerate(latents):
+                    vals, rows = f[:, j].topk(min(k, len(f)))
+                    best[latent] += [(v, s, r0 + r) for v, r in zip(vals.tolist(), rows.tolist()) if v > 0]
+        lines = []
+        for latent in latents:
+            lines.append(f"latent {latent}:")
+            top = sorted(best[latent], reverse=True)[:k]
+            if not top:
+                lines.append("  (never fires on the held-out tokens)")
+            for value, s, row in top:
+                window, pos = divmod(row, context_rows)
+                tokens = shards[s][1][window]
+                pos += 1                                   # rows start at the window's second position
+                before = tokenizer.decode(tokens[max(0, pos - width):pos])
+                lines.append(f"  {value:8.3f}  {before!r:>60} [[{tokenizer.decode(tokens[pos:pos + 1])}]]")
+        return "\n".join(lines)
 
 
 def plot(records, folder):
