@@ -86,6 +86,9 @@ def run_file(path, out, max_children, recheck=False):
     tests as they are now) every mutant the last run did not kill."""
     work = out / Path(path).stem
     copy_tree(work, fresh=not recheck)
+    # mutmut maps tests to functions only when it has no map: a function mutated for the first time
+    # (a decorator taken out) would have "no tests" under the old one
+    (work / "mutants" / "mutmut-stats.json").unlink(missing_ok=True)
     (work / "setup.cfg").write_text(setup_cfg(path, TESTS[path]))
     cmd = [sys.executable, "-m", "mutmut", "run"] + (["--max-children", str(max_children)] if max_children else [])
     # One thread per mutant and one mutant per core; hypothesis does not shrink a mutant's failure.
