@@ -73,6 +73,8 @@ def test_fvu_of_rows_all_alike_is_nan_not_a_crash():
     x = np.ones((5, 6), np.float32)                       # no variance: FVU has no meaning
     m = evaluate.activation_metrics(_mean_sae(x + 1), [(x, None)])
     assert np.isnan(m["fvu"]) and m["mse"] == pytest.approx(6.0) and m["tokens"] == 5
+    x[0] += np.float32(0.01)                               # a little variance: a real FVU again
+    assert np.isfinite(evaluate.activation_metrics(_mean_sae(x + 1), [(x, None)])["fvu"])
 
 def test_firing_frequency_dead_and_dense_by_hand():
     # Latent 0 fires on every row, latent 1 on 5% of rows, latent 2 never.
@@ -83,6 +85,8 @@ def test_firing_frequency_dead_and_dense_by_hand():
     np.testing.assert_allclose(m["firing_frequency"], [1.0, 0.05, 0.0])
     assert m["l0"] == pytest.approx(1.05) and m["dead_fraction"] == pytest.approx(1 / 3)
     assert m["dense_fraction"] == pytest.approx(1 / 3)
+    x[:10, 1] = 1.0                                        # latent 1 on exactly 10%: not dense
+    assert evaluate.activation_metrics(_identity_sae(3), [(x, None)])["dense_fraction"] == pytest.approx(1 / 3)
 
 
 def test_splicing_the_activation_itself_leaves_the_loss_unchanged(tiny_model, tiny_acts):
@@ -191,6 +195,42 @@ def test_top_contexts_mark_the_token_where_the_latent_fires_most(tiny_model, tin
     assert lines[0] == "latent 2:" and f"[[{token}]]" in lines[1]
     assert "latent 3:" in lines and "(never fires on the held-out tokens)" in text
 
+
+class _Tokens:
+    """A tokenizer whose text is the ids themselves."""
+    def decode(self, ids):
+        return " ".join(f"t{i}" for i in ids)
+
+
+def test_top_contexts_read_every_row_of_every_shard_and_the_tokens_before_each():
+    """Two float16 shards of 5,000 rows (more than one 4,096-row chunk each), 20 rows a window;
+    latent 0 fires most on five rows placed at the chunks' and windows' edges, latent 1 never."""
+    context_rows, top = 20, {(0, 4503): 3.0, (0, 4096): 2.5, (1, 4099): 2.0, (1, 0): 1.5, (1, 1): 1.0}
+    shards = []
+    for s in range(2):
+        rows = np.zeros((5000, 2), np.float16)
+        rows[:, 0] = 0.5
+        for (shard, row), value in top.items():
+            rows[row, 0] = value if shard == s else rows[row, 0]
+        windows = s * 10**6 + np.arange(250)[:, None] * 100 + np.arange(context_rows + 1)
+        shards.append((rows, windows))
+    text = evaluate.top_contexts(_identity_sae(2), shards, _Tokens(), [0, 1], context_rows)
+    want = ["latent 0:"]
+    for (s, row), value in top.items():                 # in order of value; k = 5 and width = 12
+        window, pos = divmod(row, context_rows)
+        tokens = shards[s][1][window]
+        before = _Tokens().decode(tokens[max(0, pos + 1 - 12):pos + 1])
+        want.append(f"  {value:8.3f}  {before!r:>60} [[t{tokens[pos + 1]}]]")
+    assert text.splitlines() == want + ["latent 1:", "  (never fires on the held-out tokens)"]
+
+
+def test_activation_metrics_of_float16_rows_are_those_of_the_same_rows_in_float32():
+    rng = np.random.default_rng(0)
+    x = rng.uniform(0.5, 2.0, size=(300, 6)).astype(np.float16)
+    half = evaluate.activation_metrics(_identity_sae(6), [(x, None)], batch_size=128)
+    full = evaluate.activation_metrics(_identity_sae(6), [(x.astype(np.float32), None)], batch_size=128)
+    assert {k: v for k, v in half.items() if k != "firing_frequency"} == \
+           {k: v for k, v in full.items() if k != "firing_frequency"}
 
 def test_evaluate_takes_every_architecture_side_by_side(tiny_model, tiny_acts, tmp_path):
     import baselines
