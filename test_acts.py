@@ -148,19 +148,13 @@ def test_an_array_of_objects_is_not_pickled_into_a_shard(tmp_path):
         acts.save_npy(tmp_path / "a.npy", np.array([_Payload()], dtype=object))
 
 
-def test_a_shard_of_pickled_objects_is_refused_without_unpickling_it(tmp_path):
+@pytest.mark.parametrize("write", [
+    lambda path: np.save(path, np.array([[_Payload()] * 3] * 3, dtype=object)),   # a .npy of objects
+    lambda path: path.write_bytes(pickle.dumps(_Payload()))])                     # a bare pickle
+def test_a_shard_of_pickled_objects_is_refused_without_unpickling_it(tmp_path, write):
     manifest = _folder(tmp_path)
     acts.append_shard(tmp_path, manifest, "train", np.zeros((3, 3), np.float32), np.zeros((1, 4), np.int32))
-    np.save(tmp_path / "train" / "acts_00000.npy", np.array([[_Payload()] * 3] * 3, dtype=object))
-    with pytest.raises(ValueError, match="cannot be read as .npy"):
-        acts.open_split(tmp_path, "train", verify=False)
-    assert _Payload.ran == []
-
-
-def test_a_shard_that_is_a_bare_pickle_is_refused_without_unpickling_it(tmp_path):
-    manifest = _folder(tmp_path)
-    acts.append_shard(tmp_path, manifest, "train", np.zeros((3, 3), np.float32), np.zeros((1, 4), np.int32))
-    (tmp_path / "train" / "acts_00000.npy").write_bytes(pickle.dumps(_Payload()))
+    write(tmp_path / "train" / "acts_00000.npy")
     with pytest.raises(ValueError, match="cannot be read as .npy"):
         acts.open_split(tmp_path, "train", verify=False)
     assert _Payload.ran == []

@@ -5,8 +5,8 @@
 
 A dev profile, not part of CI (several hours on two cores; docs/mutation.md has the times).
 Each file is mutated in its own copy of the tracked tree under runs/mutation/<file>/, so mutmut's
-cache of one file never meets another's. mutmut records which tests call each function and runs only those, fastest first,
-stopping at the first failure; the selections below also leave out the tests that take seconds
+cache of one file never meets another's. mutmut records which tests call each function and runs
+only those, fastest first, stopping at the first failure; the selections below also leave out the tests that take seconds
 each and only repeat what a faster test checks (bench, the real SmolLM2, torchrun, SIGKILL).
 Lines that only raise, print or exit with a message are not mutated: a changed word in a message
 is not a changed behaviour. Nor are the scripts' argument declarations (add_argument): test_cli.py
@@ -26,10 +26,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 DESELECTED = ["test_harvest.py::test_offline_smollm2_layer6_residual",  # left out of the selections below
-        "test_harvest.py::test_python_docs_is_real_english_and_deterministic",
-        "test_reliability.py::test_sigkill_at_random_steps_then_resume_gives_bit_identical_weights",
-        # reads the product's source for "pickle", which the mutated copy's allow_pickle mutants contain
-        "test_reliability.py::test_nothing_is_unpickled_anywhere"]
+              "test_harvest.py::test_python_docs_is_real_english_and_deterministic",
+              "test_reliability.py::test_sigkill_at_random_steps_then_resume_gives_bit_identical_weights",
+              # reads the product's source for "pickle", which the mutated copy's allow_pickle mutants hold
+              "test_reliability.py::test_nothing_is_unpickled_anywhere"]
 TESTS = {  # the test files that hold each product file
     "jumprelu.py": ["test_jumprelu.py", "test_reliability.py", "test_formats.py", "test_train.py"],
     "baselines.py": ["test_baselines.py", "test_reliability.py"],
@@ -99,19 +99,18 @@ def run_file(path, out, max_children, recheck=False):
         if left:
             subprocess.run(cmd + left, cwd=work, env=env, check=False)
     if path in BY_SUBPROCESS:
-        run_by_subprocess(path, work, env)
+        run_by_subprocess(path, out, env)
 
 
-def run_by_subprocess(path, work, env):
-    """Each mutant of BY_SUBPROCESS's functions that mutmut's tests did not kill, against the
-    subprocess test; the exit codes go to by_subprocess.json, which results() lays over mutmut's."""
-    from mutmut.stats import status_by_exit_code
+def run_by_subprocess(path, out, env):
+    """Each mutant of BY_SUBPROCESS's functions that no test has killed yet, against the subprocess
+    test; the exit codes go to by_subprocess.json, which results() lays over mutmut's."""
     functions, test = BY_SUBPROCESS[path]
-    meta = json.loads((work / "mutants" / f"{path}.meta").read_text())["exit_code_by_key"]
+    work = out / Path(path).stem
     done_file = work / "by_subprocess.json"
     done = json.loads(done_file.read_text()) if done_file.exists() else {}
-    todo = [k for k, code in meta.items() if k.split("__mutmut_")[0].split(".x_")[-1] in functions
-            and code is not None and status_by_exit_code[code] != "killed" and done.get(k) != 1]
+    todo = [k for k, s in results(path, out, diffs=False)[0].items()
+            if s not in ("killed", "not checked") and k.split("__mutmut_")[0].split(".x_")[-1] in functions]
     for i, key in enumerate(todo):
         run = subprocess.Popen([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", test],
                                cwd=work / "mutants", env=dict(env, MUTANT_UNDER_TEST="__main__." + key.split(".", 1)[1]),
@@ -120,7 +119,7 @@ def run_by_subprocess(path, work, env):
             done[key] = run.wait(timeout=300)
         except subprocess.TimeoutExpired:
             os.killpg(run.pid, 9)
-            done[key] = 36
+            done[key] = 36                                  # mutmut's code for a timeout
         done_file.write_text(json.dumps(done, indent=1))
         print(f"{path}: {i + 1}/{len(todo)} by subprocess, {key}: {done[key]}", flush=True)
 
