@@ -312,24 +312,24 @@ class BatchTopKSAE(TopKSAE):
         aux = auxk(self, x_BD, x_hat_BD, pre_BF, dead_F)
         return self._result(*topk_loss(x_BD, x_hat_BD, aux, aux_coefficient), aux, pre_BF, f_BF, x_hat_BD)
 
-    @torch.no_grad()
     def update_threshold_(self, f_BF):
         """threshold <- min kept (first update) or 0.99 threshold + 0.01 min kept; no GPU sync."""
-        min_kept = torch.where(f_BF > 0, f_BF, math.inf).min().to(self.threshold.dtype)   # inf: none kept
-        t = self.threshold
-        new = torch.where(t < 0, min_kept, 0.99 * t + 0.01 * min_kept)
-        t.copy_(torch.where(min_kept.isfinite(), new, t))
+        with torch.no_grad():   # in the body, not a decorator: mutmut mutates no decorated function
+            min_kept = torch.where(f_BF > 0, f_BF, math.inf).min().to(self.threshold.dtype)   # inf: none kept
+            t = self.threshold
+            new = torch.where(t < 0, min_kept, 0.99 * t + 0.01 * min_kept)
+            t.copy_(torch.where(min_kept.isfinite(), new, t))
 
-    @torch.no_grad()
     def calibrate_threshold_(self, batches):
         """threshold <- the mean over `batches` (an iterable of [B, d_in] inputs) of the smallest
         positive activation that the training forward keeps; returns it. Batches that keep nothing
         positive are skipped; with none left, the threshold is unchanged."""
-        mins = [f_BF[f_BF > 0].min() for f_BF in (batch_topk_relu(self.pre_acts(x_BD), self.k) for x_BD in batches)
-                if (f_BF > 0).any()]
-        if mins:
-            self.threshold.copy_(torch.stack(mins).mean())
-        return self.threshold.item()
+        with torch.no_grad():
+            mins = [f_BF[f_BF > 0].min() for f_BF in (batch_topk_relu(self.pre_acts(x_BD), self.k) for x_BD in batches)
+                    if (f_BF > 0).any()]
+            if mins:
+                self.threshold.copy_(torch.stack(mins).mean())
+            return self.threshold.item()
 
 
 ARCHITECTURES = {"jumprelu": JumpReLUSAE, "relu": ReLUSAE, "gated": GatedSAE, "topk": TopKSAE,

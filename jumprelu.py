@@ -230,22 +230,21 @@ class JumpReLUSAE(nn.Module):
 
     # --- SPEC section 3: the unit-norm decoder and the input scale --------------------------
 
-    @torch.no_grad()
     def remove_parallel_decoder_grad_(self):
         """Before the optimiser step: drop the part of each decoder row's gradient along the row."""
-        if self.W_dec.grad is not None:
-            W_FD, g_FD = self.W_dec, self.W_dec.grad
-            # g -= (g.W / W.W) W, row by row: the two dot products as einsums and one fused
-            # update, three passes over [F, D] instead of nine (4x faster on a CPU).
-            along_F = torch.einsum("fd,fd->f", g_FD, W_FD) / torch.einsum("fd,fd->f", W_FD, W_FD)
-            g_FD.addcmul_(W_FD, along_F.neg_().unsqueeze(1))
+        with torch.no_grad():   # in the body, not a decorator: mutmut mutates no decorated function
+            if self.W_dec.grad is not None:
+                W_FD, g_FD = self.W_dec, self.W_dec.grad
+                # g -= (g.W / W.W) W, row by row: the two dot products as einsums and one fused
+                # update, three passes over [F, D] instead of nine (4x faster on a CPU).
+                along_F = torch.einsum("fd,fd->f", g_FD, W_FD) / torch.einsum("fd,fd->f", W_FD, W_FD)
+                g_FD.addcmul_(W_FD, along_F.neg_().unsqueeze(1))
 
-    @torch.no_grad()
     def normalize_decoder_(self):
         """After the optimiser step: rescale each decoder row to unit norm."""
-        self.W_dec /= self.W_dec.norm(dim=1, keepdim=True)
+        with torch.no_grad():
+            self.W_dec /= self.W_dec.norm(dim=1, keepdim=True)
 
-    @torch.no_grad()
     def fold_input_scale_(self, scale):
         """Make weights trained on x * scale take raw x: W_enc * s, W_dec / s, b_dec / s.
 
@@ -256,9 +255,10 @@ class JumpReLUSAE(nn.Module):
         scale = float(scale)
         if not (scale > 0 and math.isfinite(scale)):
             raise ValueError(f"The input scale must be a positive finite number, got {scale}.")
-        self.W_enc.mul_(scale)
-        self.W_dec.div_(scale)
-        self.b_dec.div_(scale)
+        with torch.no_grad():
+            self.W_enc.mul_(scale)
+            self.W_dec.div_(scale)
+            self.b_dec.div_(scale)
         self.metadata["input_scale"] = self.metadata.get("input_scale", 1.0) * scale
         return self
 

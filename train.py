@@ -202,33 +202,33 @@ def open_data(acts_dir, batch_size, seed, device, dtype=torch.float32, verify=Tr
     return manifest, shards, scale, sample_ND[:4096].to(device, dtype) * scale, x_eval_BD
 
 
-@torch.no_grad()
 def init_from_data(sae, x_ND, target_l0, hp):
     """The data-driven parts of the small recipe's initialisation, on a sample x_ND (scaled)."""
-    if hp["orthogonal_init"]:
-        # The residual stream has a "massive activation" direction: attention-sink tokens put 99.7%
-        # of their energy (norms 500-1,000 against ~100) along one direction. Random encoder
-        # directions all overlap with it, so at initialisation each sink token fired ~700 latents
-        # (19 on other tokens) and FVU started at 5.4. Starting the tied encoder and decoder
-        # orthogonal to the sample's top singular directions (the sink direction and the mean,
-        # 2 here) gives sink tokens 0.2 latents, others 33, FVU 0.96 (b_dec = mean); training
-        # turns latents towards those directions where that helps.
-        top_KD = torch.linalg.svd(x_ND, full_matrices=False).Vh[:hp["orthogonal_init"]]
-        W_dec_FD = sae.W_dec - (sae.W_dec @ top_KD.T) @ top_KD
-        sae.W_dec.copy_(W_dec_FD / W_dec_FD.norm(dim=1, keepdim=True))
-        sae.W_enc.copy_(sae.W_dec.T)
-    if sae.architecture == "jumprelu":
-        pre_NF = sae.pre_acts(x_ND)
-        if hp["bandwidth"] == "auto":
-            sae.bandwidth = AUTO_BANDWIDTH * pre_NF.std(0).median().item()
-        if hp["threshold_init"] == "quantile":
-            # Each latent's threshold at the quantile of its pre-activations that makes it fire on
-            # target_l0 / d_sae of the sample: L0 starts at the target and no latent starts dead.
-            q = 1.0 - min(0.5, target_l0 / sae.d_sae)
-            theta_F = torch.quantile(pre_NF.float(), q, dim=0).clamp_min(sae.bandwidth)
-            sae.log_threshold.copy_(theta_F.log())
-    if hp["b_dec_init"] == "mean":
-        sae.b_dec.copy_(x_ND.mean(0))
+    with torch.no_grad():   # in the body, not a decorator: mutmut mutates no decorated function
+        if hp["orthogonal_init"]:
+            # The residual stream has a "massive activation" direction: attention-sink tokens put 99.7%
+            # of their energy (norms 500-1,000 against ~100) along one direction. Random encoder
+            # directions all overlap with it, so at initialisation each sink token fired ~700 latents
+            # (19 on other tokens) and FVU started at 5.4. Starting the tied encoder and decoder
+            # orthogonal to the sample's top singular directions (the sink direction and the mean,
+            # 2 here) gives sink tokens 0.2 latents, others 33, FVU 0.96 (b_dec = mean); training
+            # turns latents towards those directions where that helps.
+            top_KD = torch.linalg.svd(x_ND, full_matrices=False).Vh[:hp["orthogonal_init"]]
+            W_dec_FD = sae.W_dec - (sae.W_dec @ top_KD.T) @ top_KD
+            sae.W_dec.copy_(W_dec_FD / W_dec_FD.norm(dim=1, keepdim=True))
+            sae.W_enc.copy_(sae.W_dec.T)
+        if sae.architecture == "jumprelu":
+            pre_NF = sae.pre_acts(x_ND)
+            if hp["bandwidth"] == "auto":
+                sae.bandwidth = AUTO_BANDWIDTH * pre_NF.std(0).median().item()
+            if hp["threshold_init"] == "quantile":
+                # Each latent's threshold at the quantile of its pre-activations that makes it fire on
+                # target_l0 / d_sae of the sample: L0 starts at the target and no latent starts dead.
+                q = 1.0 - min(0.5, target_l0 / sae.d_sae)
+                theta_F = torch.quantile(pre_NF.float(), q, dim=0).clamp_min(sae.bandwidth)
+                sae.log_threshold.copy_(theta_F.log())
+        if hp["b_dec_init"] == "mean":
+            sae.b_dec.copy_(x_ND.mean(0))
 
 
 def build(arch, d_in, d_sae, hp, target_l0, sample_ND, device, dtype=torch.float32):
