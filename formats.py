@@ -69,7 +69,7 @@ def _jumprelu_sae(W_enc, b_enc, W_dec, b_dec, *, threshold=None, log_threshold=N
     from `log_threshold` as it is."""
     d_in, d_sae = W_enc.shape
     sae = JumpReLUSAE(d_in, d_sae, bandwidth=bandwidth, pre_encoder_bias=pre_encoder_bias, device="meta")
-    log_F = log_threshold.float() if log_threshold is not None else jumprelu.exact_log(threshold)
+    log_F = log_threshold.float() if log_threshold is not None else jumprelu.exact_log(threshold.to(device or "cpu"))
     return _assemble(sae, {"W_enc": W_enc, "b_enc": b_enc, "W_dec": W_dec, "b_dec": b_dec,
                            "log_threshold": log_F}, device)
 

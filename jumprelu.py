@@ -289,7 +289,8 @@ class JumpReLUSAE(nn.Module):
         with torch.no_grad():
             for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
                 getattr(sae, name).copy_(tensors[name])
-            sae.log_threshold.copy_(exact_log(tensors["threshold"]))
+            # on the SAE's own device: CUDA's exp can differ from the CPU's in the last bit
+            sae.log_threshold.copy_(exact_log(tensors["threshold"].to(sae.log_threshold.device)))
         sae.metadata = metadata_of(cfg, sae.config())
         return sae
 
@@ -378,7 +379,7 @@ WEIGHTS_NAME = "sae.safetensors"
 
 
 def exact_log(threshold_F):
-    """float32 log(theta) whose exp() gives theta back exactly, so that save/load is exact.
+    """float32 log(theta) whose exp() on the same device gives theta back exactly: save/load is exact.
 
     A log computed in float64 and rounded misses by one float32 step for about 1 in 10^4
     thresholds; a few nudges to the neighbouring floats find the exact one where it exists.

