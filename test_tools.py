@@ -1,4 +1,5 @@
-"""Tests for tools/gpu_check.py: its dry run takes every step on the CPU, and it names what a GPU run lacks."""
+"""Tests for tools/: gpu_check.py's dry run takes every step on the CPU, and it names what a GPU run lacks;
+mutation.py reads mutmut's diffs."""
 
 import subprocess
 import sys
@@ -31,3 +32,16 @@ def test_gpu_check_without_a_gpu_says_what_is_missing(tmp_path):
     assert run.returncode != 0 and not (tmp_path / "check.md").exists()
     assert "lacks a CUDA device that torch sees (or pass --dry-run)" in run.stderr
     assert len(run.stderr.strip().splitlines()) == 1
+
+
+def test_mutation_tool_reads_a_mutants_function_and_edit_from_mutmuts_diff():
+    """tools/mutation.py --gpu-out: the function a mutant's key names, and the (old, new) text of its
+    diff, which --gpu-run applies to a copy of the tree."""
+    sys.path.insert(0, str(HERE / "tools"))
+    import mutation
+    assert mutation.function_of("train.x_build__mutmut_37") == "build"
+    assert mutation.function_of("train.xǁLogǁheldout__mutmut_3") == "Log.heldout"
+    diff = ("# train.x_next_batch__mutmut_2: survived\n--- train.py\n+++ train.py\n@@ -1,3 +1,3 @@\n"
+            " def f(stream):\n-    return next(stream).to(device)\n+    return next(stream).to(None)\n     # end\n")
+    assert mutation.edits(diff) == [("def f(stream):\n    return next(stream).to(device)\n    # end\n",
+                                      "def f(stream):\n    return next(stream).to(None)\n    # end\n")]

@@ -231,7 +231,7 @@ def results(path, out, diffs=True):
         if (work / extra).exists():
             codes.update(json.loads((work / extra).read_text()))
     status = {k: status_by_exit_code[v] for k, v in codes.items()}
-    return status, {k: show(work, k) for k, s in status.items() if s != "killed" and diffs}
+    return status, {k: show(work, k) for k, s in status.items() if s not in ("killed", "not checked") and diffs}
 
 
 def show(work, key):
