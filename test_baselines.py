@@ -527,6 +527,22 @@ def test_batchtopk_threshold_update():
     assert not sae.loss(x1)["f"].any() and torch.equal(sae.threshold, before)
 
 
+@pytest.mark.parametrize("before, want", [(-1.0, 0.3), (0.0, 0.01 * 0.3), (0.5, 0.99 * 0.5 + 0.01 * 0.3),
+                                          (2.0, 0.99 * 2.0 + 0.01 * 0.3)])
+def test_batchtopk_threshold_update_by_hand(before, want):
+    """-1 (not estimated) takes the smallest kept activation; any threshold of 0 or more, below 1 too,
+    moves 1% of the way to it. A bf16 batch (autocast) updates the float32 threshold in float32."""
+    sae = BatchTopKSAE(4, 4, k=2)
+    for dtype in (torch.float32, torch.bfloat16):
+        sae.threshold.fill_(before)
+        sae.update_threshold_(torch.tensor([[0.0, 0.3, 0.7, 0.0], [0.9, 0.0, 0.0, 0.4]], dtype=dtype))
+        kept = torch.tensor(0.3, dtype=dtype).float()           # bf16's 0.3 is 0.30078125
+        t = torch.tensor(before)
+        assert sae.threshold.dtype == torch.float32
+        assert torch.equal(sae.threshold, kept if before < 0 else 0.99 * t + 0.01 * kept), (dtype, before)
+        assert sae.threshold.item() == pytest.approx(want, rel=3e-3)
+
+
 def test_batchtopk_threshold_calibrated_from_the_trained_weights():
     """Bussmann et al.: the threshold is the mean over batches of the smallest positive activation
     that the training forward (k * B largest of the batch) keeps; the running estimate is replaced."""
