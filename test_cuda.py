@@ -105,3 +105,20 @@ def test_matmul_ceiling_times_the_gpus_work_not_its_launch():
     end.synchronize()
     measured = 2 * n**3 / (start.elapsed_time(end) / 1e3)
     assert 0.7 < ceiling / measured < 1.4, (ceiling, measured)
+
+
+def test_train_compiles_jumprelus_loss_on_cuda_by_default_and_stays_on_the_cpu_when_told(tiny_acts, tmp_path,
+                                                                                        monkeypatch):
+    """On a GPU machine: JumpReLU's loss compiled by default (TopK's AuxK is not: it recompiles every
+    step), and device="cpu" trains on the CPU, not on the GPU that torch would pick by default."""
+    compiled, devices, real, pre_acts = [], set(), train.loss_functions, JumpReLUSAE.pre_acts
+    monkeypatch.setattr(train, "loss_functions", lambda sae, hp, target_l0, world, compile_loss:
+                        compiled.append((sae.architecture, compile_loss)) or real(sae, hp, target_l0, world, compile_loss))
+    monkeypatch.setattr(JumpReLUSAE, "pre_acts", lambda self, x: devices.add(x.device.type) or pre_acts(self, x))
+    for arch, device in (("jumprelu", "cuda"), ("topk", "cuda"), ("jumprelu", "cpu")):
+        train.train(tiny_acts, tmp_path / f"{arch}_{device}", arch=arch, d_sae=64, steps=2, target_l0=4, batch_size=128,
+                    checkpoint_every=2, quiet=True, device=device)
+        if device == "cpu":
+            assert devices == {"cpu"}
+        devices.clear()
+    assert compiled == [("jumprelu", True), ("topk", False), ("jumprelu", False)]

@@ -947,3 +947,41 @@ def test_global_mean_in_one_process_is_the_mean_with_its_gradient():
     mean = train.global_mean(l0_B, world=1)
     mean.backward()
     assert mean.item() == 3.0 and torch.equal(l0_B.grad, torch.full((3,), 1 / 3))
+
+
+@pytest.mark.parametrize("settings, refusal", [
+    (dict(target_l0=8, d_sae=7), "--d-sae 7 is fewer latents than an L0 of 8 needs"),
+    (dict(recipe="paper"), "--recipe paper fixes lambda"),
+    (dict(sparsity="tanh", path="sparse"), "--sparsity tanh trains on the dense path")])
+def test_train_itself_refuses_what_check_settings_refuses_before_writing(tiny_acts, tmp_path, settings, refusal):
+    """train() hands check_settings its width, recipe and sparsity (the test above calls check_settings alone)."""
+    with pytest.raises(ValueError) as info:
+        _train(tiny_acts, tmp_path / "run", **settings)
+    assert refusal in str(info.value) and not (tmp_path / "run").exists()
+
+
+def test_d_sae_defaults_to_eight_times_d_in(tiny_acts, tmp_path):
+    _train(tiny_acts, tmp_path / "run", d_sae=None, steps=2, checkpoint_every=2)
+    assert JumpReLUSAE.load(tmp_path / "run").d_sae == 8 * acts.read_manifest(tiny_acts)["d_in"] == 256
+
+
+def test_the_command_lines_defaults_are_trains_own(tiny_acts, monkeypatch):
+    """python train.py with only the data, the output and a sparsity runs what train() runs when told
+    no more: one set of defaults."""
+    own = inspect.signature(train.train).parameters
+    calls = []
+    monkeypatch.setattr(train, "train", lambda acts_dir, out, **kw: calls.append(kw) or dict.fromkeys(
+        ("heldout_l0", "heldout_fvu", "dead_fraction"), 0.0))
+    train.main(["--acts", str(tiny_acts), "--out", "run", "--target-l0", "4"])
+    (kw,) = calls
+    shared = {"arch", "d_sae", "steps", "recipe", "seed", "log_every", "checkpoint_every", "resume", "device", "path",
+              "compile_loss", "dtype"}
+    assert {k: kw[k] for k in shared} == {k: own[k].default for k in shared}
+
+
+def test_autocast_asked_for_on_a_cpu_runs_the_training_under_it(tiny_acts, tmp_path, monkeypatch):
+    seen, pre_acts = [], JumpReLUSAE.pre_acts
+    monkeypatch.setattr(JumpReLUSAE, "pre_acts", lambda self, x: seen.append(torch.is_autocast_enabled("cpu")) or
+                        pre_acts(self, x))
+    _train(tiny_acts, tmp_path / "run", steps=2, checkpoint_every=2, autocast=True, path="dense")
+    assert seen.count(True) >= 2                     # the two steps' losses (and the held-out batches)

@@ -44,14 +44,14 @@ TESTS = {  # the test files that hold each product file
 # so a mutant there that no in-process test kills is run here against it, named in the script's own
 # module, __main__, so that the test's one-process reference runs the original.
 BY_SUBPROCESS = {"train.py": (["broadcast_", "average_gradients_", "all_mean", "loss_functions", "train_step",
-                               "checkpoint"],
+                               "checkpoint", "train"],
                               "test_distributed.py::test_two_ranks_match_one_process_to_float64_rounding")}
 # Functions with code that only a GPU runs differently (a device, CUDA autocast's dtype, a
 # synchronize): their mutants not killed here go with --gpu-out to a GPU machine, where --gpu-run
 # runs each against the tests that run on CUDA (-k cuda: test_cuda.py and the "cuda" parameters).
 GPU = {"jumprelu.py": ["_KeptPre.backward"], "export.py": ["session"],
        "evaluate.py": ["evaluate", "activation_metrics", "lm_metrics", "top_contexts"],
-       "train.py": ["build", "next_batch", "train_step", "Log.heldout", "matmul_ceiling"]}
+       "train.py": ["build", "next_batch", "train_step", "Log.heldout", "matmul_ceiling", "train"]}
 SERIAL = ["matmul_ceiling"]     # timed: their tests run alone on the GPU, after the rest
 NOT_MUTATED = [r"^\s*raise \w+\(", r"^\s*print\(", r"^\s*sys\.exit\(", r"^\s*p\.error\(",
                r"^\s*\w+\.add_argument\(", r"^\s*help="]
