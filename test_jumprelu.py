@@ -796,6 +796,31 @@ def test_decoder_projection_and_renormalisation():
     torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(10, dtype=torch.float64))
 
 
+def test_decoder_projection_holds_for_rows_of_any_norm():
+    """g -= (g.W / W.W) W row by row: training keeps the rows at unit norm, where dividing by W.W and
+    multiplying by it agree; the projection is right for rows of other norms too, and leaves W as it is."""
+    torch.manual_seed(2)
+    sae = JumpReLUSAE(6, 10, dtype=torch.float64)
+    W = torch.randn(10, 6, dtype=torch.float64) * (3 * torch.rand(10, 1, dtype=torch.float64) + 0.2)
+    with torch.no_grad():
+        sae.W_dec.copy_(W)
+    sae.W_dec.grad = g = torch.randn(10, 6, dtype=torch.float64)
+    want = g - (g * W).sum(1, keepdim=True) / (W * W).sum(1, keepdim=True) * W
+    sae.remove_parallel_decoder_grad_()
+    torch.testing.assert_close(sae.W_dec.grad, want, rtol=1e-12, atol=1e-12)
+    assert torch.equal(sae.W_dec.detach(), W)
+
+
+def test_folded_scales_multiply_and_a_scale_that_is_not_positive_and_finite_is_refused():
+    sae = _random_sae(0)
+    W_enc = sae.W_enc.detach().clone()
+    assert sae.fold_input_scale_(2.0).fold_input_scale_(3.0) is sae and sae.metadata["input_scale"] == 6.0
+    for bad in (0.0, -1.0, math.inf, math.nan):
+        with pytest.raises(ValueError, match="must be a positive finite number"):
+            sae.fold_input_scale_(bad)
+    assert sae.metadata["input_scale"] == 6.0 and torch.equal(sae.W_enc.detach(), W_enc * 6.0)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("model_dtype", [torch.float32, torch.bfloat16])
 def test_bf16_autocast_keeps_thresholds_and_their_update_float32(device, model_dtype):

@@ -36,7 +36,7 @@ def test_gpu_check_without_a_gpu_says_what_is_missing(tmp_path):
 
 def test_mutation_tool_reads_a_mutants_function_and_edit_from_mutmuts_diff():
     """tools/mutation.py --gpu-out: the function a mutant's key names, and the (old, new) text of its
-    diff, which --gpu-run applies to a copy of the tree."""
+    diff, applied as --gpu-run applies it to a copy of the tree."""
     sys.path.insert(0, str(HERE / "tools"))
     import mutation
     assert mutation.function_of("train.x_build__mutmut_37") == "build"
@@ -45,3 +45,11 @@ def test_mutation_tool_reads_a_mutants_function_and_edit_from_mutmuts_diff():
             " def f(stream):\n-    return next(stream).to(device)\n+    return next(stream).to(None)\n     # end\n")
     assert mutation.edits(diff) == [("def f(stream):\n    return next(stream).to(device)\n    # end\n",
                                       "def f(stream):\n    return next(stream).to(None)\n    # end\n")]
+
+    method = ('class A:\n    def f(self, x):\n        """Doc,\n        two lines."""\n        y = x + 1\n'
+              '        return y\n')
+    shown = ("@@ -1,5 +1,5 @@\n def f(self, x):\n     \"\"\"Doc,\n         two lines.\"\"\"\n-    y = x + 1\n+    y = x - 1\n"
+             "     return y\n")          # mutmut's view of a method: its code dedented, its docstring as it is
+    assert mutation.apply("k", method, mutation.edits(shown)) == method.replace("x + 1", "x - 1")
+    with pytest.raises(AssertionError, match="k: the edit does not apply"):
+        mutation.apply("k", method.replace("x + 1", "x + 2"), mutation.edits(shown))

@@ -154,6 +154,24 @@ def edits(diff):
     return out
 
 
+def apply(key, source, hunks):
+    """`source` with each (old, new) hunk applied. mutmut shows a method's code dedented to
+    the top level but a docstring as it is, so a hunk is tried whole, then without the lines that
+    old and new share at either end, each as it is and indented once."""
+    for old, new in hunks:
+        a, b = old.splitlines(keepends=True), new.splitlines(keepends=True)
+        while a and b and a[0] == b[0]:
+            a, b = a[1:], b[1:]
+        while a and b and a[-1] == b[-1]:
+            a, b = a[:-1], b[:-1]
+        tries = [(textwrap.indent(o, pad), textwrap.indent(n, pad)) for o, n in ((old, new), ("".join(a), "".join(b)))
+                 for pad in ("", "    ")]
+        found = next(((o, n) for o, n in tries if o and source.count(o) == 1), None)
+        assert found, f"{key}: the edit does not apply"
+        source = source.replace(*found)
+    return source
+
+
 def gpu_out(out, dest):
     """The GPU functions' mutants not killed so far, as {file, key, edits}, for --gpu-run."""
     todo = []
@@ -179,15 +197,7 @@ def gpu_run(todo_file, out, workers=8):
         tree = Path(tempfile.gettempdir()) / "gpu_mutants" / name
         shutil.copytree(ROOT, tree, ignore=ignore, dirs_exist_ok=True)
         if mutate:
-            source = (tree / item["file"]).read_text()
-            for old, new in item["edits"]:
-                for pad in ("", "    "):                 # mutmut shows a method dedented to the top level
-                    old_, new_ = textwrap.indent(old, pad), textwrap.indent(new, pad)
-                    if source.count(old_) == 1:
-                        break
-                assert source.count(old_) == 1, f"{item['key']}: the edit does not apply"
-                source = source.replace(old_, new_)
-            (tree / item["file"]).write_text(source)
+            (tree / item["file"]).write_text(apply(item["key"], (tree / item["file"]).read_text(), item["edits"]))
         cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-k", "cuda",
                *TESTS[item["file"]], "test_cuda.py"]
         try:
