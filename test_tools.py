@@ -53,3 +53,16 @@ def test_mutation_tool_reads_a_mutants_function_and_edit_from_mutmuts_diff():
     assert mutation.apply("k", method, mutation.edits(shown)) == method.replace("x + 1", "x - 1")
     with pytest.raises(AssertionError, match="k: the edit does not apply"):
         mutation.apply("k", method.replace("x + 1", "x + 2"), mutation.edits(shown))
+
+
+def test_gpu_check_names_the_failed_tests_of_a_suite_it_stops(tmp_path, monkeypatch):
+    """A suite stopped at gpu_check's limit still says what passed and which tests failed so far."""
+    sys.path.insert(0, str(HERE / "tools"))
+    import gpu_check
+    (tmp_path / "test_t.py").write_text("import time\n\ndef test_fails():\n    assert False\n\n"
+                                        "def test_passes():\n    pass\n\ndef test_hangs():\n    time.sleep(60)\n")
+    monkeypatch.setattr(gpu_check, "DRY_TESTS", [str(tmp_path / "test_t.py")])
+    monkeypatch.setattr(gpu_check, "SUITE_S", 6)
+    ok, detail = gpu_check.run_suite(dry=True)
+    assert not ok and detail.startswith("stopped after 6 s: 1 passed, 1 failed so far; ")
+    assert detail.endswith("/test_t.py::test_fails") and "test_passes" not in detail and "test_hangs" not in detail

@@ -23,7 +23,9 @@ A GPU machine without network needs on disk (checked first; what is missing is n
 import argparse
 import importlib.util
 import json
+import os
 import re
+import signal
 import subprocess
 import sys
 import tempfile
@@ -72,11 +74,11 @@ def run_suite(dry):
         args += ["--timeout", "120"]
     with tempfile.TemporaryFile("w+") as log:
         run = subprocess.Popen([sys.executable, "-m", "pytest", "-v", "-p", "no:cacheprovider", *args], cwd=ROOT,
-                               stdout=log, stderr=subprocess.STDOUT, text=True)
+                               stdout=log, stderr=subprocess.STDOUT, text=True, start_new_session=True)
         try:
             code, stopped = run.wait(timeout=SUITE_S), ""
         except subprocess.TimeoutExpired:
-            run.kill()
+            os.killpg(run.pid, signal.SIGKILL)              # xdist's workers too
             code, stopped = run.wait(), f"stopped after {SUITE_S} s: "
         log.seek(0)
         lines = log.read().splitlines()

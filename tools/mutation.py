@@ -2,6 +2,8 @@
 
     make mutation                      # every file below; or:
     .venv/bin/python tools/mutation.py jumprelu.py baselines.py
+    .venv/bin/python tools/mutation.py --gpu-out gpu.json        # then, on a GPU machine:
+    python tools/mutation.py --gpu-run gpu.json --out DIR         # and copy DIR/*/by_gpu.json into runs/mutation/
 
 A dev profile, not part of CI (several hours on two cores; docs/mutation.md has the times).
 Each file is mutated in its own copy of the tracked tree under runs/mutation/<file>/, so mutmut's
