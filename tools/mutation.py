@@ -239,9 +239,10 @@ def results(path, out, diffs=True):
     work = out / Path(path).stem
     meta = json.loads((work / "mutants" / f"{path}.meta").read_text())
     codes = dict(meta["exit_code_by_key"])
-    for extra in ("by_subprocess.json", "by_gpu.json"):        # run_by_subprocess's, gpu_run's
+    for extra in ("by_subprocess.json", "by_gpu.json"):        # run_by_subprocess's, gpu_run's: a kill counts
         if (work / extra).exists():
-            codes.update(json.loads((work / extra).read_text()))
+            codes.update({k: c for k, c in json.loads((work / extra).read_text()).items()
+                          if status_by_exit_code[codes.get(k)] != "killed"})
     status = {k: status_by_exit_code[v] for k, v in codes.items()}
     return status, {k: show(work, k) for k, s in status.items() if s not in ("killed", "not checked") and diffs}
 
