@@ -896,6 +896,27 @@ def test_init_from_data_keeps_each_of_its_promises():
         assert sae.bandwidth == pytest.approx(0.3 * pre_NF.std(0).median().item())
         fires_NF = pre_NF > sae.threshold
     assert fires_NF.float().sum(1).mean().item() == pytest.approx(6, abs=0.1) and fires_NF.any(0).all()
+    assert (fires_NF.sum(0) - 2000 * 6 / 128).abs().max() <= 2              # each latent its own quantile
+    sae = JumpReLUSAE(32, 128)                  # K > d_sae / 2: each latent's median, no lower (b_enc lifts the
+    with torch.no_grad():                       # medians above the bandwidth, the thresholds' floor)
+        sae.b_enc.fill_(10.0)
+        train.init_from_data(sae, x_ND, 100, train.SMALL)
+        assert ((sae.pre_acts(x_ND) > sae.threshold).sum(0) - 1000).abs().max() <= 2
+
+
+def test_processes_picks_cuda_where_there_is_one_and_under_torchrun_each_ranks_own_gpu(monkeypatch):
+    """As on a GPU machine (torch.cuda faked): one process takes "cuda"; a torchrun rank takes the GPU of
+    its LOCAL_RANK and makes it the current one; a device asked for is kept."""
+    current = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", current.append)
+    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    assert train.processes(None) == train.processes("cuda") == (0, 0, 1, "cuda") and current == []
+    assert train.processes("cpu") == (0, 0, 1, "cpu")
+    monkeypatch.setenv("RANK", "1"), monkeypatch.setenv("LOCAL_RANK", "1"), monkeypatch.setenv("WORLD_SIZE", "2")
+    assert train.processes(None) == (1, 1, 2, "cuda:1") and current == ["cuda:1"]
+    assert train.processes("cpu") == (1, 1, 2, "cpu") and current == ["cuda:1"]
 
 
 def test_build_starts_from_the_recipes_bandwidth_and_thresholds():
