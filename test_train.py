@@ -1006,3 +1006,11 @@ def test_autocast_asked_for_on_a_cpu_runs_the_training_under_it(tiny_acts, tmp_p
                         pre_acts(self, x))
     _train(tiny_acts, tmp_path / "run", steps=2, checkpoint_every=2, autocast=True, path="dense")
     assert seen.count(True) >= 2                     # the two steps' losses (and the held-out batches)
+
+
+def test_the_logged_lr_follows_the_small_recipes_warmup_and_decay(tiny_acts, tmp_path):
+    """Each step's lr, as log.jsonl records it, is lr_at's with the recipe's decay over the last fifth."""
+    _train(tiny_acts, tmp_path / "run", steps=10, log_every=1, checkpoint_every=10, lr_warmup_steps=1)
+    logged = [json.loads(line)["lr"] for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert logged == [train.lr_at(s, 10, train.SMALL["lr"], 1, train.SMALL["lr_decay_fraction"]) for s in range(10)]
+    assert logged[-1] < logged[-2]                                         # the decay is there to see
