@@ -1002,10 +1002,19 @@ def test_the_command_lines_defaults_are_trains_own(tiny_acts, monkeypatch):
 
 def test_autocast_asked_for_on_a_cpu_runs_the_training_under_it(tiny_acts, tmp_path, monkeypatch):
     seen, pre_acts = [], JumpReLUSAE.pre_acts
-    monkeypatch.setattr(JumpReLUSAE, "pre_acts", lambda self, x: seen.append(torch.is_autocast_enabled("cpu")) or
-                        pre_acts(self, x))
+    monkeypatch.setattr(JumpReLUSAE, "pre_acts", lambda self, x: seen.append(
+        (torch.is_grad_enabled(), torch.is_autocast_enabled("cpu"))) or pre_acts(self, x))
     _train(tiny_acts, tmp_path / "run", steps=2, checkpoint_every=2, autocast=True, path="dense")
-    assert seen.count(True) >= 2                     # the two steps' losses (and the held-out batches)
+    assert [autocast for grad, autocast in seen if grad] == [True, True]     # the two steps' losses
+    assert (False, True) in seen                                              # and the held-out batch
+
+
+def test_train_streams_its_batches_with_the_buffer_asked_for_or_acts_own_default(tiny_acts, tmp_path, monkeypatch):
+    asked, batches = [], acts.batches
+    monkeypatch.setattr(acts, "batches", lambda *a, **kw: asked.append(kw["buffer_rows"]) or batches(*a, **kw))
+    _train(tiny_acts, tmp_path / "default", steps=2, checkpoint_every=2)
+    _train(tiny_acts, tmp_path / "asked", steps=2, checkpoint_every=2, buffer_rows=4096)
+    assert asked == [inspect.signature(batches).parameters["buffer_rows"].default, 4096]
 
 
 def test_the_logged_lr_follows_the_small_recipes_warmup_and_decay(tiny_acts, tmp_path):
@@ -1014,3 +1023,14 @@ def test_the_logged_lr_follows_the_small_recipes_warmup_and_decay(tiny_acts, tmp
     logged = [json.loads(line)["lr"] for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     assert logged == [train.lr_at(s, 10, train.SMALL["lr"], 1, train.SMALL["lr_decay_fraction"]) for s in range(10)]
     assert logged[-1] < logged[-2]                                         # the decay is there to see
+
+
+@pytest.mark.parametrize("settings", [dict(sparsity="tanh"), dict(arch="topk")])
+def test_auto_takes_the_sparse_path_only_for_jumprelus_own_sparsities(tiny_acts, tmp_path, settings):
+    """At L0 4 of 512 latents "auto" would pick the sparse path, which is JumpReLU's with its L0 or target
+    sparsities; tanh's pre-activation term and the baselines train on the dense path."""
+    _train(tiny_acts, tmp_path / "run", d_sae=512, steps=3, log_every=1, checkpoint_every=3, **settings)
+    paths = [json.loads(line)["path"] for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert paths == ["dense"] * 3
+    _train(tiny_acts, tmp_path / "jumprelu", d_sae=512, steps=3, log_every=1, checkpoint_every=3)
+    assert json.loads((tmp_path / "jumprelu" / "log.jsonl").read_text().splitlines()[-1])["path"] == "sparse"
