@@ -4,6 +4,7 @@ import inspect
 import itertools
 import json
 import math
+import shutil
 import types
 
 import numpy as np
@@ -1034,3 +1035,17 @@ def test_auto_takes_the_sparse_path_only_for_jumprelus_own_sparsities(tiny_acts,
     assert paths == ["dense"] * 3
     _train(tiny_acts, tmp_path / "jumprelu", d_sae=512, steps=3, log_every=1, checkpoint_every=3)
     assert json.loads((tmp_path / "jumprelu" / "log.jsonl").read_text().splitlines()[-1])["path"] == "sparse"
+
+
+def test_the_saved_sae_names_its_model_and_gguf_file_and_topk_has_no_lambda(tiny_acts, tmp_path):
+    """config.json's provenance comes from the manifest, the GGUF file's name included; TopK's sparsity is
+    its k, so it records no l0_coefficient."""
+    folder = tmp_path / "acts"
+    shutil.copytree(tiny_acts, folder)
+    acts.write_manifest(folder, {**acts.read_manifest(folder), "gguf_file": "model-q8.gguf"})
+    _train(folder, tmp_path / "jumprelu", steps=2, checkpoint_every=2)
+    _train(folder, tmp_path / "topk", arch="topk", steps=2, checkpoint_every=2, l0_coefficient=1e-3)   # unused
+    jumprelu, topk = (json.loads((tmp_path / f / "config.json").read_text()) for f in ("jumprelu", "topk"))
+    assert jumprelu["gguf_file"] == topk["gguf_file"] == "model-q8.gguf"
+    assert jumprelu["model"] == acts.read_manifest(tiny_acts)["model"]
+    assert topk["l0_coefficient"] is None and jumprelu["l0_coefficient"] > 0
