@@ -42,12 +42,14 @@ TESTS = {  # the test files that hold each product file
     "export.py": ["test_export.py", "test_reliability.py"],
     "acts.py": ["test_acts.py", "test_reliability.py", "test_harvest.py"],
 }
-# Functions with code that only a subprocess runs (torchrun's ranks): mutmut cannot trace that test,
-# so a mutant there that no in-process test kills is run here against it, named in the script's own
-# module, __main__, so that the test's one-process reference runs the original.
+# Functions with code that only a subprocess runs (torchrun's ranks): mutmut cannot trace those tests,
+# so a mutant there that no in-process test kills is run here against them (a JumpReLU and a TopK
+# run on two ranks), named in the script's own module, __main__, so that the tests' one-process
+# references run the original.
 BY_SUBPROCESS = {"train.py": (["broadcast_", "average_gradients_", "all_mean", "loss_functions", "train_step",
                                "checkpoint", "train"],
-                              "test_distributed.py::test_two_ranks_match_one_process_to_float64_rounding")}
+                              ["test_distributed.py::test_two_ranks_match_one_process_to_float64_rounding",
+                               "test_distributed.py::test_two_ranks_train_what_one_process_trains[topk-None]"])}
 # Functions with code that only a GPU runs differently (a device, CUDA autocast's dtype, a
 # synchronize): their mutants not killed here go with --gpu-out to a GPU machine, where --gpu-run
 # runs each against the tests that run on CUDA (-k cuda: test_cuda.py and the "cuda" parameters).
@@ -115,15 +117,15 @@ def run_file(path, out, max_children, recheck=False):
 
 def run_by_subprocess(path, out, env):
     """Each mutant of BY_SUBPROCESS's functions that no test has killed yet, against the subprocess
-    test; the exit codes go to by_subprocess.json, which results() lays over mutmut's."""
-    functions, test = BY_SUBPROCESS[path]
+    tests; the exit codes go to by_subprocess.json, which results() lays over mutmut's."""
+    functions, tests = BY_SUBPROCESS[path]
     work = out / Path(path).stem
     done_file = work / "by_subprocess.json"
     done = json.loads(done_file.read_text()) if done_file.exists() else {}
     todo = [k for k, s in results(path, out, diffs=False)[0].items()
             if s not in ("killed", "not checked") and k.split("__mutmut_")[0].split(".x_")[-1] in functions]
     for i, key in enumerate(todo):
-        run = subprocess.Popen([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", test],
+        run = subprocess.Popen([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests],
                                cwd=work / "mutants", env=dict(env, MUTANT_UNDER_TEST="__main__." + key.split(".", 1)[1]),
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         try:
