@@ -4,7 +4,6 @@ import inspect
 import itertools
 import json
 import math
-import shutil
 import types
 
 import numpy as np
@@ -16,6 +15,7 @@ import formats
 import train
 from baselines import BatchTopKSAE, TopKSAE
 from jumprelu import JumpReLUSAE
+from test_evaluate import _acts_copy
 
 
 def test_paper_recipe_is_spec_section_3():
@@ -987,20 +987,6 @@ def test_d_sae_defaults_to_eight_times_d_in(tiny_acts, tmp_path):
     assert JumpReLUSAE.load(tmp_path / "run").d_sae == 8 * acts.read_manifest(tiny_acts)["d_in"] == 256
 
 
-def test_the_command_lines_defaults_are_trains_own(tiny_acts, monkeypatch):
-    """python train.py with only the data, the output and a sparsity runs what train() runs when told
-    no more: one set of defaults."""
-    own = inspect.signature(train.train).parameters
-    calls = []
-    monkeypatch.setattr(train, "train", lambda acts_dir, out, **kw: calls.append(kw) or dict.fromkeys(
-        ("heldout_l0", "heldout_fvu", "dead_fraction"), 0.0))
-    train.main(["--acts", str(tiny_acts), "--out", "run", "--target-l0", "4"])
-    (kw,) = calls
-    shared = {"arch", "d_sae", "steps", "recipe", "seed", "log_every", "checkpoint_every", "resume", "device", "path",
-              "compile_loss", "dtype"}
-    assert {k: kw[k] for k in shared} == {k: own[k].default for k in shared}
-
-
 def test_autocast_asked_for_on_a_cpu_runs_the_training_under_it(tiny_acts, tmp_path, monkeypatch):
     seen, pre_acts = [], JumpReLUSAE.pre_acts
     monkeypatch.setattr(JumpReLUSAE, "pre_acts", lambda self, x: seen.append(
@@ -1040,9 +1026,7 @@ def test_auto_takes_the_sparse_path_only_for_jumprelus_own_sparsities(tiny_acts,
 def test_the_saved_sae_names_its_model_and_gguf_file_and_topk_has_no_lambda(tiny_acts, tmp_path):
     """config.json's provenance comes from the manifest, the GGUF file's name included; TopK's sparsity is
     its k, so it records no l0_coefficient."""
-    folder = tmp_path / "acts"
-    shutil.copytree(tiny_acts, folder)
-    acts.write_manifest(folder, {**acts.read_manifest(folder), "gguf_file": "model-q8.gguf"})
+    folder = _acts_copy(tiny_acts, tmp_path / "acts", gguf_file="model-q8.gguf")
     _train(folder, tmp_path / "jumprelu", steps=2, checkpoint_every=2)
     _train(folder, tmp_path / "topk", arch="topk", steps=2, checkpoint_every=2, l0_coefficient=1e-3)   # unused
     jumprelu, topk = (json.loads((tmp_path / f / "config.json").read_text()) for f in ("jumprelu", "topk"))

@@ -8,8 +8,9 @@
 A dev profile, not part of CI (several hours on two cores; docs/mutation.md has the times).
 Each file is mutated in its own copy of the tracked tree under runs/mutation/<file>/, so mutmut's
 cache of one file never meets another's. mutmut records which tests call each function and runs
-only those, fastest first, stopping at the first failure; the selections below also leave out the tests that take seconds
-each and only repeat what a faster test checks (bench, the real SmolLM2, torchrun, SIGKILL).
+only those, fastest first, stopping at the first failure; the selections below also leave out the
+tests that take seconds each and only repeat what a faster test checks (bench, the real SmolLM2,
+torchrun, SIGKILL).
 Lines that only raise, print or exit with a message are not mutated: a changed word in a message
 is not a changed behaviour. Nor are the scripts' argument declarations (add_argument): test_cli.py
 fuzzes every command line, but in subprocesses, where mutmut cannot see which test ran what.
@@ -123,7 +124,7 @@ def run_by_subprocess(path, out, env):
     done_file = work / "by_subprocess.json"
     done = json.loads(done_file.read_text()) if done_file.exists() else {}
     todo = [k for k, s in results(path, out, diffs=False)[0].items()
-            if s not in ("killed", "not checked") and k.split("__mutmut_")[0].split(".x_")[-1] in functions]
+            if s not in ("killed", "not checked") and function_of(k) in functions]
     for i, key in enumerate(todo):
         run = subprocess.Popen([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests],
                                cwd=work / "mutants", env=dict(env, MUTANT_UNDER_TEST="__main__." + key.split(".", 1)[1]),
