@@ -920,6 +920,21 @@ def test_processes_picks_cuda_where_there_is_one_and_under_torchrun_each_ranks_o
     assert train.processes("cpu") == (1, 1, 2, "cpu") and current == ["cuda:1"]
 
 
+
+@pytest.mark.parametrize("arch, sae_class", [("jumprelu", JumpReLUSAE), ("batchtopk", BatchTopKSAE)])
+def test_train_keeps_to_the_device_and_dtype_it_is_given(tiny_acts, tmp_path, monkeypatch, arch, sae_class):
+    """device="cpu" and float64 hold on a GPU machine (torch.cuda faked) whose default device is another
+    one (meta: a tensor made without a device would have no data): every batch the SAE sees, the
+    training, held-out and BatchTopK's calibration batches, is on the CPU in float64, and the SAE is saved."""
+    seen, pre_acts = set(), sae_class.pre_acts
+    monkeypatch.setattr(sae_class, "pre_acts", lambda self, x_BD: seen.add((x_BD.device.type, x_BD.dtype)) or
+                        pre_acts(self, x_BD))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    with torch.device("meta"):
+        record = _train(tiny_acts, tmp_path / arch, arch=arch, dtype=torch.float64)
+    assert seen == {("cpu", torch.float64)}
+    assert math.isfinite(record["heldout_fvu"]) and formats.load_sae(tmp_path / arch).W_dec.isfinite().all()
+
 def test_build_starts_from_the_recipes_bandwidth_and_thresholds():
     """Without the small recipe's data-driven start ("auto", "quantile"), a JumpReLU starts at the recipe's own
     bandwidth and threshold, whatever they are; TopK's k is the target L0."""

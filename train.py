@@ -696,7 +696,7 @@ def save_sae(out, sae, scale, metadata):
     provenance in config.json."""
     k = {"k": sae.k} if hasattr(sae, "k") else {}
     bandwidth = {"bandwidth": sae.bandwidth} if sae.architecture == "jumprelu" else {}
-    final = make_sae(sae.architecture, sae.d_in, sae.d_sae, **k, **bandwidth)
+    final = make_sae(sae.architecture, sae.d_in, sae.d_sae, **k, **bandwidth, device="cpu")
     final.load_state_dict(sae.state_dict())
     final.metadata = metadata
     final.fold_input_scale_(scale)
