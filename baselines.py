@@ -213,11 +213,17 @@ def batch_topk_relu(pre_BF, k):
     return torch.zeros_like(pre_N).scatter(0, indices, values.relu()).reshape(pre_BF.shape)
 
 
-def auxk(sae, x_BD, x_hat_BD, pre_BF, dead_F):
+def rows_mean(t_N):
+    """The mean over the rows (dim 0); train.py's global_mean takes it over every torchrun rank's rows."""
+    return t_N.mean(0)
+
+
+def auxk(sae, x_BD, x_hat_BD, pre_BF, dead_F, batch_mean=rows_mean):
     """AuxK (Gao et al., 2024), normalised as in their code: ||e - e_hat||^2 / ||e - mean(e)||^2,
-    each summed over the batch, where e = x - x_hat.detach() and e_hat = f_aux @ W_dec (no bias)
-    from the k_aux = min(d_in // 2, #dead) largest pre-activations (ReLU'd) among the dead latents
-    of each row. 0 when no latent is dead, or when the residual has no variance to normalise by."""
+    each averaged over the batch's rows by `batch_mean`, where e = x - x_hat.detach() and e_hat =
+    f_aux @ W_dec (no bias) from the k_aux = min(d_in // 2, #dead) largest pre-activations (ReLU'd)
+    among the dead latents of each row. 0 when no latent is dead, or when the residual has no
+    variance to normalise by."""
     zero = pre_BF.new_zeros(())
     if dead_F is None:
         return zero
@@ -228,19 +234,20 @@ def auxk(sae, x_BD, x_hat_BD, pre_BF, dead_F):
     if k_aux == 0:
         return zero
     f_aux_BF = topk_relu(torch.where(dead_F, pre_BF, -math.inf), k_aux)
-    e_BD = (x_BD - x_hat_BD.detach()).flatten(0, -2)
-    e_variance = (e_BD - e_BD.mean(0)).pow(2).sum()
+    e_ND = (x_BD - x_hat_BD.detach()).flatten(0, -2)
+    e_variance = batch_mean((e_ND - batch_mean(e_ND)).pow(2).sum(-1))
     if not e_variance > 0:                  # one row, or a residual the same on every row: nothing to normalise by
         return zero
-    return (e_BD - (f_aux_BF @ sae.W_dec).flatten(0, -2)).pow(2).sum() / e_variance
+    return batch_mean((e_ND - (f_aux_BF @ sae.W_dec).flatten(0, -2)).pow(2).sum(-1)) / e_variance
 
 
-def topk_loss(x_BD, x_hat_BD, aux, aux_coefficient):
+def topk_loss(x_BD, x_hat_BD, aux, aux_coefficient, batch_mean=rows_mean):
     """Gao et al.'s loss, MSE / Var(x) + c * AuxK, times Var(x): the MSE in the units of the other
     architectures' losses (Adam is blind to the constant factor), and AuxK against the residual's
     own variance, about 1/FVU stronger than a raw MSE would make it. Var(x) is the batch's, detached."""
     mse = _mse(x_BD, x_hat_BD)
-    var_x = (x_BD - x_BD.flatten(0, -2).mean(0)).pow(2).sum(-1).mean().detach()
+    x_ND = x_BD.flatten(0, -2)
+    var_x = batch_mean((x_ND - batch_mean(x_ND)).pow(2).sum(-1)).detach()
     return mse + aux_coefficient * var_x * aux, mse
 
 
@@ -259,18 +266,19 @@ class TopKSAE(_SAE):
     def encode(self, x_BD):
         return topk_relu(self.pre_acts(x_BD), self.k)
 
-    def loss(self, x_BD, coefficient=None, dead_F=None, aux_coefficient=1 / 32):
+    def loss(self, x_BD, coefficient=None, dead_F=None, aux_coefficient=1 / 32, *, batch_mean=rows_mean):
         """MSE + aux_coefficient * AuxK on the latents where the bool mask dead_F [d_sae] is True.
 
         dead_F marks the latents that have not fired for a window of tokens; the caller keeps
         that count (train.py does). Without it, "aux" is 0 and the loss is the MSE. `coefficient`
-        is not used: k sets the sparsity.
+        is not used: k sets the sparsity. `batch_mean` takes AuxK's and Var(x)'s means over the
+        rows (torchrun passes the mean over every rank's rows).
         """
         pre_BF = self.pre_acts(x_BD)
         f_BF = topk_relu(pre_BF, self.k)
         x_hat_BD = self.decode(f_BF)
-        aux = auxk(self, x_BD, x_hat_BD, pre_BF, dead_F)
-        return self._result(*topk_loss(x_BD, x_hat_BD, aux, aux_coefficient), aux, pre_BF, f_BF, x_hat_BD)
+        aux = auxk(self, x_BD, x_hat_BD, pre_BF, dead_F, batch_mean)
+        return self._result(*topk_loss(x_BD, x_hat_BD, aux, aux_coefficient, batch_mean), aux, pre_BF, f_BF, x_hat_BD)
 
 
 class BatchTopKSAE(TopKSAE):

@@ -107,23 +107,33 @@ def test_two_ranks_train_what_one_process_trains(tiny_acts, tmp_path, arch, spar
         assert two[key] == (None if one[key] is None else pytest.approx(one[key], rel=1e-3, abs=1e-5)), key
 
 
-def test_two_ranks_match_one_process_to_float64_rounding(tiny_acts, tmp_path):
+@pytest.mark.parametrize("arch, d_sae", [("jumprelu", 64), ("topk", 512), ("relu", 64)])
+def test_two_ranks_match_one_process_to_float64_rounding(tiny_acts, tmp_path, arch, d_sae):
     """In float64, two ranks differ from one process only in the order of their sums, a few units in
-    the last place after 12 steps (4 at most when measured). The tolerance is 64 float64 units of each
+    the last place after 12 steps (3 at most when measured). The tolerance is 64 float64 units of each
     tensor's largest entry; at lr 1e-2 without warm-up every parameter moves by more than 1e10 times
     that (against a run at lr 0, which stays at the initialisation), and a rank that keeps its own
-    b_dec gradient instead of the average moves every parameter by 1e-2 or more."""
-    extra = dict(lr_warmup_steps=0, **{"lr_decay_fraction": 0.0})
+    b_dec gradient instead of the average moves every parameter by 1e-2 or more. TopK at 512 latents
+    has dead latents (29-44%) in its AuxK window of one step: the latents that fired, AuxK and Var(x)
+    must be the global batch's. Rank 0 logs the global batch's L0 and dead fraction, exactly: ReLU's
+    L0 is its own rows' until train_step averages it, and the L1 coefficient's controller reads it."""
+    extra = dict(arch=arch, d_sae=d_sae, lr_warmup_steps=0, **{"lr_decay_fraction": 0.0})
     for name, lr in (("one", 1e-2), ("start", 0.0)):
         _one_process(tiny_acts, tmp_path / name, dtype=torch.float64, lr=lr, **extra)
     code, output = _torchrun(tiny_acts, tmp_path / "two", tmp_path / "two.log", dtype="float64", lr=1e-2, **extra)
     assert code == 0, output
     one, two, start = (load_file(tmp_path / f / "checkpoint.safetensors") for f in ("one", "two", "start"))
+    units = {}
     for name in (k for k in one if k.startswith("param.")):
         assert one[name].dtype == two[name].dtype == torch.float64, name
-        tolerance = 64 * torch.finfo(torch.float64).eps * one[name].abs().max().item()
-        assert (one[name] - two[name]).abs().max().item() <= tolerance, name
-        assert (one[name] - start[name]).abs().max().item() > 1e10 * tolerance, name     # it moved
+        unit = torch.finfo(torch.float64).eps * one[name].abs().max().item()
+        units[name] = (one[name] - two[name]).abs().max().item() / unit
+        assert units[name] <= 64, name
+        assert (one[name] - start[name]).abs().max().item() > 1e10 * 64 * unit, name     # it moved
+    print(f"{arch}: largest difference {max(units.values()):.1f} units in the last place")
+    logs = [[json.loads(line) for line in (tmp_path / f / "log.jsonl").read_text().splitlines()] for f in ("one", "two")]
+    assert [(r["l0"], r["dead_fraction"]) for r in logs[1]] == [(r["l0"], r["dead_fraction"]) for r in logs[0]]
+    assert arch != "topk" or min(r["dead_fraction"] for r in logs[0]) > 0.2
 
 
 def test_a_run_resumed_under_torchrun_ends_where_an_uninterrupted_one_does(tiny_acts, tmp_path):

@@ -307,10 +307,10 @@ def loss_functions(sae, hp, target_l0, world, compile_loss):
     """The loss on each path. Compiled, the dense path fuses its elementwise passes; the sparse path
     stays eager: its kept entries change in number every step, which recompiled it step after step
     on an H100."""
-    options = {}
+    batch_stats = world > 1 and sae.architecture in ("jumprelu", "topk")       # the losses with batch statistics
+    options = {"batch_mean": functools.partial(global_mean, world=world)} if batch_stats else {}
     if sae.architecture == "jumprelu":
-        options = dict(sparsity=hp["sparsity"], target_l0=target_l0, dead_pull=hp["dead_threshold_pull"],
-                       batch_mean=torch.mean if world == 1 else functools.partial(global_mean, world=world),
+        options.update(sparsity=hp["sparsity"], target_l0=target_l0, dead_pull=hp["dead_threshold_pull"],
                        **{k: hp[k] for k in ("tanh_scale", "pre_act_coefficient", "ste_to_input") if k in hp})
     return {"dense": make_loss(sae, compiled=compile_loss, **options), "sparse": make_loss(sae, sparse=True, **options)}
 
@@ -348,11 +348,12 @@ def all_mean(t, world):
 
 
 @torch.compiler.disable
-def global_mean(l0_B, world):
-    """Under torchrun: the mean L0 over every rank's rows, with the gradient of this rank's own rows
-    (through l0 - l0.detach(), which is zero): averaged over the ranks, the global batch's gradient."""
-    l0 = l0_B.mean()
-    return all_mean(l0, world) + (l0 - l0.detach())
+def global_mean(t_N, world):
+    """Under torchrun: the mean of t_N over every rank's rows (dim 0), with the gradient of this rank's
+    own rows (through m - m.detach(), which is zero): averaged over the ranks, the global batch's
+    gradient. The batch statistics of a loss: JumpReLU's mean L0, TopK's AuxK and Var(x)."""
+    m = t_N.mean(0)
+    return all_mean(m, world) + (m - m.detach())
 
 
 def average_gradients_(params, world):
