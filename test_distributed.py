@@ -28,8 +28,9 @@ SETTINGS = dict(d_sae=64, steps=12, target_l0=4, batch_size=128, log_every=2, ch
 TOLERANCE = dict(rtol=1e-4, atol=1e-4)
 
 
-def _torchrun(acts_dir, out, log, *, world=2, **kw):
-    """Run train.py under torchrun with SETTINGS and kw as flags; (exit code, stdout and stderr)."""
+def _torchrun(acts_dir, out, log, *, world=2, env=None, **kw):
+    """Run train.py under torchrun with SETTINGS and kw as flags, and env added to the environment;
+    (exit code, stdout and stderr)."""
     flags = []
     for k, v in {**SETTINGS, **kw}.items():
         flag = "--" + k.replace("_", "-")
@@ -38,7 +39,7 @@ def _torchrun(acts_dir, out, log, *, world=2, **kw):
            str(HERE / "train.py"), "--acts", str(acts_dir), "--out", str(out), *flags]
     with open(log, "w") as f:              # a file, not a pipe: nobody has to drain it while we wait
         code = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=HERE, timeout=300,
-                              env={**os.environ, "OMP_NUM_THREADS": "1"}).returncode
+                              env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}).returncode
     return code, Path(log).read_text()
 
 
@@ -134,6 +135,20 @@ def test_two_ranks_match_one_process_to_float64_rounding(tiny_acts, tmp_path, ar
     logs = [[json.loads(line) for line in (tmp_path / f / "log.jsonl").read_text().splitlines()] for f in ("one", "two")]
     assert [(r["l0"], r["dead_fraction"]) for r in logs[1]] == [(r["l0"], r["dead_fraction"]) for r in logs[0]]
     assert arch != "topk" or min(r["dead_fraction"] for r in logs[0]) > 0.2
+
+
+def test_the_ranks_keep_to_the_device_asked_for_whatever_torchs_default(tiny_acts, tmp_path):
+    """Each rank's tensors are on --device (cpu), also those it broadcasts: a sitecustomize makes
+    meta, where a tensor has no data, the default device of both ranks (as cuda would be for a
+    tensor made without a device on a GPU machine, where NCCL takes CUDA tensors only)."""
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "sitecustomize.py").write_text(
+        'import sys, torch\ntorch.set_default_device("meta")\nprint("default device meta", file=sys.stderr)\n')
+    path = os.pathsep.join(filter(None, [str(tmp_path / "site"), os.environ.get("PYTHONPATH")]))
+    code, output = _torchrun(tiny_acts, tmp_path / "two", tmp_path / "two.log", steps=4, env={"PYTHONPATH": path})
+    assert code == 0, output
+    assert output.count("default device meta") >= 3                  # torchrun and both ranks
+    assert formats.load_sae(tmp_path / "two").W_dec.isfinite().all()
 
 
 def test_a_run_resumed_under_torchrun_ends_where_an_uninterrupted_one_does(tiny_acts, tmp_path):

@@ -44,13 +44,14 @@ TESTS = {  # the test files that hold each product file
     "acts.py": ["test_acts.py", "test_reliability.py", "test_harvest.py"],
 }
 # Functions with code that only a subprocess runs (torchrun's ranks): mutmut cannot trace those tests,
-# so a mutant there that no in-process test kills is run here against them (a JumpReLU and a TopK
-# run on two ranks), named in the script's own module, __main__, so that the tests' one-process
-# references run the original.
+# so a mutant there that no in-process test kills is run here against them (JumpReLU, TopK and ReLU
+# on two ranks, and two ranks whose default device is meta), named in the script's own module,
+# __main__, so that the tests' one-process references run the original.
 BY_SUBPROCESS = {"train.py": (["broadcast_", "average_gradients_", "all_mean", "loss_functions", "train_step",
                                "checkpoint", "train"],
                               ["test_distributed.py::test_two_ranks_match_one_process_to_float64_rounding",
-                               "test_distributed.py::test_two_ranks_train_what_one_process_trains[topk-None]"])}
+                               "test_distributed.py::test_two_ranks_train_what_one_process_trains[topk-None]",
+                               "test_distributed.py::test_the_ranks_keep_to_the_device_asked_for_whatever_torchs_default"])}
 # Functions with code that only a GPU runs differently (a device, CUDA autocast's dtype, a
 # synchronize): their mutants not killed here go with --gpu-out to a GPU machine, where --gpu-run
 # runs each against the tests that run on CUDA (-k cuda: test_cuda.py and the "cuda" parameters).
