@@ -3,6 +3,8 @@ its autocast or waits for it. Skipped where torch sees no GPU (CI); tools/gpu_ch
 with the rest of the suite on a GPU machine. Other files parametrise their tests over "cuda" too
 (test_jumprelu.py's DEVICES, the fused-Adam checkpoint test of test_train.py)."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -122,3 +124,25 @@ def test_train_compiles_jumprelus_loss_on_cuda_by_default_and_stays_on_the_cpu_w
             assert devices == {"cpu"}
         devices.clear()
     assert compiled == [("jumprelu", True), ("topk", False), ("jumprelu", False)]
+
+
+def test_train_on_cuda_fuses_adam_takes_bf16s_sparse_rule_and_calibrates_batchtopk_there(tiny_acts, tmp_path,
+                                                                                         monkeypatch):
+    """On CUDA: Adam is fused; under bf16 autocast (the default there) the auto path goes sparse only
+    below 0.1% of the latents firing (SPARSE_BELOW), so a run at about 0.8% stays dense, where float32's
+    rule (2%) goes sparse; BatchTopK's calibration batches are on the GPU with its SAE."""
+    fused, make_optimizer = [], train.make_optimizer
+    monkeypatch.setattr(train, "make_optimizer", lambda *args: (opt := make_optimizer(*args), fused.append(
+        opt.defaults["fused"]))[0])
+    kw = dict(target_l0=4, batch_size=128, steps=8, log_every=1, checkpoint_every=8, quiet=True, device="cuda",
+              compile_loss=False)
+
+    def paths(folder):
+        return [json.loads(line)["path"] for line in (tmp_path / folder / "log.jsonl").read_text().splitlines()]
+
+    for name, autocast in (("bf16", None), ("float32", False)):
+        record = train.train(tiny_acts, tmp_path / name, d_sae=512, autocast=autocast, **kw)
+        assert record["l0"] < 0.02 * 512
+    assert set(paths("bf16")) == {"dense"} and "sparse" in paths("float32")
+    record = train.train(tiny_acts, tmp_path / "batchtopk", arch="batchtopk", d_sae=64, **kw)
+    assert record["threshold"] > 0 and fused == [True, True, True]

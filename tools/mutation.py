@@ -57,7 +57,7 @@ BY_SUBPROCESS = {"train.py": (["broadcast_", "average_gradients_", "all_mean", "
 # runs each against the tests that run on CUDA (-k cuda: test_cuda.py and the "cuda" parameters).
 GPU = {"jumprelu.py": ["_KeptPre.backward"], "export.py": ["session"],
        "evaluate.py": ["evaluate", "activation_metrics", "lm_metrics", "top_contexts"],
-       "train.py": ["build", "next_batch", "train_step", "Log.heldout", "matmul_ceiling", "train"]}
+       "train.py": ["build", "open_data", "next_batch", "train_step", "Log.heldout", "matmul_ceiling", "train"]}
 SERIAL = ["matmul_ceiling"]     # timed: their tests run alone on the GPU, after the rest
 NOT_MUTATED = [r"^\s*raise \w+\(", r"^\s*print\(", r"^\s*sys\.exit\(", r"^\s*p\.error\(",
                r"^\s*\w+\.add_argument\(", r"^\s*help="]
