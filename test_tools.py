@@ -1,6 +1,7 @@
 """Tests for tools/: gpu_check.py's dry run takes every step on the CPU, and it names what a GPU run lacks;
-mutation.py reads mutmut's diffs."""
+mutation.py reads mutmut's diffs and forgets the verdicts of an edited function."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -54,6 +55,27 @@ def test_mutation_tool_reads_a_mutants_function_and_edit_from_mutmuts_diff():
     with pytest.raises(AssertionError, match="k: the edit does not apply"):
         mutation.apply("k", method.replace("x + 1", "x + 2"), mutation.edits(shown))
 
+
+
+def test_mutation_tool_adds_a_gpu_runs_verdicts_and_forgets_those_of_an_edited_function(tmp_path):
+    """--gpu-in adds a GPU run's codes to the earlier ones; and, as mutmut does for its own, the codes of
+    a function whose code changed are dropped (its mutants are new ones under the old names)."""
+    sys.path.insert(0, str(HERE / "tools"))
+    import mutation
+    (tmp_path / "by_subprocess.json").write_text('{"train.x_f__mutmut_1": 1, "train.xǁLogǁg__mutmut_2": 1, '
+                                                 '"train.x_f2__mutmut_3": 0}')
+    (tmp_path / "by_gpu.json").write_text('{"train.x_f__mutmut_4": 1}')
+    mutation.drop_edited(tmp_path, {"x_f": "a", "xǁLogǁg": "b", "x_f2": "c"}, {"x_f": "A", "xǁLogǁg": "b", "x_f2": "c"})
+    assert json.loads((tmp_path / "by_subprocess.json").read_text()) == {"train.xǁLogǁg__mutmut_2": 1,
+                                                                         "train.x_f2__mutmut_3": 0}
+    assert json.loads((tmp_path / "by_gpu.json").read_text()) == {}
+    (tmp_path / "run" / "train").mkdir(parents=True)
+    (tmp_path / "run" / "train" / "by_gpu.json").write_text('{"train.x_g__mutmut_2": 1}')
+    (tmp_path / "out" / "train").mkdir(parents=True)
+    (tmp_path / "out" / "train" / "by_gpu.json").write_text('{"train.x_g__mutmut_1": 1}')
+    mutation.main(["--gpu-in", str(tmp_path / "run"), "--out", str(tmp_path / "out")])
+    assert json.loads((tmp_path / "out" / "train" / "by_gpu.json").read_text()) == {"train.x_g__mutmut_1": 1,
+                                                                                    "train.x_g__mutmut_2": 1}
 
 def test_gpu_check_names_the_failed_tests_of_a_suite_it_stops(tmp_path, monkeypatch):
     """A suite stopped at gpu_check's limit still says what passed and which tests failed so far."""

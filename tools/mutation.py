@@ -3,7 +3,8 @@
     make mutation                      # every file below; or:
     .venv/bin/python tools/mutation.py jumprelu.py baselines.py
     .venv/bin/python tools/mutation.py --gpu-out gpu.json        # then, on a GPU machine:
-    python tools/mutation.py --gpu-run gpu.json --out DIR         # and copy DIR/*/by_gpu.json into runs/mutation/
+    python tools/mutation.py --gpu-run gpu.json --out DIR         # then, back here, with DIR copied:
+    .venv/bin/python tools/mutation.py --gpu-in DIR
 
 A dev profile, not part of CI (several hours on two cores; docs/mutation.md has the times).
 Each file is mutated in its own copy of the tracked tree under runs/mutation/<file>/, so mutmut's
@@ -45,13 +46,18 @@ TESTS = {  # the test files that hold each product file
 }
 # Functions with code that only a subprocess runs (torchrun's ranks): mutmut cannot trace those tests,
 # so a mutant there that no in-process test kills is run here against them (JumpReLU, TopK and ReLU
-# on two ranks, and two ranks whose default device is meta), named in the script's own module,
-# __main__, so that the tests' one-process references run the original.
-BY_SUBPROCESS = {"train.py": (["broadcast_", "average_gradients_", "all_mean", "loss_functions", "train_step",
-                               "checkpoint", "train"],
-                              ["test_distributed.py::test_two_ranks_match_one_process_to_float64_rounding",
-                               "test_distributed.py::test_two_ranks_train_what_one_process_trains[topk-None]",
-                               "test_distributed.py::test_the_ranks_keep_to_the_device_asked_for_whatever_torchs_default"])}
+# on two ranks, and two ranks whose default device is meta), named in the module the ranks import
+# it as: train.py's in __main__ (torchrun runs it as the script), so that the tests' one-process
+# references run the original; baselines.py's TopK loss in baselines, which the one-process run
+# calls without the batch_mean that only torchrun passes.
+DISTRIBUTED = "test_distributed.py::test_two_ranks_"
+BY_SUBPROCESS = {"train.py": ("__main__", ["broadcast_", "average_gradients_", "all_mean", "loss_functions",
+                                           "train_step", "checkpoint", "train"],
+                              [DISTRIBUTED + "match_one_process_to_float64_rounding",
+                               DISTRIBUTED + "train_what_one_process_trains[topk-None]",
+                               "test_distributed.py::test_the_ranks_keep_to_the_device_asked_for_whatever_torchs_default"]),
+                 "baselines.py": ("baselines", ["TopKSAE.loss"],
+                                  [DISTRIBUTED + "match_one_process_to_float64_rounding[topk-512]"])}
 # Functions with code that only a GPU runs differently (a device, CUDA autocast's dtype, a
 # synchronize): their mutants not killed here go with --gpu-out to a GPU machine, where --gpu-run
 # runs each against the tests that run on CUDA (-k cuda: test_cuda.py and the "cuda" parameters).
@@ -108,7 +114,10 @@ def run_file(path, out, max_children, recheck=False):
     cmd = [sys.executable, "-m", "mutmut", "run"] + (["--max-children", str(max_children)] if max_children else [])
     # One thread per mutant and one mutant per core; hypothesis does not shrink a mutant's failure.
     env = dict(os.environ, OMP_NUM_THREADS="1", HYPOTHESIS_PROFILE="mutation")
+    meta = work / "mutants" / f"{path}.meta"
+    before = json.loads(meta.read_text())["hash_by_function_name"] if meta.exists() else {}
     subprocess.run(cmd, cwd=work, env=env, check=False)
+    drop_edited(work, before, json.loads(meta.read_text())["hash_by_function_name"])
     if recheck:
         left = [k for k, s in results(path, out, diffs=False)[0].items() if s != "killed"]
         if left:
@@ -117,10 +126,21 @@ def run_file(path, out, max_children, recheck=False):
         run_by_subprocess(path, out, env)
 
 
+def drop_edited(work, before, after):
+    """mutmut forgets the verdicts of a function whose code changed (its mutants are new ones under
+    the old names); so do by_subprocess.json and by_gpu.json."""
+    edited = {f for f, h in after.items() if before.get(f) != h}
+    for extra in (work / "by_subprocess.json", work / "by_gpu.json"):
+        if extra.exists():
+            codes = json.loads(extra.read_text())
+            kept = {k: c for k, c in codes.items() if k.split(".", 1)[1].split("__mutmut_")[0] not in edited}
+            extra.write_text(json.dumps(kept, indent=1))
+
+
 def run_by_subprocess(path, out, env):
     """Each mutant of BY_SUBPROCESS's functions that no test has killed yet, against the subprocess
     tests; the exit codes go to by_subprocess.json, which results() lays over mutmut's."""
-    functions, tests = BY_SUBPROCESS[path]
+    module, functions, tests = BY_SUBPROCESS[path]
     work = out / Path(path).stem
     done_file = work / "by_subprocess.json"
     done = json.loads(done_file.read_text()) if done_file.exists() else {}
@@ -128,7 +148,7 @@ def run_by_subprocess(path, out, env):
             if s not in ("killed", "not checked") and function_of(k) in functions]
     for i, key in enumerate(todo):
         run = subprocess.Popen([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests],
-                               cwd=work / "mutants", env=dict(env, MUTANT_UNDER_TEST="__main__." + key.split(".", 1)[1]),
+                               cwd=work / "mutants", env=dict(env, MUTANT_UNDER_TEST=f"{module}.{key.split('.', 1)[1]}"),
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         try:
             done[key] = run.wait(timeout=300)
@@ -237,6 +257,15 @@ def gpu_run(todo_file, out, workers=8):
         print(f"{path}: {sum(c != 0 for c in by_key.values())} of {len(by_key)} killed on the GPU")
 
 
+def gpu_in(run_dir, out):
+    """A GPU run's codes added to the earlier ones (its file holds only the mutants it was given)."""
+    for new in sorted(Path(run_dir).glob("*/by_gpu.json")):
+        dest = out / new.parent.name / "by_gpu.json"
+        codes = json.loads(dest.read_text()) if dest.exists() else {}
+        dest.write_text(json.dumps({**codes, **json.loads(new.read_text())}, indent=1))
+        print(f"{dest}: {len(codes)} codes, now {len(json.loads(dest.read_text()))}")
+
+
 def results(path, out, diffs=True):
     """{mutant: status} of the last run of `path`, and the diff of each mutant not killed."""
     from mutmut.stats import status_by_exit_code
@@ -287,9 +316,13 @@ def main(argv=None):
                    help="write the GPU functions' mutants not killed here to JSON, for --gpu-run")
     p.add_argument("--gpu-run", type=Path, metavar="JSON",
                    help="on a GPU machine (mutmut not needed): run JSON's mutants, codes to OUT/<file>/by_gpu.json")
+    p.add_argument("--gpu-in", type=Path, metavar="DIR",
+                   help="add a --gpu-run's DIR/<file>/by_gpu.json to OUT/<file>/by_gpu.json")
     a = p.parse_args(argv)
     if a.gpu_run:
         return gpu_run(a.gpu_run, a.out)
+    if a.gpu_in:
+        return gpu_in(a.gpu_in, a.out)
     if set(a.files) - set(TESTS):
         p.error(f"{', '.join(sorted(set(a.files) - set(TESTS)))} is not one of {', '.join(TESTS)}.")
     if importlib.util.find_spec("mutmut") is None:
