@@ -3,8 +3,6 @@ its autocast or waits for it. Skipped where torch sees no GPU (CI); tools/gpu_ch
 with the rest of the suite on a GPU machine. Other files parametrise their tests over "cuda" too
 (test_jumprelu.py's DEVICES, the fused-Adam checkpoint test of test_train.py)."""
 
-import json
-
 import numpy as np
 import pytest
 import torch
@@ -16,6 +14,7 @@ import harvest
 import train
 from jumprelu import JumpReLUSAE
 from test_evaluate import _identity_sae, _Tokens
+from test_train import _log
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -137,12 +136,10 @@ def test_train_on_cuda_fuses_adam_takes_bf16s_sparse_rule_and_calibrates_batchto
     kw = dict(target_l0=4, batch_size=128, steps=8, log_every=1, checkpoint_every=8, quiet=True, device="cuda",
               compile_loss=False)
 
-    def paths(folder):
-        return [json.loads(line)["path"] for line in (tmp_path / folder / "log.jsonl").read_text().splitlines()]
-
     for name, autocast in (("bf16", None), ("float32", False)):
         record = train.train(tiny_acts, tmp_path / name, d_sae=512, autocast=autocast, **kw)
         assert record["l0"] < 0.02 * 512
-    assert set(paths("bf16")) == {"dense"} and "sparse" in paths("float32")
+    assert {r["path"] for r in _log(tmp_path / "bf16")} == {"dense"}
+    assert "sparse" in [r["path"] for r in _log(tmp_path / "float32")]
     record = train.train(tiny_acts, tmp_path / "batchtopk", arch="batchtopk", d_sae=64, **kw)
     assert record["threshold"] > 0 and fused == [True, True, True]

@@ -6,7 +6,6 @@ Each torchrun test starts two Python processes with torch; on a 2-core machine t
 seconds each.
 """
 
-import json
 import os
 import subprocess
 import sys
@@ -20,6 +19,7 @@ from safetensors.torch import load_file
 import acts
 import formats
 import train
+from test_train import _log
 
 
 HERE = Path(__file__).parent
@@ -65,7 +65,7 @@ def _assert_same_sae(one, two):
 
 
 def _logged_steps(folder):
-    return [json.loads(line)["step"] for line in (folder / "log.jsonl").read_text().splitlines()]
+    return [r["step"] for r in _log(folder)]
 
 
 def _shards(sizes):
@@ -103,7 +103,7 @@ def test_two_ranks_train_what_one_process_trains(tiny_acts, tmp_path, arch, spar
     assert _logged_steps(tmp_path / "two") == [2, 4, 6, 8, 10, 12]
     assert output.count("wrote the SAE to") == 1 and output.count("step 12: loss") == 1
     assert sorted(p.name for p in (tmp_path / "two").iterdir()) == sorted(p.name for p in (tmp_path / "one").iterdir())
-    two = json.loads((tmp_path / "two" / "log.jsonl").read_text().splitlines()[-1])
+    two = _log(tmp_path / "two")[-1]
     for key in ("loss", "mse", "l0", "dead_fraction", "l0_coefficient"):      # logged over the global batch
         assert two[key] == (None if one[key] is None else pytest.approx(one[key], rel=1e-3, abs=1e-5)), key
 
@@ -118,7 +118,7 @@ def test_two_ranks_match_one_process_to_float64_rounding(tiny_acts, tmp_path, ar
     has dead latents (29-44%) in its AuxK window of one step: the latents that fired, AuxK and Var(x)
     must be the global batch's. Rank 0 logs the global batch's L0 and dead fraction, exactly: ReLU's
     L0 is its own rows' until train_step averages it, and the L1 coefficient's controller reads it."""
-    extra = dict(arch=arch, d_sae=d_sae, lr_warmup_steps=0, **{"lr_decay_fraction": 0.0})
+    extra = dict(arch=arch, d_sae=d_sae, lr_warmup_steps=0)              # SETTINGS has no lr decay
     for name, lr in (("one", 1e-2), ("start", 0.0)):
         _one_process(tiny_acts, tmp_path / name, dtype=torch.float64, lr=lr, **extra)
     code, output = _torchrun(tiny_acts, tmp_path / "two", tmp_path / "two.log", dtype="float64", lr=1e-2, **extra)
@@ -132,7 +132,7 @@ def test_two_ranks_match_one_process_to_float64_rounding(tiny_acts, tmp_path, ar
         assert units[name] <= 64, name
         assert (one[name] - start[name]).abs().max().item() > 1e10 * 64 * unit, name     # it moved
     print(f"{arch}: largest difference {max(units.values()):.1f} units in the last place")
-    logs = [[json.loads(line) for line in (tmp_path / f / "log.jsonl").read_text().splitlines()] for f in ("one", "two")]
+    logs = [_log(tmp_path / f) for f in ("one", "two")]
     assert [(r["l0"], r["dead_fraction"]) for r in logs[1]] == [(r["l0"], r["dead_fraction"]) for r in logs[0]]
     assert arch != "topk" or min(r["dead_fraction"] for r in logs[0]) > 0.2
 

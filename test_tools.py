@@ -56,7 +56,6 @@ def test_mutation_tool_reads_a_mutants_function_and_edit_from_mutmuts_diff():
         mutation.apply("k", method.replace("x + 1", "x + 2"), mutation.edits(shown))
 
 
-
 def test_mutation_tool_adds_a_gpu_runs_verdicts_and_forgets_those_of_an_edited_function(tmp_path):
     """--gpu-in adds a GPU run's codes to the earlier ones; and, as mutmut does for its own, the codes of
     a function whose code changed are dropped (its mutants are new ones under the old names)."""
@@ -76,6 +75,7 @@ def test_mutation_tool_adds_a_gpu_runs_verdicts_and_forgets_those_of_an_edited_f
     mutation.main(["--gpu-in", str(tmp_path / "run"), "--out", str(tmp_path / "out")])
     assert json.loads((tmp_path / "out" / "train" / "by_gpu.json").read_text()) == {"train.x_g__mutmut_1": 1,
                                                                                     "train.x_g__mutmut_2": 1}
+
 
 def test_gpu_check_names_the_failed_tests_of_a_suite_it_stops(tmp_path, monkeypatch):
     """A suite stopped at gpu_check's limit still says what passed and which tests failed so far."""

@@ -207,6 +207,11 @@ def _train(acts_dir, out, **kw):
     return train.train(acts_dir, out, **{**args, **kw})
 
 
+def _log(folder):
+    """The records of folder/log.jsonl."""
+    return [json.loads(line) for line in (folder / "log.jsonl").read_text().splitlines()]
+
+
 def _checkpoint_sae(folder, d_in=32, d_sae=64):
     """The SAE inside a checkpoint: weights in scaled-input space, as training saw them."""
     from safetensors import safe_open
@@ -244,14 +249,14 @@ def test_saved_sae_takes_raw_activations(tiny_acts, tmp_path, capsys):
     with torch.no_grad():
         torch.testing.assert_close(saved.encode(x_raw), scaled.encode(x_raw * state["scale"]), rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(saved(x_raw), scaled(x_raw * state["scale"]) / state["scale"], rtol=1e-4, atol=1e-4)
-    log = [json.loads(line) for line in (tmp_path / "sae" / "log.jsonl").read_text().splitlines()]
+    log = _log(tmp_path / "sae")
     assert [r["step"] for r in log] == [2, 4, 6, 8]
 
 
 def test_the_last_step_is_checkpointed_whatever_the_cadence(tiny_acts, tmp_path):
     _train(tiny_acts, tmp_path / "sae", steps=6, log_every=4)                # checkpoints at 4, and at 6
     assert _checkpoint_sae(tmp_path / "sae")[1]["step"] == 6
-    assert [json.loads(line)["step"] for line in (tmp_path / "sae" / "log.jsonl").read_text().splitlines()] == [4, 6]
+    assert [r["step"] for r in _log(tmp_path / "sae")] == [4, 6]
 
 
 def _killed_at_step_6(monkeypatch, run):
@@ -569,7 +574,7 @@ def test_every_baseline_trains_resumes_and_loads(tiny_acts, tmp_path, arch):
     if arch == "batchtopk":                 # set from the trained SAE; the running estimate only logged
         assert float(sae.threshold) == pytest.approx(record["threshold"]) and record["threshold"] > 0
         assert record["threshold_running"] > 0 and record["threshold"] != record["threshold_running"]
-        log = [json.loads(line) for line in (tmp_path / "whole" / "log.jsonl").read_text().splitlines()]
+        log = _log(tmp_path / "whole")
         assert log[-1]["threshold"] == record["threshold"] and log[-1]["heldout_l0"] == record["heldout_l0"]
         assert set(log[-1]) == set(log[-2]) | {"threshold"}        # the last step's record, the threshold added
     # A run killed after its step-8 checkpoint and resumed ends identical (buffers included).
@@ -729,7 +734,7 @@ def test_a_log_record_by_hand(tmp_path, monkeypatch, arch, autocast):
                  "l0_coefficient": 1e-3, "lr": 1e-4, "path": "dense", "tokens_per_s": tokens_per_s,
                  "flops_per_s": 10 * 8 * 16 * tokens_per_s, "mfu": 10 * 8 * 16 * tokens_per_s / 1e12,
                  **({"threshold_running": sae.threshold.item()} if arch == "batchtopk" else {})}
-    assert [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()] == [r]
+    assert _log(tmp_path) == [r]
 
 
 @pytest.mark.parametrize("world, lam", [(1, 1e-3), (2, None)])             # TopK has no lambda
@@ -778,7 +783,7 @@ def test_sparse_and_dense_paths_train_the_same_sae(tiny_acts, tmp_path):
     for name in ("W_enc", "b_enc", "W_dec", "b_dec", "threshold"):
         a, b = getattr(dense, name), getattr(sparse, name)
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4 * a.abs().max().item(), msg=name)
-    logs = {p: [json.loads(line)["path"] for line in (tmp_path / p / "log.jsonl").read_text().splitlines()]
+    logs = {p: [r["path"] for r in _log(tmp_path / p)]
             for p in ("dense", "sparse")}
     assert logs == {"dense": ["dense"] * 4, "sparse": ["sparse"] * 4}
 
@@ -788,11 +793,11 @@ def test_auto_path_switches_to_sparse_and_resumes_on_the_same_path(tiny_acts, tm
     the checkpoint keeps the last L0, so a resumed run takes the same path at every step."""
     monkeypatch.setitem(train.SPARSE_BELOW, ("cpu", False, False), 0.5)
     _train(tiny_acts, tmp_path / "whole", log_every=1)
-    paths = [json.loads(line)["path"] for line in (tmp_path / "whole" / "log.jsonl").read_text().splitlines()]
+    paths = [r["path"] for r in _log(tmp_path / "whole")]
     assert paths == ["dense"] + ["sparse"] * 7
     _killed_at_step_6(monkeypatch, lambda: _train(tiny_acts, tmp_path / "resumed", log_every=1))
     _train(tiny_acts, tmp_path / "resumed", log_every=1, resume=True)
-    paths = [json.loads(line)["path"] for line in (tmp_path / "resumed" / "log.jsonl").read_text().splitlines()]
+    paths = [r["path"] for r in _log(tmp_path / "resumed")]
     assert paths == ["dense"] + ["sparse"] * 7
     whole, resumed = JumpReLUSAE.load(tmp_path / "whole"), JumpReLUSAE.load(tmp_path / "resumed")
     for name in ("W_enc", "b_enc", "W_dec", "b_dec", "threshold"):
@@ -830,7 +835,7 @@ def test_compiled_training_runs_the_sparse_path_eagerly(tiny_acts, tmp_path, mon
 
     monkeypatch.setattr(train.torch, "compile", fake_compile)
     _train(tiny_acts, tmp_path / "sae", compile_loss=True, log_every=1)
-    paths = [json.loads(line)["path"] for line in (tmp_path / "sae" / "log.jsonl").read_text().splitlines()]
+    paths = [r["path"] for r in _log(tmp_path / "sae")]
     assert paths == ["dense"] + ["sparse"] * 7 and calls == [False]
 
 
@@ -920,7 +925,6 @@ def test_processes_picks_cuda_where_there_is_one_and_under_torchrun_each_ranks_o
     assert train.processes("cpu") == (1, 1, 2, "cpu") and current == ["cuda:1"]
 
 
-
 @pytest.mark.parametrize("arch, sae_class", [("jumprelu", JumpReLUSAE), ("batchtopk", BatchTopKSAE)])
 def test_train_keeps_to_the_device_and_dtype_it_is_given(tiny_acts, tmp_path, monkeypatch, arch, sae_class):
     """device="cpu" and float64 hold on a GPU machine (torch.cuda faked) whose default device is another
@@ -934,6 +938,7 @@ def test_train_keeps_to_the_device_and_dtype_it_is_given(tiny_acts, tmp_path, mo
         record = _train(tiny_acts, tmp_path / arch, arch=arch, dtype=torch.float64)
     assert seen == {("cpu", torch.float64)}
     assert math.isfinite(record["heldout_fvu"]) and formats.load_sae(tmp_path / arch).W_dec.isfinite().all()
+
 
 def test_build_starts_from_the_recipes_bandwidth_and_thresholds():
     """Without the small recipe's data-driven start ("auto", "quantile"), a JumpReLU starts at the recipe's own
@@ -1022,7 +1027,7 @@ def test_train_streams_its_batches_with_the_buffer_asked_for_or_acts_own_default
 def test_the_logged_lr_follows_the_small_recipes_warmup_and_decay(tiny_acts, tmp_path):
     """Each step's lr, as log.jsonl records it, is lr_at's with the recipe's decay over the last fifth."""
     _train(tiny_acts, tmp_path / "run", steps=10, log_every=1, checkpoint_every=10, lr_warmup_steps=1)
-    logged = [json.loads(line)["lr"] for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    logged = [r["lr"] for r in _log(tmp_path / "run")]
     assert logged == [train.lr_at(s, 10, train.SMALL["lr"], 1, train.SMALL["lr_decay_fraction"]) for s in range(10)]
     assert logged[-1] < logged[-2]                                         # the decay is there to see
 
@@ -1032,10 +1037,10 @@ def test_auto_takes_the_sparse_path_only_for_jumprelus_own_sparsities(tiny_acts,
     """At L0 4 of 512 latents "auto" would pick the sparse path, which is JumpReLU's with its L0 or target
     sparsities; tanh's pre-activation term and the baselines train on the dense path."""
     _train(tiny_acts, tmp_path / "run", d_sae=512, steps=3, log_every=1, checkpoint_every=3, **settings)
-    paths = [json.loads(line)["path"] for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    paths = [r["path"] for r in _log(tmp_path / "run")]
     assert paths == ["dense"] * 3
     _train(tiny_acts, tmp_path / "jumprelu", d_sae=512, steps=3, log_every=1, checkpoint_every=3)
-    assert json.loads((tmp_path / "jumprelu" / "log.jsonl").read_text().splitlines()[-1])["path"] == "sparse"
+    assert _log(tmp_path / "jumprelu")[-1]["path"] == "sparse"
 
 
 def test_the_saved_sae_names_its_model_and_gguf_file_and_topk_has_no_lambda(tiny_acts, tmp_path):

@@ -133,7 +133,7 @@ def drop_edited(work, before, after):
     for extra in (work / "by_subprocess.json", work / "by_gpu.json"):
         if extra.exists():
             codes = json.loads(extra.read_text())
-            kept = {k: c for k, c in codes.items() if k.split(".", 1)[1].split("__mutmut_")[0] not in edited}
+            kept = {k: c for k, c in codes.items() if mangled(k) not in edited}
             extra.write_text(json.dumps(kept, indent=1))
 
 
@@ -144,8 +144,7 @@ def run_by_subprocess(path, out, env):
     work = out / Path(path).stem
     done_file = work / "by_subprocess.json"
     done = json.loads(done_file.read_text()) if done_file.exists() else {}
-    todo = [k for k, s in results(path, out, diffs=False)[0].items()
-            if s not in ("killed", "not checked") and function_of(k) in functions]
+    todo = not_killed(path, out, functions)
     for i, key in enumerate(todo):
         run = subprocess.Popen([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests],
                                cwd=work / "mutants", env=dict(env, MUTANT_UNDER_TEST=f"{module}.{key.split('.', 1)[1]}"),
@@ -159,10 +158,21 @@ def run_by_subprocess(path, out, env):
         print(f"{path}: {i + 1}/{len(todo)} by subprocess, {key}: {done[key]}", flush=True)
 
 
+def mangled(key):
+    """"train.xǁLogǁheldout__mutmut_3" -> "xǁLogǁheldout", mutmut's name of the function."""
+    return key.split(".", 1)[1].split("__mutmut_")[0]
+
+
 def function_of(key):
     """"train.x_build__mutmut_3" -> "build"; "train.xǁLogǁheldout__mutmut_3" -> "Log.heldout"."""
-    name = key.split(".", 1)[1].split("__mutmut_")[0]
+    name = mangled(key)
     return name[2:] if name.startswith("x_") else name[2:].replace("ǁ", ".")
+
+
+def not_killed(path, out, functions):
+    """The mutants of `functions` in `path` that have run and that no test has killed so far."""
+    return [k for k, s in sorted(results(path, out, diffs=False)[0].items())
+            if s not in ("killed", "not checked") and function_of(k) in functions]
 
 
 def edits(diff):
@@ -203,9 +213,8 @@ def gpu_out(out, dest):
     todo = []
     for path, functions in GPU.items():
         if (out / Path(path).stem / "mutants" / f"{path}.meta").exists():
-            status, _ = results(path, out, diffs=False)
             todo += [{"file": path, "key": k, "edits": edits(show(out / Path(path).stem, k))}
-                     for k, s in sorted(status.items()) if s not in ("killed", "not checked") and function_of(k) in functions]
+                     for k in not_killed(path, out, functions)]
     dest.write_text(json.dumps(todo, indent=1))
     print(f"{len(todo)} mutants to run on a GPU: {dest}")
 
@@ -262,8 +271,9 @@ def gpu_in(run_dir, out):
     for new in sorted(Path(run_dir).glob("*/by_gpu.json")):
         dest = out / new.parent.name / "by_gpu.json"
         codes = json.loads(dest.read_text()) if dest.exists() else {}
-        dest.write_text(json.dumps({**codes, **json.loads(new.read_text())}, indent=1))
-        print(f"{dest}: {len(codes)} codes, now {len(json.loads(dest.read_text()))}")
+        merged = {**codes, **json.loads(new.read_text())}
+        dest.write_text(json.dumps(merged, indent=1))
+        print(f"{dest}: {len(codes)} codes, now {len(merged)}")
 
 
 def results(path, out, diffs=True):
