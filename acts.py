@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 import cli
-from jumprelu import atomic_write
+from sae_folder import atomic_write
 
 SPLITS = ("train", "heldout")
 MANIFEST = "manifest.json"
@@ -234,9 +234,10 @@ def merge_ranks(folder, world):
 # --- The shuffled training stream --------------------------------------------------------------
 
 BLOCK = 1024  # rows read together from one shard; blocks, not rows, are shuffled across shards
+BUFFER_ROWS = 2**18  # rows of a shuffle buffer, by default
 
 
-def stream_plan(shard_rows, batch_size, seed, buffer_rows=2**18):
+def stream_plan(shard_rows, batch_size, seed, buffer_rows=BUFFER_ROWS):
     """Yield, forever, the (shard, start) blocks of each shuffle buffer and the row order inside it.
 
     Each epoch permutes all blocks of all shards (numpy Generator seeded by (seed, epoch)); a buffer
@@ -261,7 +262,7 @@ def stream_plan(shard_rows, batch_size, seed, buffer_rows=2**18):
         epoch += 1
 
 
-def batches(shards, batch_size, seed, start_step=0, buffer_rows=2**18, rank=0, world=1):
+def batches(shards, batch_size, seed, start_step=0, buffer_rows=BUFFER_ROWS, rank=0, world=1):
     """Float32 training batches [batch_size, d_in] from memory-mapped shards, from `start_step` on.
 
     With `world` > 1 (torchrun), every rank plans the same global batches and yields only its

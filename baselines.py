@@ -1,17 +1,16 @@
-"""The baselines of the JumpReLU paper (SPEC section 4): ReLU, Gated, TopK and BatchTopK SAEs.
+"""The baselines of the JumpReLU paper (docs/maths.md section 4): ReLU, Gated, TopK and BatchTopK SAEs.
 
 Each class has JumpReLUSAE's interface (jumprelu.py): parameters W_enc [d_in, d_sae],
 W_dec [d_sae, d_in], b_dec [d_in] plus its own encoder biases; `pre_acts`, `encode`, `decode`,
-`forward`, `loss`, the decoder constraint, `fold_input_scale_`, and `save` / `load` in the same
-folder format, whose config.json "architecture" says which class reads it back.
+`forward`, `loss`, the decoder constraint and `fold_input_scale_`. sae_folder.py saves and loads
+any of them, config.json's "architecture" naming the class (`ARCHITECTURES`).
 
     from baselines import make_sae
     sae = make_sae("topk", d_in=576, d_sae=4608, k=32)
     out = sae.loss(x_BD, None, dead_F)        # {"loss", "mse", "l0", "aux", "fired", "pre", "f", "x_hat"}
-    sae.save("my_sae")                        # formats.load_sae("my_sae") reads any architecture back
 
-Every loss takes JumpReLUSAE's arguments, `loss(x_BD, coefficient, dead_F=None)`: ReLU and Gated
-use the coefficient (of their L1 term) and no dead mask, TopK and BatchTopK the dead mask (for
+Every loss takes the arguments train.py passes, `loss(x_BD, coefficient, dead_F=None)`: ReLU and
+Gated use the coefficient (of their L1 term) and no dead mask, TopK and BatchTopK the dead mask (for
 AuxK) and no coefficient, since k sets their sparsity. All four start from JumpReLUSAE's
 initialisation (the same seed gives the same decoder). Shape suffixes: B batch rows,
 D model width (d_in), F latents (d_sae). `python baselines.py` prints a tiny worked example.
@@ -23,11 +22,11 @@ import operator
 import torch
 from torch import nn
 
-from jumprelu import CONFIG_NAME, WEIGHTS_NAME, JumpReLUSAE, check_shapes, metadata_of, read_folder, tied_init, write_folder
+from jumprelu import JumpReLUSAE, tied_init
 
 
 def _mse(x_BD, x_hat_BD):
-    """||x - x_hat||^2 summed over d_in, averaged over rows (SPEC section 2)."""
+    """||x - x_hat||^2 summed over d_in, averaged over rows (docs/maths.md section 2)."""
     return (x_BD - x_hat_BD).pow(2).sum(-1).mean()
 
 
@@ -43,7 +42,7 @@ def _check_k(k, d_sae):
 
 
 class _SAE(nn.Module):
-    """What the baselines share with JumpReLUSAE: initialisation, decoder, input scale, folder format.
+    """What the baselines share with JumpReLUSAE: initialisation, decoder and input scale.
 
     Subclasses set `architecture`, `BIASES` (the names of their [d_sae] encoder parameters) and
     define `pre_acts`, `encode` and `loss`.
@@ -51,7 +50,6 @@ class _SAE(nn.Module):
 
     architecture = None
     BIASES = ("b_enc",)
-    EXTRA_TENSORS = ()   # tensors saved besides the parameters (BatchTopK's threshold)
 
     def __init__(self, d_in, d_sae, *, device=None, dtype=torch.float32):
         super().__init__()
@@ -60,7 +58,7 @@ class _SAE(nn.Module):
         self.d_in, self.d_sae = int(d_in), int(d_sae)
         self.metadata = {}
         kw = dict(device=device, dtype=dtype)
-        # SPEC section 3, as in JumpReLUSAE; every bias (and Gated's r_mag) zero.
+        # docs/maths.md section 3, as in JumpReLUSAE; every bias (and Gated's r_mag) zero.
         self.W_dec, self.W_enc = tied_init(d_in, d_sae, **kw)
         for name in self.BIASES:
             setattr(self, name, nn.Parameter(torch.zeros(d_sae, **kw)))
@@ -77,7 +75,7 @@ class _SAE(nn.Module):
         return {"loss": loss, "mse": mse, "l0": _l0(f_BF), "aux": aux, "fired": (f_BF != 0).flatten(0, -2).any(0),
                 "pre": pre_BF, "f": f_BF, "x_hat": x_hat_BD}
 
-    # --- SPEC section 3: the unit-norm decoder and the input scale --------------------------
+    # --- docs/maths.md section 3.1: the unit-norm decoder and the input scale ---------------
     # JumpReLUSAE's own methods, shared: they touch only W_enc, W_dec, b_dec and metadata. Folding
     # leaves the features unchanged here too: x @ (s W_enc) = (x s) @ W_enc for ReLU, and
     # (x - b_dec/s) @ (s W_enc) = (x s - b_dec) @ W_enc for the others; the encoder biases, r_mag
@@ -86,47 +84,9 @@ class _SAE(nn.Module):
     normalize_decoder_ = JumpReLUSAE.normalize_decoder_
     fold_input_scale_ = JumpReLUSAE.fold_input_scale_
 
-    # --- SPEC section 7: the folder format --------------------------------------------------
-
-    def tensor_names(self):
-        return ("W_enc", *self.BIASES, "W_dec", "b_dec", *self.EXTRA_TENSORS)
-
-    def config(self):
-        k = {"k": self.k} if hasattr(self, "k") else {}
-        return {"architecture": self.architecture, "d_in": self.d_in, "d_sae": self.d_sae, **k,
-                "dtype": "float32", **self.metadata}
-
-    def save(self, folder):
-        """Write `config.json` and `sae.safetensors` (float32) to `folder`; fold the input scale in first."""
-        return write_folder(folder, self.config(), {name: getattr(self, name) for name in self.tensor_names()})
-
-    @classmethod
-    def load(cls, folder, device=None):
-        """Rebuild an SAE from a folder written by `save`; one-sentence ValueError if it cannot."""
-        cfg, tensors = read_folder(folder, cls.architecture)
-        kw = {}
-        if cls.architecture in ("topk", "batchtopk"):
-            k = cfg.get("k")
-            if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= cfg["d_sae"]:
-                raise ValueError(f"{folder}/{CONFIG_NAME} has no valid 'k' (a whole number from 1 to d_sae); "
-                                 "it is damaged.")
-            kw["k"] = k
-        d_in, d_sae = cfg["d_in"], cfg["d_sae"]          # checked against the file before anything is allocated
-        check_shapes(folder, tensors, {"W_enc": (d_in, d_sae), **{name: (d_sae,) for name in cls.BIASES},
-                                       "W_dec": (d_sae, d_in), "b_dec": (d_in,), **{n: () for n in cls.EXTRA_TENSORS}})
-        sae = cls(d_in, d_sae, device=device, **kw)
-        if not all(bool(tensors[name].isfinite().all()) for name in sae.tensor_names()):
-            raise ValueError(f"{folder}/{WEIGHTS_NAME} holds NaN or Inf weights; the SAE diverged or the file "
-                             "is damaged.")
-        with torch.no_grad():
-            for name in sae.tensor_names():
-                getattr(sae, name).copy_(tensors[name])
-        sae.metadata = metadata_of(cfg, sae.config())
-        return sae
-
 
 class ReLUSAE(_SAE):
-    """SPEC section 4: f = ReLU(x @ W_enc + b_enc); loss = MSE + lambda * sum_i f_i * ||W_dec,i||.
+    """docs/maths.md section 4: f = ReLU(x @ W_enc + b_enc); loss = MSE + lambda * sum_i f_i * ||W_dec,i||.
 
     The decoder is not held at unit norm: weighting each latent's L1 by its decoder norm already
     stops the model from shrinking f and growing W_dec (Anthropic, April 2024 update), so
@@ -158,7 +118,7 @@ class ReLUSAE(_SAE):
 
 
 class GatedSAE(_SAE):
-    """SPEC section 4 (Rajamanoharan et al., 2024, "Gated SAEs"): f = H(pi_gate) * ReLU(pi_mag).
+    """docs/maths.md section 4 (Rajamanoharan et al., 2024, "Gated SAEs"): f = H(pi_gate) * ReLU(pi_mag).
 
     The gate decides which latents fire, the magnitude path how strongly; the two share W_enc,
     the magnitude path rescaling each column by exp(r_mag). Parameters b_gate, b_mag, r_mag
@@ -201,7 +161,7 @@ class GatedSAE(_SAE):
 
 
 def topk_relu(pre_BF, k):
-    """TopK (SPEC section 4): ReLU of the k largest pre-activations in each row, zero elsewhere."""
+    """TopK (docs/maths.md section 4): ReLU of the k largest pre-activations in each row, zero elsewhere."""
     values_BK, indices_BK = pre_BF.topk(k, dim=-1, sorted=False)
     return torch.zeros_like(pre_BF).scatter(-1, indices_BK, values_BK.relu())
 
@@ -252,7 +212,7 @@ def topk_loss(x_BD, x_hat_BD, aux, aux_coefficient, batch_mean=rows_mean):
 
 
 class TopKSAE(_SAE):
-    """SPEC section 4 (Gao et al., 2024): f = ReLU(TopK((x - b_dec) @ W_enc + b_enc)), k per row."""
+    """docs/maths.md section 4 (Gao et al., 2024): f = ReLU(TopK((x - b_dec) @ W_enc + b_enc)), k per row."""
 
     architecture = "topk"
 
@@ -297,7 +257,6 @@ class BatchTopKSAE(TopKSAE):
     """
 
     architecture = "batchtopk"
-    EXTRA_TENSORS = ("threshold",)
 
     def __init__(self, d_in, d_sae, k, *, device=None, dtype=torch.float32):
         super().__init__(d_in, d_sae, k, device=device, dtype=dtype)
@@ -320,24 +279,24 @@ class BatchTopKSAE(TopKSAE):
         aux = auxk(self, x_BD, x_hat_BD, pre_BF, dead_F)
         return self._result(*topk_loss(x_BD, x_hat_BD, aux, aux_coefficient), aux, pre_BF, f_BF, x_hat_BD)
 
+    @torch.no_grad()
     def update_threshold_(self, f_BF):
         """threshold <- min kept (first update) or 0.99 threshold + 0.01 min kept; no GPU sync."""
-        with torch.no_grad():   # in the body, not a decorator: mutmut mutates no decorated function
-            min_kept = torch.where(f_BF > 0, f_BF, math.inf).min().to(self.threshold.dtype)   # inf: none kept
-            t = self.threshold
-            new = torch.where(t < 0, min_kept, 0.99 * t + 0.01 * min_kept)
-            t.copy_(torch.where(min_kept.isfinite(), new, t))
+        min_kept = torch.where(f_BF > 0, f_BF, math.inf).min().to(self.threshold.dtype)   # inf: none kept
+        t = self.threshold
+        new = torch.where(t < 0, min_kept, 0.99 * t + 0.01 * min_kept)
+        t.copy_(torch.where(min_kept.isfinite(), new, t))
 
+    @torch.no_grad()
     def calibrate_threshold_(self, batches):
         """threshold <- the mean over `batches` (an iterable of [B, d_in] inputs) of the smallest
         positive activation that the training forward keeps; returns it. Batches that keep nothing
         positive are skipped; with none left, the threshold is unchanged."""
-        with torch.no_grad():
-            mins = [f_BF[f_BF > 0].min() for f_BF in (batch_topk_relu(self.pre_acts(x_BD), self.k) for x_BD in batches)
-                    if (f_BF > 0).any()]
-            if mins:
-                self.threshold.copy_(torch.stack(mins).mean())
-            return self.threshold.item()
+        mins = [f_BF[f_BF > 0].min() for f_BF in (batch_topk_relu(self.pre_acts(x_BD), self.k) for x_BD in batches)
+                if (f_BF > 0).any()]
+        if mins:
+            self.threshold.copy_(torch.stack(mins).mean())
+        return self.threshold.item()
 
 
 ARCHITECTURES = {"jumprelu": JumpReLUSAE, "relu": ReLUSAE, "gated": GatedSAE, "topk": TopKSAE,

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 import cli
+import penalties
 import train
 from acts import write_json
 from jumprelu import JumpReLUSAE
@@ -98,8 +99,8 @@ def make_step(sae, sparse, dtype, compiled, device):
     """train.py's step (train.train_step, with train.py's Adam of the small recipe) on `sae`, with the
     paper's lambda * L0 at lambda 1e-3. Returns step(x) -> the loss's dict. The learning rate is
     1e-5, so that the timed steps stay in the regime the thresholds were set for."""
-    opt = train.make_optimizer(sae, {**train.SMALL, "lr": 1e-5}, device)
-    loss = train.make_loss(sae, sparse=sparse, compiled=compiled)
+    opt = train.make_optimizer(sae, {**train.RECIPES["small"], "lr": 1e-5}, device)
+    loss = train.make_loss(penalties.loss, sae, compiled, sparse=sparse)
     fired_at = torch.zeros(sae.d_sae, dtype=torch.long, device=device)
     return lambda x_BD: train.train_step(sae, opt, loss, x_BD, 1e-3, fired_at, 0, dead_steps=1,
                                          autocast=dtype == "bf16")
@@ -107,7 +108,7 @@ def make_step(sae, sparse, dtype, compiled, device):
 
 def loss_and_grads(sae, x_BD, sparse, dtype, compiled, device):
     """The loss and every gradient from one forward and backward, without an optimiser step."""
-    loss = train.make_loss(sae, sparse=sparse, compiled=compiled)
+    loss = train.make_loss(penalties.loss, sae, compiled, sparse=sparse)
     sae.zero_grad(set_to_none=True)
     with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=dtype == "bf16"):
         out = loss(x_BD, 1e-3)

@@ -10,6 +10,7 @@ import os
 
 import pytest
 import torch
+import tqdm
 from hypothesis import HealthCheck, Phase, settings
 
 settings.register_profile("ci", max_examples=40, derandomize=True, deadline=None,
@@ -24,6 +25,19 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 # runs/ holds the scripts' outputs, and tools/mutation.py's copies of the tree with their own tests.
 collect_ignore = ["runs"]
+
+
+@pytest.fixture(autouse=True)
+def every_progress_bar_is_closed():
+    """Every progress bar a test opened is closed when it ends, on every path out, errors included:
+    tqdm stacks the bars it thinks are open, so one left behind pushes the next one a line down
+    (and in a notebook, every later bar). The bars left open fail the test that left them, and are
+    closed, so that no other test sees them."""
+    yield
+    left = list(tqdm.tqdm._instances)
+    for bar in left:
+        bar.close()
+    assert not left, f"progress bars left open: {[bar.desc for bar in left]}"
 
 
 TEXT = ("The quick brown fox jumps over the lazy dog. Sparse autoencoders find features in "

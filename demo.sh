@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The main job, end to end, on the embedded default (SPEC section 6): SmolLM2-135M's layer-6
+# The main job, end to end, on the embedded default (docs/maths.md section 6): SmolLM2-135M's layer-6
 # residual stream over the Python documentation, offline; a JumpReLU SAE at L0 32; its held-out
 # evaluation with delta LM loss; and its ONNX export, verified in onnxruntime.
 #   ./demo.sh                      (TARGET_L0=64 STEPS=600 ./demo.sh to change the defaults)

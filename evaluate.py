@@ -1,4 +1,4 @@
-"""Evaluate SAE folders on a harvested folder's held-out split (SPEC section 5).
+"""Evaluate SAE folders on a harvested folder's held-out split (docs/maths.md section 5).
 
     python evaluate.py runs/sae --acts runs/acts                    # L0, MSE, FVU, dead and dense latents
     python evaluate.py runs/sae_* --acts runs/acts --lm --json runs/eval.json --plot runs/plots
@@ -25,7 +25,7 @@ import cli
 import harvest
 from formats import load_sae, sae_path
 
-DENSE = 0.1   # a latent firing on more than 10% of tokens is "dense" (SPEC section 5)
+DENSE = 0.1   # a latent firing on more than 10% of tokens is "dense" (docs/maths.md section 5)
 
 
 def check_pairing(sae, manifest, folder, acts_dir, allow_mismatch=False):
@@ -47,32 +47,32 @@ def check_pairing(sae, manifest, folder, acts_dir, allow_mismatch=False):
                          "activations it was trained on, or --allow-mismatch to compare them on purpose.")
 
 
+@torch.no_grad()
 def activation_metrics(sae, shards, batch_size=4096, device="cpu"):
     """L0, MSE, FVU, dead and dense fractions and per-latent firing frequencies over the rows."""
-    with torch.no_grad():   # in the body, not a decorator: mutmut mutates no decorated function
-        n, sq_err, sum_x, sum_sq = 0, 0.0, None, 0.0
-        fires_F = torch.zeros(sae.d_sae, dtype=torch.float64, device=device)
-        for rows_ND, _ in shards:
-            for i in range(0, len(rows_ND), batch_size):
-                x_BD = torch.from_numpy(np.array(rows_ND[i:i + batch_size], dtype=np.float32)).to(device)
-                f_BF = sae.encode(x_BD)
-                x_hat_BD = sae.decode(f_BF)
-                active_BF = f_BF != 0
-                fires_F += active_BF.sum(0)
-                sq_err += (x_BD - x_hat_BD).double().pow(2).sum().item()
-                sum_x = x_BD.double().sum(0) if sum_x is None else sum_x + x_BD.double().sum(0)
-                sum_sq += x_BD.double().pow(2).sum().item()
-                n += len(x_BD)
-        variance = sum_sq - sum_x.pow(2).sum().item() / n           # sum ||x - mean||^2
-        freq_F = (fires_F / n).cpu().numpy()
-        fvu = sq_err / variance if variance > 0 else float("nan")   # rows all alike: nothing to explain
-        return {"tokens": n, "l0": float(fires_F.sum().item() / n), "mse": sq_err / n, "fvu": fvu,
-                "dead_fraction": float((freq_F == 0).mean()), "dense_fraction": float((freq_F > DENSE).mean()),
-                "firing_frequency": freq_F}
+    n, sq_err, sum_x, sum_sq = 0, 0.0, None, 0.0
+    fires_F = torch.zeros(sae.d_sae, dtype=torch.float64, device=device)
+    for rows_ND, _ in shards:
+        for i in range(0, len(rows_ND), batch_size):
+            x_BD = torch.from_numpy(np.array(rows_ND[i:i + batch_size], dtype=np.float32)).to(device)
+            f_BF = sae.encode(x_BD)
+            x_hat_BD = sae.decode(f_BF)
+            active_BF = f_BF != 0
+            fires_F += active_BF.sum(0)
+            sq_err += (x_BD - x_hat_BD).double().pow(2).sum().item()
+            sum_x = x_BD.double().sum(0) if sum_x is None else sum_x + x_BD.double().sum(0)
+            sum_sq += x_BD.double().pow(2).sum().item()
+            n += len(x_BD)
+    variance = sum_sq - sum_x.pow(2).sum().item() / n           # sum ||x - mean||^2
+    freq_F = (fires_F / n).cpu().numpy()
+    fvu = sq_err / variance if variance > 0 else float("nan")   # rows all alike: nothing to explain
+    return {"tokens": n, "l0": float(fires_F.sum().item() / n), "mse": sq_err / n, "fvu": fvu,
+            "dead_fraction": float((freq_F == 0).mean()), "dense_fraction": float((freq_F > DENSE).mean()),
+            "firing_frequency": freq_F}
 
 
 def seed_stability(sae_a, sae_b, threshold=0.7):
-    """SPEC section 5 (Paulo and Belrose, 2025): the fraction of sae_a's latents matched one-to-one to
+    """docs/maths.md section 5 (Paulo and Belrose, 2025): the fraction of sae_a's latents matched one-to-one to
     one of sae_b's with cosine > threshold, by the Hungarian assignment that maximises the summed
     cosine; {"decoder": over the decoder rows, "encoder": over the encoder columns}."""
     from scipy.optimize import linear_sum_assignment
@@ -104,14 +104,15 @@ class Splice:
         self.handle.remove()
 
 
+@torch.no_grad()
 def lm_metrics(model, module, windows, saes, batch_size=8, device="cpu", progress=True):
     """Delta LM loss, CE loss recovered and KL for each SAE, on the same token windows."""
-    with torch.no_grad():
-        totals = {"clean": 0.0, "zero": 0.0}
-        per_sae = [{"ce": 0.0, "kl": 0.0} for _ in saes]
-        count = 0
-        steps = range(0, len(windows), batch_size)
-        for i in tqdm(steps, desc="LM splice", disable=not progress):
+    totals = {"clean": 0.0, "zero": 0.0}
+    per_sae = [{"ce": 0.0, "kl": 0.0} for _ in saes]
+    count = 0
+    steps = range(0, len(windows), batch_size)
+    with tqdm(steps, desc="LM splice", disable=not progress) as bar:
+        for i in bar:
             ids = torch.from_numpy(np.asarray(windows[i:i + batch_size], dtype=np.int64)).to(device)
             targets = ids[:, 2:]                           # predictions made at positions 1 .. T-2
 
@@ -131,41 +132,41 @@ def lm_metrics(model, module, windows, saes, batch_size=8, device="cpu", progres
                 acc["ce"] += ce(spliced)
                 acc["kl"] += (clean.exp() * (clean - spliced)).sum().item()
             count += targets.numel()
-        ce_clean, ce_zero = totals["clean"] / count, totals["zero"] / count
-        out = []
-        for acc in per_sae:
-            ce_spliced = acc["ce"] / count
-            out.append({"ce_clean": ce_clean, "ce_zero": ce_zero, "ce_spliced": ce_spliced,
-                        "delta_lm_loss": ce_spliced - ce_clean,
-                        "ce_loss_recovered": (ce_zero - ce_spliced) / (ce_zero - ce_clean),
-                        "kl": acc["kl"] / count, "lm_tokens": count})
-        return out
+    ce_clean, ce_zero = totals["clean"] / count, totals["zero"] / count
+    out = []
+    for acc in per_sae:
+        ce_spliced = acc["ce"] / count
+        out.append({"ce_clean": ce_clean, "ce_zero": ce_zero, "ce_spliced": ce_spliced,
+                    "delta_lm_loss": ce_spliced - ce_clean,
+                    "ce_loss_recovered": (ce_zero - ce_spliced) / (ce_zero - ce_clean),
+                    "kl": acc["kl"] / count, "lm_tokens": count})
+    return out
 
 
+@torch.no_grad()
 def top_contexts(sae, shards, tokenizer, latents, context_rows, k=5, width=12, device="cpu"):
     """The k held-out tokens on which each latent fires most, each with `width` tokens before it."""
-    with torch.no_grad():
-        best = {i: [] for i in latents}
-        for s, (rows_ND, _) in enumerate(shards):
-            for r0 in range(0, len(rows_ND), 4096):
-                x = torch.from_numpy(np.array(rows_ND[r0:r0 + 4096], dtype=np.float32)).to(device)
-                f = sae.encode(x)[:, latents]
-                for j, latent in enumerate(latents):
-                    vals, rows = f[:, j].topk(min(k, len(f)))
-                    best[latent] += [(v, s, r0 + r) for v, r in zip(vals.tolist(), rows.tolist()) if v > 0]
-        lines = []
-        for latent in latents:
-            lines.append(f"latent {latent}:")
-            top = sorted(best[latent], reverse=True)[:k]
-            if not top:
-                lines.append("  (never fires on the held-out tokens)")
-            for value, s, row in top:
-                window, pos = divmod(row, context_rows)
-                tokens = shards[s][1][window]
-                pos += 1                                   # rows start at the window's second position
-                before = tokenizer.decode(tokens[max(0, pos - width):pos])
-                lines.append(f"  {value:8.3f}  {before!r:>60} [[{tokenizer.decode(tokens[pos:pos + 1])}]]")
-        return "\n".join(lines)
+    best = {i: [] for i in latents}
+    for s, (rows_ND, _) in enumerate(shards):
+        for r0 in range(0, len(rows_ND), 4096):
+            x = torch.from_numpy(np.array(rows_ND[r0:r0 + 4096], dtype=np.float32)).to(device)
+            f = sae.encode(x)[:, latents]
+            for j, latent in enumerate(latents):
+                vals, rows = f[:, j].topk(min(k, len(f)))
+                best[latent] += [(v, s, r0 + r) for v, r in zip(vals.tolist(), rows.tolist()) if v > 0]
+    lines = []
+    for latent in latents:
+        lines.append(f"latent {latent}:")
+        top = sorted(best[latent], reverse=True)[:k]
+        if not top:
+            lines.append("  (never fires on the held-out tokens)")
+        for value, s, row in top:
+            window, pos = divmod(row, context_rows)
+            tokens = shards[s][1][window]
+            pos += 1                                   # rows start at the window's second position
+            before = tokenizer.decode(tokens[max(0, pos - width):pos])
+            lines.append(f"  {value:8.3f}  {before!r:>60} [[{tokenizer.decode(tokens[pos:pos + 1])}]]")
+    return "\n".join(lines)
 
 
 def plot(records, folder):
@@ -213,7 +214,7 @@ def evaluate(sae_dirs, acts_dir, *, lm=False, lm_windows=64, device=None, progre
         sae = load_sae(folder, device)
         check_pairing(sae, manifest, folder, acts_dir, allow_mismatch)
         metrics = activation_metrics(sae, shards, device=device)
-        records.append({"name": Path(folder).name, "path": str(folder), "architecture": sae.config()["architecture"],
+        records.append({"name": Path(folder).name, "path": str(folder), "architecture": sae.architecture,
                         "d_sae": sae.d_sae, **metrics})
         saes.append(sae)
     if lm:

@@ -36,7 +36,8 @@ import acts
 import cli
 from evaluate import check_pairing
 from formats import load_sae, sae_path
-from jumprelu import atomic_write, jumprelu
+from jumprelu import jumprelu
+from sae_folder import atomic_write, config_of
 
 OPSET = 17
 # When a latent is active, per architecture (the "active" entry of the ONNX metadata).
@@ -103,7 +104,7 @@ def export(sae, path, what="encoder", fp16=False, topk=None):
                           dynamic_axes={n: {0: "batch"} for n in ["x"] + names}, opset_version=OPSET,
                           dynamo=False)
     model = onnx.load_from_string(buffer.getvalue())
-    meta = {**sae.config(), "what": what, "fp16": fp16, "topk": topk,
+    meta = {**config_of(sae), "what": what, "fp16": fp16, "topk": topk,
             "active": ACTIVE[sae.architecture], "input": "raw activations, float32 [batch, d_in]"}
     for key, value in meta.items():
         model.metadata_props.add(key=key, value=json.dumps(value))

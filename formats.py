@@ -4,11 +4,11 @@
     python formats.py runs/sae_l0_32 --out runs/sae_l0_32_saelens --saelens            # -> SAELens folder
 
     from formats import load_sae, save_saelens
-    sae = load_sae("path")             # our folder, a Gemma Scope params.npz, or a SAELens folder
-    sae.save("runs/imported")          # then evaluate.py and export.py as for our own SAEs
-    save_saelens(sae, "for_saelens")   # sae_lens.SAE.load_from_disk("for_saelens") reads it
+    sae = load_sae("path")                  # our folder, a Gemma Scope params.npz, or a SAELens folder
+    sae_folder.save(sae, "runs/imported")   # then evaluate.py and export.py as for our own SAEs
+    save_saelens(sae, "for_saelens")        # sae_lens.SAE.load_from_disk("for_saelens") reads it
 
-Every loader gives the features of the source's own forward pass (SPEC section 1), written out
+Every loader gives the features of the source's own forward pass (docs/maths.md section 1), written out
 in its docstring. Where the source computes something our classes do not (a pre-encoder bias
 on a ReLU SAE, SAELens's decoder-norm rescaling in TopK), the difference is folded into the
 weights exactly in real arithmetic, computed in float64 and rounded once to float32, so
@@ -32,8 +32,9 @@ from safetensors.torch import save as save_safetensors
 import baselines
 import cli
 import harvest
-import jumprelu
+import sae_folder
 from jumprelu import JumpReLUSAE
+from sae_folder import CONFIG_NAME, WEIGHTS_NAME, assemble, atomic_write, exact_log
 
 GEMMA_SCOPE_FILE = "params.npz"
 SAELENS_CONFIG = "cfg.json"
@@ -52,25 +53,14 @@ SAELENS_FORMAT_KEYS = {"model_name", "hook_name", "hook_module", "sae_lens_versi
 # --- Building an SAE from tensors ----------------------------------------------------------
 
 
-def _assemble(sae, tensors, device):
-    """Give `sae`, built on the meta device (no memory, no initialisation), these float32 tensors
-    on `device`. `tensors` must name every parameter and buffer of its state dict."""
-    assert set(tensors) == set(sae.state_dict()), (sorted(tensors), sorted(sae.state_dict()))
-    sae = sae.to_empty(device=device or "cpu")
-    with torch.no_grad():
-        for name, t in tensors.items():
-            getattr(sae, name).copy_(t.float())
-    return sae
-
-
 def _jumprelu_sae(W_enc, b_enc, W_dec, b_dec, *, threshold=None, log_threshold=None, pre_encoder_bias,
                   bandwidth=0.001, device=None):
-    """A JumpReLUSAE with these weights; theta from `threshold` (through jumprelu.exact_log, exact) or
+    """A JumpReLUSAE with these weights; theta from `threshold` (through exact_log, exact) or
     from `log_threshold` as it is."""
     d_in, d_sae = W_enc.shape
     sae = JumpReLUSAE(d_in, d_sae, bandwidth=bandwidth, pre_encoder_bias=pre_encoder_bias, device="meta")
-    log_F = log_threshold.float() if log_threshold is not None else jumprelu.exact_log(threshold.to(device or "cpu"))
-    return _assemble(sae, {"W_enc": W_enc, "b_enc": b_enc, "W_dec": W_dec, "b_dec": b_dec,
+    log_F = log_threshold.float() if log_threshold is not None else exact_log(threshold.to(device or "cpu"))
+    return assemble(sae, {"W_enc": W_enc, "b_enc": b_enc, "W_dec": W_dec, "b_dec": b_dec,
                            "log_threshold": log_F}, device)
 
 
@@ -94,7 +84,7 @@ def load_gemma_scope(path, device=None):
     That is our JumpReLUSAE without the pre-encoder bias, with thresholds below 0 read as 0
     (relu_gate_threshold). Arrays: W_enc [d_in, d_sae], W_dec [d_sae, d_in], b_enc [d_sae],
     b_dec [d_in], threshold [d_sae] (SAELens also accepts w_enc / w_dec, and so do we). The
-    thresholds become log_threshold through jumprelu.exact_log: exact where exp of a float32 reaches
+    thresholds become log_threshold through exact_log: exact where exp of a float32 reaches
     them, else a few float32 steps away (about 92% exact for thresholds in [0.01, 3], at most 4
     steps off), so a latent can decide differently only within those steps of its threshold.
     """
@@ -155,7 +145,7 @@ def _read_saelens_config(folder):
     activation -> the topk architecture, a bool normalize_activations -> "none" or
     "expected_average_only_in", missing architecture -> "standard", missing
     apply_b_dec_to_input -> True. Returns (cfg, metadata)."""
-    cfg = jumprelu.read_json_object(folder / SAELENS_CONFIG, "restore the file")
+    cfg = sae_folder.read_json_object(folder / SAELENS_CONFIG, "restore the file")
     if _saelens_major(cfg) >= 6:
         meta = cfg.get("metadata") if isinstance(cfg.get("metadata"), dict) else {}
         return cfg, meta
@@ -234,7 +224,7 @@ def load_saelens(folder, device=None):
     metadata entries.
     """
     folder = Path(folder)
-    jumprelu.check_files(folder, (SAELENS_CONFIG, SAELENS_WEIGHTS), "a SAELens SAE folder")
+    sae_folder.check_files(folder, (SAELENS_CONFIG, SAELENS_WEIGHTS), "a SAELens SAE folder")
     cfg, meta = _read_saelens_config(folder)
     _check_saelens_config(folder, cfg)
     w = _saelens_weights(folder, cfg)
@@ -326,21 +316,21 @@ def _saelens_sae(folder, cfg, meta, training, w, device):
         # ReLUSAE has no pre-encoder bias: (x - b_dec) @ W_enc + b_enc = x @ W_enc + (b_enc - b_dec @ W_enc).
         if centred:
             w["b_enc"] = w["b_enc"].double() - hW()
-        return _assemble(baselines.ReLUSAE(d_in, d_sae, device="meta"), w, device)
+        return assemble(baselines.ReLUSAE(d_in, d_sae, device="meta"), w, device)
     if arch == "gated":
         # Ours always centre: x @ W_enc + b = (x - b_dec) @ W_enc + (b + b_dec @ W_enc), on both paths.
         if not centred:
             hW_F = hW()
             w["b_gate"] = w["b_gate"].double() + hW_F
             w["b_mag"] = w["b_mag"].double() + hW_F * w["r_mag"].double().exp()
-        return _assemble(baselines.GatedSAE(d_in, d_sae, device="meta"), w, device)
+        return assemble(baselines.GatedSAE(d_in, d_sae, device="meta"), w, device)
     if arch == "topk":
         k = _whole(cfg.get("k"), d_sae)
         if k is None:
             raise ValueError(f"{where} has no valid 'k' (a whole number from 1 to d_sae={d_sae}); it is damaged.")
         if not centred:
             w["b_enc"] = w["b_enc"].double() + hW()
-        return _assemble(baselines.TopKSAE(d_in, d_sae, k, device="meta"), w, device)
+        return assemble(baselines.TopKSAE(d_in, d_sae, k, device="meta"), w, device)
     if arch == "batchtopk":                                           # jumprelu or batchtopk from here
         theta = w.pop("topk_threshold").reshape(())
         k = _whole(cfg.get("k"), d_sae)
@@ -356,7 +346,7 @@ def _saelens_sae(folder, cfg, meta, training, w, device):
         if not centred:
             w["b_enc"] = w["b_enc"].double() + hW()
         w = {name: w[name] for name in ("W_enc", "b_enc", "W_dec", "b_dec")}
-        return _assemble(baselines.BatchTopKSAE(d_in, d_sae, k, device="meta"), {**w, "threshold": theta}, device)
+        return assemble(baselines.BatchTopKSAE(d_in, d_sae, k, device="meta"), {**w, "threshold": theta}, device)
     if "threshold" in w:
         w["threshold"] = relu_gate_threshold(w["threshold"])
     bandwidth = training.get("jumprelu_bandwidth", 0.001)
@@ -383,7 +373,7 @@ def save_saelens(sae, folder):
     and site -> hook_name as TransformerLens names it (blocks.6.hook_resid_post, hook_mlp_out,
     hook_attn_out), our module path (hook) -> hook_module; the rest as it is. load_saelens maps
     them back. Both files are written to a
-    temporary name and renamed (jumprelu.atomic_write), the weights first.
+    temporary name and renamed (atomic_write), the weights first.
     """
     arch = sae.architecture
     if arch not in baselines.ARCHITECTURES:
@@ -416,8 +406,8 @@ def save_saelens(sae, folder):
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     data = save_safetensors(tensors)
-    jumprelu.atomic_write(folder / SAELENS_WEIGHTS, lambda f: f.write(data))
-    jumprelu.atomic_write(folder / SAELENS_CONFIG, lambda f: f.write((json.dumps(cfg, indent=2) + "\n").encode()))
+    atomic_write(folder / SAELENS_WEIGHTS, lambda f: f.write(data))
+    atomic_write(folder / SAELENS_CONFIG, lambda f: f.write((json.dumps(cfg, indent=2) + "\n").encode()))
     return folder
 
 
@@ -428,7 +418,7 @@ def layout(path):
     """Which SAE `path` holds, told by its files: "ours" (config.json or sae.safetensors), "gemma_scope"
     (a params.npz or its folder), "saelens" (cfg.json + sae_weights.safetensors) or None."""
     path = Path(path)
-    if path.is_dir() and ((path / jumprelu.CONFIG_NAME).is_file() or (path / jumprelu.WEIGHTS_NAME).is_file()):
+    if path.is_dir() and ((path / CONFIG_NAME).is_file() or (path / WEIGHTS_NAME).is_file()):
         return "ours"
     if (path.is_file() and path.suffix == ".npz") or (path.is_dir() and (path / GEMMA_SCOPE_FILE).is_file()):
         return "gemma_scope"
@@ -450,15 +440,11 @@ def load_sae(path, device=None):
                          f"{GEMMA_SCOPE_FILE}.")
     kind = layout(path)
     if kind == "ours":
-        arch = jumprelu.read_config(path).get("architecture")      # one-sentence errors for a damaged folder
-        if not isinstance(arch, str) or arch not in baselines.ARCHITECTURES:
-            raise ValueError(f"{path}/{jumprelu.CONFIG_NAME} names architecture {arch!r}, "
-                             f"which is none of {', '.join(baselines.ARCHITECTURES)}.")
-        return baselines.ARCHITECTURES[arch].load(path, device=device)
+        return sae_folder.load(path, device=device)
     if kind:
         return (load_gemma_scope if kind == "gemma_scope" else load_saelens)(path, device=device)
-    raise ValueError(f"{path} is none of the SAE layouts read here: a folder with {jumprelu.CONFIG_NAME} and "
-                     f"{jumprelu.WEIGHTS_NAME} (this project), a Gemma Scope {GEMMA_SCOPE_FILE} or its folder, or a "
+    raise ValueError(f"{path} is none of the SAE layouts read here: a folder with {CONFIG_NAME} and "
+                     f"{WEIGHTS_NAME} (this project), a Gemma Scope {GEMMA_SCOPE_FILE} or its folder, or a "
                      f"SAELens folder with {SAELENS_CONFIG} and {SAELENS_WEIGHTS}.")
 
 
@@ -470,7 +456,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     try:
         sae = load_sae(args.src)
-        save_saelens(sae, args.out) if args.saelens else sae.save(args.out)
+        save_saelens(sae, args.out) if args.saelens else sae_folder.save(sae, args.out)
     except ValueError as e:
         sys.exit(f"error: {e}")
     except OSError as e:

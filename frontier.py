@@ -31,7 +31,7 @@ import cli
 import evaluate
 import train
 from formats import load_sae
-from jumprelu import atomic_write
+from sae_folder import atomic_write
 
 # The frontier's rows: train.train's arguments for each. ReLU and Gated warm their L1 coefficient
 # up linearly over the first L0_WARMUP of the steps (Anthropic's April 2024 update, which the Gated
@@ -200,7 +200,7 @@ def main(argv=None):
     manifest = json.loads((Path(args.acts) / "manifest.json").read_text())
     machine = args.machine or (torch.cuda.get_device_name() if torch.cuda.is_available() else
                                f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads")
-    settings = {"d_sae": args.d_sae, "steps": args.steps, "batch_size": train.SMALL["batch_size"], "acts": args.acts,
+    settings = {"d_sae": args.d_sae, "steps": args.steps, "batch_size": train.RECIPES["small"]["batch_size"], "acts": args.acts,
                 "model": manifest["model"], "layer": manifest["layer"], "site": manifest["site"], "machine": machine,
                 "lrs": sorted(set(args.lrs)), "sweep_at": args.sweep_at, "lr": lr, "date": time.strftime("%Y-%m-%d"),
                 "minutes": round((time.perf_counter() - t0) / 60, 1)}

@@ -72,7 +72,7 @@ def tl_site(name):
 
 
 def python_docs():
-    """Real English on every machine with Python (SPEC section 6): the interpreter's own
+    """Real English on every machine with Python (docs/maths.md section 6): the interpreter's own
     documentation topics and the standard library's docstrings (read with ast, nothing imported),
     shuffled with a fixed seed so that any budget sees a mix of both."""
     import pydoc_data.topics
@@ -493,13 +493,12 @@ def harvest(out, *, model_name=DEFAULT_MODEL, gguf_file=None, layer=None, site="
              for folder, (l, s), module, d_in in zip(targets, pairs, reader.modules, d_ins)]
     rows_per_window, target_windows = context - 1, max(1, int(tokens) // (context - 1))
     start = min(sum(sink["skip"].values()) for sink in sinks)
-    bar = tqdm(total=len(range(rank, target_windows, world)) * rows_per_window, initial=start * rows_per_window,
-               unit="tok", unit_scale=True, disable=rank != 0,
-               desc="harvest " + " ".join(f"L{l} {s}" for l, s in pairs) + (f" (rank 0 of {world})" if world > 1 else ""))
-    seen = harvest_windows(sinks, reader, itertools.chain([first], windows), target_windows=target_windows, rank=rank,
-                           world=world, batch_size=batch_size, shard_windows=max(1, shard_rows // rows_per_window),
-                           np_dtype={"float16": np.float16, "float32": np.float32}[dtype], bar=bar)
-    bar.close()
+    with tqdm(total=len(range(rank, target_windows, world)) * rows_per_window, initial=start * rows_per_window,
+              unit="tok", unit_scale=True, disable=rank != 0,
+              desc="harvest " + " ".join(f"L{l} {s}" for l, s in pairs) + (f" (rank 0 of {world})" if world > 1 else "")) as bar:
+        seen = harvest_windows(sinks, reader, itertools.chain([first], windows), target_windows=target_windows, rank=rank,
+                               world=world, batch_size=batch_size, shard_windows=max(1, shard_rows // rows_per_window),
+                               np_dtype={"float16": np.float16, "float32": np.float32}[dtype], bar=bar)
     if seen < target_windows and rank == 0:
         print(f"note: the text ran out after {seen * rows_per_window:,} tokens (asked for {int(tokens):,}).")
     manifests = finish(sinks, seen, target_windows, rank, world)

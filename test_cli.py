@@ -36,6 +36,7 @@ import frontier
 import harvest
 import infer_onnx
 import jumprelu
+import sae_folder
 import train
 
 HERE = Path(__file__).parent
@@ -61,7 +62,7 @@ def world(tmp_path_factory):
     (w / "acts").mkdir()
     acts.write_manifest(w / "acts", acts.new_manifest(settings_, "model.layers.1", 6))
     sae = jumprelu.JumpReLUSAE(6, 12)
-    sae.save(w / "sae")
+    sae_folder.save(sae, w / "sae")
     export.export(sae, w / "sae.onnx")
     import onnx                                      # an ONNX model that is not an SAE
     x = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [None, 6])

@@ -11,6 +11,7 @@ import evaluate
 import export
 import formats
 import harvest
+import sae_folder
 import train
 from jumprelu import JumpReLUSAE
 from test_evaluate import _identity_sae, _Tokens
@@ -34,9 +35,9 @@ def test_thresholds_load_onto_cuda_exactly_as_saved(tmp_path):
     with torch.no_grad():
         sae.log_threshold.copy_(torch.randn(4096))
     sae.metadata = {"model": "smollm2", "layer": 6, "site": "resid", "hook": "model.layers.6"}
-    sae.save(tmp_path / "ours")
+    sae_folder.save(sae, tmp_path / "ours")
     formats.save_saelens(sae, tmp_path / "saelens")
-    for loaded in (JumpReLUSAE.load(tmp_path / "ours", device="cuda"), formats.load_saelens(tmp_path / "saelens", "cuda")):
+    for loaded in (sae_folder.load(tmp_path / "ours", device="cuda"), formats.load_saelens(tmp_path / "saelens", "cuda")):
         assert torch.equal(loaded.threshold.cpu(), sae.threshold)
     assert not torch.equal(sae.log_threshold.exp(), sae.log_threshold.cuda().exp().cpu())   # the case this is about
 
@@ -45,7 +46,7 @@ def test_evaluate_on_cuda_gives_the_cpus_figures_with_the_lm_in_bfloat16(tiny_ac
     """Every metric on the GPU: the activation metrics are the CPU's up to float32 rounding; the LM
     runs in bfloat16 there (float32 on the CPU), so its cross-entropies agree to bfloat16's precision."""
     torch.manual_seed(0)
-    JumpReLUSAE(32, 64, threshold_init=0.005).save(tmp_path / "sae")
+    sae_folder.save(JumpReLUSAE(32, 64, threshold_init=0.005), tmp_path / "sae")
     loaded, load_model = [], harvest.load_model
 
     def spy(*args, **kwargs):
@@ -83,11 +84,11 @@ def test_train_on_cuda_runs_every_forward_under_bfloat16_autocast(tiny_acts, tmp
 
     monkeypatch.setattr(JumpReLUSAE, "pre_acts", spy)
     train.train(tiny_acts, tmp_path / "run", d_sae=64, steps=8, target_l0=4, batch_size=128, log_every=2,
-                checkpoint_every=4, quiet=True, device="cuda", path="dense", compile_loss=False)
+                checkpoint_every=4, quiet=True, device="cuda", path="dense", compile=False)
     under_autocast = [dtype for device, enabled, dtype in seen if enabled]
     assert {device for device, _, _ in seen} == {"cuda"}
     assert len(under_autocast) >= 8 + 4 and set(under_autocast) == {torch.bfloat16}   # 8 steps, 4 held-out batches
-    assert JumpReLUSAE.load(tmp_path / "run").W_enc.isfinite().all()
+    assert sae_folder.load(tmp_path / "run").W_enc.isfinite().all()
 
 
 def test_matmul_ceiling_times_the_gpus_work_not_its_launch():
@@ -134,7 +135,7 @@ def test_train_on_cuda_fuses_adam_takes_bf16s_sparse_rule_and_calibrates_batchto
     monkeypatch.setattr(train, "make_optimizer", lambda *args: (opt := make_optimizer(*args), fused.append(
         opt.defaults["fused"]))[0])
     kw = dict(target_l0=4, batch_size=128, steps=8, log_every=1, checkpoint_every=8, quiet=True, device="cuda",
-              compile_loss=False)
+              compile=False)
 
     for name, autocast in (("bf16", None), ("float32", False)):
         record = train.train(tiny_acts, tmp_path / name, d_sae=512, autocast=autocast, **kw)

@@ -6,6 +6,7 @@ Each torchrun test starts two Python processes with torch; on a 2-core machine t
 seconds each.
 """
 
+import json
 import os
 import subprocess
 import sys
@@ -28,19 +29,36 @@ SETTINGS = dict(d_sae=64, steps=12, target_l0=4, batch_size=128, log_every=2, ch
 TOLERANCE = dict(rtol=1e-4, atol=1e-4)
 
 
-def _torchrun(acts_dir, out, log, *, world=2, env=None, **kw):
-    """Run train.py under torchrun with SETTINGS and kw as flags, and env added to the environment;
-    (exit code, stdout and stderr)."""
-    flags = []
-    for k, v in {**SETTINGS, **kw}.items():
-        flag = "--" + k.replace("_", "-")
-        flags += [flag] if v is True else [flag, str(v)]
+def _torchrun(acts_dir, out, log, *, world=2, env=None, dtype=None, **kw):
+    """Run `world` ranks under torchrun, with SETTINGS and kw, and env added to the environment:
+    train.py's command line, or with a dtype (which is not a flag) train() itself; (exit code,
+    stdout and stderr). The ranks import train as this process does (tools/mutation.py relies on it)."""
+    if dtype is None:
+        flags = []
+        for k, v in {**SETTINGS, **kw}.items():
+            flag = "--" + k.replace("_", "-")
+            flags += [flag] if v is True else [flag, str(v)]
+        args = ["main", json.dumps(["--acts", str(acts_dir), "--out", str(out), *flags])]
+    else:
+        args = ["train", json.dumps([str(acts_dir), str(out), {**SETTINGS, **kw}]), dtype]
+    (Path(log).parent / "ranks.py").write_text(RANKS.format(here=str(HERE)))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(world),
-           str(HERE / "train.py"), "--acts", str(acts_dir), "--out", str(out), *flags]
+           str(Path(log).parent / "ranks.py"), *args]
     with open(log, "w") as f:              # a file, not a pipe: nobody has to drain it while we wait
         code = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=HERE, timeout=300,
                               env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}).returncode
     return code, Path(log).read_text()
+
+
+RANKS = """import json, sys, torch
+sys.path.insert(0, {here!r})
+import train
+if sys.argv[1] == "main":
+    train.main(json.loads(sys.argv[2]))
+else:
+    acts_dir, out, settings = json.loads(sys.argv[2])
+    train.train(acts_dir, out, dtype=getattr(torch, sys.argv[3]), **settings)
+"""
 
 
 def _one_process(acts_dir, out, **kw):

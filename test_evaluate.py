@@ -10,6 +10,7 @@ import acts
 import evaluate
 import export
 import harvest
+import sae_folder
 from jumprelu import JumpReLUSAE
 
 
@@ -134,20 +135,20 @@ def test_evaluate_end_to_end_and_width_mismatch(tiny_model, tiny_acts, tmp_path,
     """The LM metrics only when asked for (progress=False: no bar); an SAE of another width, or of
     another layer, is refused by default, in a sentence that names both folders."""
     sae = JumpReLUSAE(32, 64)
-    sae.save(tmp_path / "sae")
+    sae_folder.save(sae, tmp_path / "sae")
     records = evaluate.evaluate([tmp_path / "sae"], tiny_acts, lm=True, lm_windows=4, device="cpu", progress=False)
     for key in ("l0", "mse", "fvu", "dead_fraction", "dense_fraction", "delta_lm_loss", "ce_loss_recovered", "kl"):
         assert np.isfinite(records[0][key]), key
     assert "delta_lm_loss" in evaluate.table(records) and "LM splice" not in capsys.readouterr().err
     (plain,) = evaluate.evaluate([tmp_path / "sae"], tiny_acts, device="cpu")
     assert plain["fvu"] == records[0]["fvu"] and not {"ce_clean", "delta_lm_loss", "kl"} & plain.keys()
-    JumpReLUSAE(16, 64).save(tmp_path / "narrow")
+    sae_folder.save(JumpReLUSAE(16, 64), tmp_path / "narrow")
     with pytest.raises(ValueError) as info:
         evaluate.evaluate([tmp_path / "narrow"], tiny_acts, device="cpu")
     assert str(info.value) == (f"{tmp_path / 'narrow'} takes d_in=16 but {tiny_acts} holds d_in=32 activations; "
                                "pair the SAE with the activations it was trained on.")
     sae.metadata = {**{k: acts.read_manifest(tiny_acts)[k] for k in ("model", "site")}, "layer": 2}
-    sae.save(tmp_path / "layer2")
+    sae_folder.save(sae, tmp_path / "layer2")
     with pytest.raises(ValueError, match=f"{tmp_path / 'layer2'} was trained on layer 2 but {tiny_acts} holds layer 1"):
         evaluate.evaluate([tmp_path / "layer2"], tiny_acts, device="cpu")
     (mismatched,) = evaluate.evaluate([tmp_path / "layer2"], tiny_acts, device="cpu", allow_mismatch=True)
@@ -162,7 +163,7 @@ def test_an_sae_of_another_layer_is_refused_unless_on_purpose(tiny_model, corpus
                              context=16, batch_size=8, dtype="float32", heldout_every=5, device="cpu")
     sae = JumpReLUSAE(32, 64)
     sae.metadata = {k: acts.read_manifest(tiny_acts)[k] for k in ("model", "layer", "site", "hook")}   # layer 1
-    sae.save(tmp_path / "sae")
+    sae_folder.save(sae, tmp_path / "sae")
     for main, extra in ((evaluate.main, []), (export.main, ["--out", str(tmp_path / "sae.onnx")])):
         with pytest.raises(SystemExit) as info:
             main([str(tmp_path / "sae"), "--acts", str(tmp_path / "layer2"), *extra])
@@ -171,7 +172,7 @@ def test_an_sae_of_another_layer_is_refused_unless_on_purpose(tiny_model, corpus
         assert "--allow-mismatch" in message and "\n" not in message and message.count(". ") == 0
         main([str(tmp_path / "sae"), "--acts", str(tmp_path / "layer2"), "--allow-mismatch", *extra])
     assert layer2["layer"] == 2 and not capsys.readouterr().err.count("warning")
-    JumpReLUSAE(32, 64).save(tmp_path / "bare")
+    sae_folder.save(JumpReLUSAE(32, 64), tmp_path / "bare")
     evaluate.main([str(tmp_path / "bare"), "--acts", str(tiny_acts)])
     assert "warning: " in capsys.readouterr().err
 
@@ -238,7 +239,7 @@ def test_evaluate_takes_every_architecture_side_by_side(tiny_model, tiny_acts, t
     for seed, arch in enumerate(baselines.ARCHITECTURES):
         torch.manual_seed(seed)          # untrained Gated, BatchTopK and ReLU SAEs of one seed coincide
         sae = baselines.make_sae(arch, 32, 64, k=4 if "topk" in arch else None)
-        folders.append(sae.save(tmp_path / arch))
+        folders.append(sae_folder.save(sae, tmp_path / arch))
     records = evaluate.evaluate(folders, tiny_acts, lm=True, lm_windows=4, device="cpu", progress=False)
     assert [r["architecture"] for r in records] == list(baselines.ARCHITECTURES)
     assert all(np.isfinite(r["delta_lm_loss"]) for r in records)
@@ -285,7 +286,7 @@ def test_evaluate_main_prints_and_writes_the_metrics_of_the_held_out_rows(tiny_a
     """evaluate.main, in-process, on an SAE whose thresholds let some latents fire and keep others
     silent: the table and the --json record hold L0, MSE, FVU, the dead and dense fractions and each
     latent's firing frequency over every held-out row, as NumPy computes them from the saved files
-    (FVU = sum ||x - x_hat||^2 / sum ||x - mean x||^2, SPEC section 5); --latents prints each latent's
+    (FVU = sum ||x - x_hat||^2 / sum ||x - mean x||^2, docs/maths.md section 5); --latents prints each latent's
     top contexts (the busiest latent's five, the largest first), the silent one's as never firing."""
     from safetensors.numpy import load_file
     manifest = acts.read_manifest(tiny_acts)
@@ -298,7 +299,7 @@ def test_evaluate_main_prints_and_writes_the_metrics_of_the_held_out_rows(tiny_a
         sae.log_threshold.copy_(torch.linspace(-3, 3, 48).exp().log() + 1)   # theta from e^-2 to e^4
         sae.log_threshold[0] = 10.0                                             # latent 0 never fires
     sae.metadata = {k: manifest[k] for k in ("model", "layer", "site", "hook")}
-    sae.save(tmp_path / "sae")
+    sae_folder.save(sae, tmp_path / "sae")
     w = load_file(str(tmp_path / "sae" / "sae.safetensors"))
     _, shards = acts.open_split(tiny_acts, "heldout")
     x = np.concatenate([np.asarray(a, dtype=np.float64) for a, _ in shards])
@@ -380,7 +381,7 @@ def test_splice_replaces_positions_after_the_first_and_keeps_the_rest_of_a_tuple
 
 def test_evaluate_main_refuses_a_latent_the_sae_does_not_have(tiny_acts, tmp_path):
     """--latents beyond the SAE's width ends in one line that names the latent and the range."""
-    JumpReLUSAE(32, 48).save(tmp_path / "sae")
+    sae_folder.save(JumpReLUSAE(32, 48), tmp_path / "sae")
     with pytest.raises(SystemExit) as info:
         evaluate.main([str(tmp_path / "sae"), "--acts", str(tiny_acts), "--latents", "3,48"])
     assert str(info.value) == f"error: --latents [48] out of range: {tmp_path / 'sae'} has latents 0 to 47."
@@ -398,7 +399,7 @@ def test_evaluate_picks_the_gpu_by_default_and_keeps_the_device_asked_for(tiny_a
     """With no device, evaluate runs on cuda where torch sees a GPU and on the CPU otherwise; --device
     cpu is kept even where there is a GPU. (No GPU here: torch is told it has one, and load_sae notes
     the device it is asked for, then stops the run.)"""
-    JumpReLUSAE(32, 8).save(tmp_path / "sae")
+    sae_folder.save(JumpReLUSAE(32, 8), tmp_path / "sae")
     asked = []
 
     def load_sae(folder, device=None):
@@ -418,7 +419,7 @@ def test_evaluate_picks_the_gpu_by_default_and_keeps_the_device_asked_for(tiny_a
 def test_evaluate_main_with_lm_splices_the_windows_asked_for(tiny_acts, tmp_path, capsys):
     """--lm --lm-windows 3: the record and the table hold the LM metrics over 3 windows' predictions
     (positions 1 to context-2), the numbers evaluate() gives; the splice shows its progress."""
-    JumpReLUSAE(32, 64).save(tmp_path / "sae")
+    sae_folder.save(JumpReLUSAE(32, 64), tmp_path / "sae")
     evaluate.main([str(tmp_path / "sae"), "--acts", str(tiny_acts), "--lm", "--lm-windows", "3",
                    "--json", str(tmp_path / "e.json")])
     printed = capsys.readouterr()
@@ -440,7 +441,7 @@ def test_evaluate_runs_a_bfloat16_checkpoint_in_float32_on_a_cpu(tiny_model, tin
     AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.bfloat16).save_pretrained(tmp_path / "bf16")
     folder = _acts_copy(tiny_acts, tmp_path / "acts", model=str(tmp_path / "bf16"))
     sae = JumpReLUSAE(32, 64)
-    sae.save(tmp_path / "sae")
+    sae_folder.save(sae, tmp_path / "sae")
     (record,) = evaluate.evaluate([tmp_path / "sae"], folder, lm=True, lm_windows=4, device="cpu", progress=False)
     manifest, shards = acts.open_split(folder, "heldout")
     model, _ = harvest.load_model(str(tmp_path / "bf16"), "cpu", torch.float32)
@@ -455,7 +456,7 @@ def test_evaluate_loads_the_gguf_file_its_manifest_names(tiny_acts, tmp_path):
     file, for the LM metrics and for --latents' tokenizer: one the folder lacks is reported, not
     replaced by the folder's other weights."""
     folder = _acts_copy(tiny_acts, tmp_path / "acts", gguf_file="absent.gguf")
-    JumpReLUSAE(32, 8).save(tmp_path / "sae")
+    sae_folder.save(JumpReLUSAE(32, 8), tmp_path / "sae")
     with pytest.raises(ValueError, match="could not load .*absent.gguf"):
         evaluate.evaluate([tmp_path / "sae"], folder, lm=True, lm_windows=1, device="cpu", progress=False)
     with pytest.raises(SystemExit, match="could not load .*absent.gguf"):

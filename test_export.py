@@ -14,7 +14,9 @@ import pytest
 import torch
 
 import export
-from jumprelu import JumpReLUSAE, exact_log
+import sae_folder
+from jumprelu import JumpReLUSAE
+from sae_folder import exact_log
 
 HERE = Path(__file__).parent
 NODE_EXAMPLE = HERE / "examples" / "node"
@@ -159,7 +161,7 @@ def test_inference_example_runs_where_torch_cannot_be_imported(tmp_path):
 
 def test_export_cli_reports_errors_and_exits_nonzero(tmp_path):
     sae = _sae()
-    sae.save(tmp_path / "sae")
+    sae_folder.save(sae, tmp_path / "sae")
     ok = subprocess.run([sys.executable, str(HERE / "export.py"), str(tmp_path / "sae"), "--out", str(tmp_path / "m.onnx")],
                         capture_output=True, text=True)
     assert ok.returncode == 0 and "max rel error" in ok.stdout and "matches PyTorch" in ok.stdout
@@ -198,7 +200,7 @@ def test_every_architecture_exports_and_matches_its_own_forward(tmp_path, arch, 
     assert ok and reports["random"]["max_rel"] < 1e-5, reports
     x = np.random.default_rng(1).standard_normal((50, 24)).astype(np.float32)
     out = _run(tmp_path / "m.onnx", x)
-    with torch.no_grad():     # against the SAE's own encode (SPEC section 4), not the export's graph
+    with torch.no_grad():     # against the SAE's own encode (docs/maths.md section 4), not the export's graph
         f = sae.encode(torch.from_numpy(x)).numpy()
         np.testing.assert_allclose(out[0], f, rtol=1e-5, atol=1e-6)
         assert (out[0] != 0).sum() > 0 and (out[0] == 0).sum() > 0
@@ -223,7 +225,7 @@ def test_node_example_prints_the_latents_of_a_float64_numpy_reference(tmp_path):
     encoder, computed from the saved SAE's weights, finds, with their values to float32 rounding;
     a pre-activation exactly at its threshold is inactive. Flips are allowed only in the tie zone."""
     sae = _at_threshold_latents(_sae())
-    sae.save(tmp_path / "sae")
+    sae_folder.save(sae, tmp_path / "sae")
     export.export(sae, tmp_path / "encoder.onnx")
     x = np.random.default_rng(3).standard_normal((40, 24)).astype(np.float32)
     np.save(tmp_path / "x.npy", x)
@@ -238,7 +240,7 @@ def test_node_example_prints_the_latents_of_a_float64_numpy_reference(tmp_path):
             got[row, int(i)] = float(v)
     from safetensors.numpy import load_file
     w = {k: v.astype(np.float64) for k, v in load_file(str(tmp_path / "sae" / "sae.safetensors")).items()}
-    pre = x.astype(np.float64) @ w["W_enc"] + w["b_enc"]             # SPEC section 1, in float64
+    pre = x.astype(np.float64) @ w["W_enc"] + w["b_enc"]             # docs/maths.md section 1, in float64
     want = np.where(pre > w["threshold"], pre, 0.0)
     assert (want[:, [0, 2]] == 0).all() and (want[:, 1] != 0).all()
     assert (got[:, [0, 2]] == 0).all() and (got[:, 1] != 0).all()
@@ -273,7 +275,7 @@ def _random_sae(arch, d_in=24, d_sae=96, seed=0):
 
 def numpy_sae(folder, x):
     """(features, reconstruction, margin) of the SAE saved in `folder`, in float64 from config.json and
-    sae.safetensors alone, by SPEC sections 1 and 4, independently of the classes and the export.
+    sae.safetensors alone, by docs/maths.md sections 1 and 4, independently of the classes and the export.
     margin [rows, d_sae] is each latent's distance from changing its decision (its threshold, 0, or
     the row's k-th largest pre-activation), for leaving rounding ties out."""
     from safetensors.numpy import load_file
@@ -309,7 +311,7 @@ def test_every_graph_matches_numpy_from_the_saved_files(tmp_path, arch, capsys):
     each against the float64 NumPy SAE of the saved files: not against the module that was exported."""
     import infer_onnx
     sae = _random_sae(arch)
-    sae.save(tmp_path / "sae")
+    sae_folder.save(sae, tmp_path / "sae")
     x = np.random.default_rng(1).normal(size=(256, 24)).astype(np.float32)
     centre = sae.b_dec.detach().numpy() if getattr(sae, "pre_encoder_bias", arch != "relu") else 0
     x[::2] = x[::2] * 0.05 + centre                                # inputs near the centre: few latents fire
@@ -357,7 +359,7 @@ def test_export_main_writes_what_it_is_asked_and_checks_it_on_the_sae_own_activa
     manifest = json.loads((tiny_acts / "manifest.json").read_text())
     sae = _sae(d_in=32, d_sae=4096)
     sae.metadata.update({k: manifest[k] for k in ("model", "layer", "site")}, acts=str(tiny_acts), input_scale=1.0)
-    sae.save(tmp_path / "sae")
+    sae_folder.save(sae, tmp_path / "sae")
     out = tmp_path / "m.onnx"
     export.main([str(tmp_path / "sae"), "--out", str(out), "--what", what] + ["--fp16"] * fp16
                 + ["--topk", str(topk)] * bool(topk))
@@ -396,7 +398,7 @@ def test_export_main_refuses_activations_of_another_layer_unless_told(tiny_acts,
     manifest = json.loads((tiny_acts / "manifest.json").read_text())
     sae = _sae(d_in=32, d_sae=64)
     sae.metadata.update(model=manifest["model"], layer=manifest["layer"] + 1, site=manifest["site"])
-    sae.save(tmp_path / "sae")
+    sae_folder.save(sae, tmp_path / "sae")
     argv = [str(tmp_path / "sae"), "--out", str(tmp_path / "m.onnx"), "--acts", str(tiny_acts)]
     with pytest.raises(SystemExit) as info:
         export.main(argv)
@@ -406,7 +408,7 @@ def test_export_main_refuses_activations_of_another_layer_unless_told(tiny_acts,
     export.main(argv + ["--allow-mismatch"])
     assert "  real activations" in capsys.readouterr().out
     sae.metadata["acts"] = str(tmp_path / "gone")
-    sae.save(tmp_path / "sae")
+    sae_folder.save(sae, tmp_path / "sae")
     export.main(argv[:3])
     out = capsys.readouterr().out
     assert f"note: {tmp_path / 'gone'} is not here; checking on random inputs only." in out
@@ -601,7 +603,7 @@ def test_a_top_k_x_hat_that_no_row_can_check_is_reported_unverified(tmp_path, ca
     (the outputs show only k latents); when that is every row, compare() says so, verify() fails, and
     export.py exits naming x_hat and what to do instead. Without x_hat the same SAE verifies."""
     sae = _at_threshold_latents(_sae())                    # latent 0 at its threshold in every row
-    sae.save(tmp_path / "sae")
+    sae_folder.save(sae, tmp_path / "sae")
     module = export.export(sae, tmp_path / "m.onnx", what="sae", topk=8)
     x = np.random.default_rng(0).standard_normal((30, 24)).astype(np.float32)
     inf = float("inf")
@@ -775,7 +777,7 @@ def test_export_main_checks_against_the_tolerance_it_is_given(tmp_path, capsys):
     """--tol replaces the default tolerance: the last line names it, and an fp16 export checked at 1e-9
     exits with an error that names the file as untrustworthy."""
     sae = _sae()
-    sae.save(tmp_path / "sae")
+    sae_folder.save(sae, tmp_path / "sae")
     export.main([str(tmp_path / "sae"), "--out", str(tmp_path / "m.onnx"), "--tol", "0.001"])
     assert capsys.readouterr().out.splitlines()[-1].endswith("): matches PyTorch within 0.001")
     with pytest.raises(SystemExit) as info:

@@ -29,6 +29,7 @@ import evaluate
 import export
 import formats
 import harvest
+import sae_folder
 from jumprelu import JumpReLUSAE
 
 SAELENS_NAMES = {"jumprelu": {"W_enc", "W_dec", "b_enc", "b_dec", "threshold"},
@@ -219,7 +220,7 @@ def test_gemma_scope_gives_its_own_features(case, as_folder, lower):
 
 def test_gemma_scope_thresholds_within_four_float32_steps(tmp_path):
     """JumpReLUSAE holds log(theta) in float32, and exp of a float32 reaches only some float32
-    thetas: where none gives theta exactly, jumprelu.exact_log takes the nearest, up to 4 steps
+    thetas: where none gives theta exactly, sae_folder.exact_log takes the nearest, up to 4 steps
     away for thresholds in [0.01, 3] (exact for about 92% of them). A latent decides differently
     from Gemma Scope only when its pre-activation lies within those few steps of theta."""
     g = np.random.default_rng(0)
@@ -453,7 +454,7 @@ def test_thresholds_at_or_below_zero_read_as_zero_with_the_sources_features(tmp_
         np.testing.assert_array_equal(f != 0, want != 0)
         np.testing.assert_allclose(f, want, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="has 2 thresholds below 0 or NaN"):
-        JumpReLUSAE.load(_with_threshold(formats.load_saelens(tmp_path / "sl").save(tmp_path / "ours"), theta))
+        sae_folder.load(_with_threshold(sae_folder.save(formats.load_saelens(tmp_path / "sl"), tmp_path / "ours"), theta))
 
 
 def _with_threshold(folder, theta):
@@ -630,7 +631,7 @@ def test_load_any_tells_the_layouts_apart(tmp_path):
     assert isinstance(formats.load_sae(tmp_path / "gs"), JumpReLUSAE)
     assert isinstance(formats.load_sae(tmp_path / "gs" / "params.npz"), JumpReLUSAE)
     assert isinstance(formats.load_sae(_good_saelens(tmp_path / "sl", "topk")), baselines.TopKSAE)
-    baselines.make_sae("gated", 3, 5).save(tmp_path / "ours")
+    sae_folder.save(baselines.make_sae("gated", 3, 5), tmp_path / "ours")
     assert isinstance(formats.load_sae(tmp_path / "ours"), baselines.GatedSAE)
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="none of the SAE layouts read here: a folder with config.json and "
@@ -679,7 +680,7 @@ def test_imported_saes_run_through_evaluate_and_export(tmp_path, kind):
     D, F = 16, 64
     src, ref = _source(tmp_path, kind, D, F)
     sae = formats.load_sae(src)
-    sae.save(tmp_path / "ours")
+    sae_folder.save(sae, tmp_path / "ours")
     ours = formats.load_sae(tmp_path / "ours")
     assert type(ours) is type(sae) and ours.metadata == sae.metadata
     rows = np.random.default_rng(4).normal(size=(300, D)).astype(np.float32)

@@ -234,7 +234,7 @@ def test_offline_smollm2_layer6_residual(tmp_path):
     rows, windows = _split(tmp_path / "acts", "train")
     assert rows.dtype == np.float16 and len(rows) == len(windows) * 63
     norms = np.linalg.norm(rows.astype(np.float32), axis=1)
-    assert 50 < np.median(norms) < 200          # SPEC section 6: about 100 on ordinary tokens
+    assert 50 < np.median(norms) < 200          # docs/maths.md section 6: about 100 on ordinary tokens
 
 
 def test_dataset_without_the_datasets_library_says_how_to_get_it(monkeypatch):

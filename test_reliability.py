@@ -34,6 +34,7 @@ import evaluate
 import formats
 import harvest
 import jumprelu
+import sae_folder
 import train
 
 
@@ -47,7 +48,7 @@ def _one_sentence(message):
 
 def _disk_full_after(n_calls, calls):
     """An atomic_write stand-in: the n-th call writes half of its bytes, then the disk is full."""
-    real = jumprelu.atomic_write
+    real = sae_folder.atomic_write
 
     def write(path, writer):
         calls.append(Path(path).name)
@@ -121,7 +122,7 @@ def test_full_disk_while_checkpointing_keeps_the_last_good_checkpoint(tiny_acts,
     assert calls == ["checkpoint.safetensors"] * 2 and _no_tmp_files(tmp_path / "full")
     monkeypatch.undo()
     _train(tiny_acts, tmp_path / "full", resume=True)                          # from step 4
-    a, b = jumprelu.JumpReLUSAE.load(tmp_path / "whole"), jumprelu.JumpReLUSAE.load(tmp_path / "full")
+    a, b = sae_folder.load(tmp_path / "whole"), sae_folder.load(tmp_path / "full")
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
 
 
@@ -136,19 +137,19 @@ def test_full_disk_from_the_command_line_is_one_sentence(tiny_acts, tmp_path, mo
 
 def test_full_disk_while_saving_an_sae_leaves_the_old_folder(tmp_path, monkeypatch):
     old = jumprelu.JumpReLUSAE(4, 8)
-    old.save(tmp_path / "sae")
-    real = jumprelu._write_tmp
+    sae_folder.save(old, tmp_path / "sae")
+    real = sae_folder._write_tmp
 
     def full_on_config(path, write):
         if Path(path).name == "config.json":
             raise OSError(errno.ENOSPC, "No space left on device")
         return real(path, write)
-    monkeypatch.setattr(jumprelu, "_write_tmp", full_on_config)
+    monkeypatch.setattr(sae_folder, "_write_tmp", full_on_config)
     with pytest.raises(OSError):
-        jumprelu.JumpReLUSAE(4, 8).save(tmp_path / "sae")
+        sae_folder.save(jumprelu.JumpReLUSAE(4, 8), tmp_path / "sae")
     monkeypatch.undo()
     assert _no_tmp_files(tmp_path / "sae")
-    assert torch.equal(jumprelu.JumpReLUSAE.load(tmp_path / "sae").W_enc, old.W_enc)
+    assert torch.equal(sae_folder.load(tmp_path / "sae").W_enc, old.W_enc)
 
 
 def _copy_acts(tiny_acts, tmp_path):
@@ -280,7 +281,7 @@ def test_layer_out_of_range_exits_with_one_sentence_and_writes_nothing(tiny_mode
 
 
 def test_an_sae_of_another_width_is_refused_by_evaluate_and_export(tiny_acts, tmp_path):
-    jumprelu.JumpReLUSAE(48, 96).save(tmp_path / "sae")
+    sae_folder.save(jumprelu.JumpReLUSAE(48, 96), tmp_path / "sae")
     with pytest.raises(SystemExit) as info:
         evaluate.main([str(tmp_path / "sae"), "--acts", str(tiny_acts)])
     assert "takes d_in=48" in str(info.value) and _one_sentence(str(info.value).removeprefix("error: "))
@@ -404,18 +405,18 @@ def test_a_corrupted_manifest_gives_an_error_or_the_same_data(acts_copy, data, r
         path.write_bytes(original)
 
 
-def _sae_folder(tmp_path_factory, arch):
+def _saved(tmp_path_factory, arch):
     torch.manual_seed(0)
     sae = baselines.make_sae(arch, 6, 16, k=3 if "topk" in arch else None)
     with torch.no_grad():
         for p in sae.parameters():
             p.add_(torch.randn_like(p) * 0.1)
-    return sae.save(tmp_path_factory.mktemp(arch) / "sae")
+    return sae_folder.save(sae, tmp_path_factory.mktemp(arch) / "sae")
 
 
 @pytest.fixture(scope="module", params=["jumprelu", "topk", "gated"])
-def sae_folder(request, tmp_path_factory):
-    return _sae_folder(tmp_path_factory, request.param)
+def saved(request, tmp_path_factory):
+    return _saved(tmp_path_factory, request.param)
 
 
 X = torch.randn(32, 6, generator=torch.Generator().manual_seed(1))
@@ -434,35 +435,35 @@ def _load_or_error(folder, want):
 
 @CORRUPTION
 @given(data=st.data(), as_bytes=st.booleans())
-def test_a_corrupted_config_gives_an_error_or_the_same_sae(sae_folder, data, as_bytes):
-    path = sae_folder / "config.json"
+def test_a_corrupted_config_gives_an_error_or_the_same_sae(saved, data, as_bytes):
+    path = saved / "config.json"
     original = path.read_bytes()
-    want = formats.load_sae(sae_folder)
+    want = formats.load_sae(saved)
     try:
         if as_bytes:
             path.write_bytes(_corrupt_bytes(original, data))
         else:
             path.write_text(json.dumps(_mutate(json.loads(original), data)))
-        _load_or_error(sae_folder, want)
+        _load_or_error(saved, want)
     finally:
         path.write_bytes(original)
 
 
 @CORRUPTION
 @given(data=st.data(), recompute=st.booleans())
-def test_a_deliberately_edited_config_never_crashes(sae_folder, data, recompute):
+def test_a_deliberately_edited_config_never_crashes(saved, data, recompute):
     """Edits with the checksum recomputed (or removed) load as edited, or end in a one-sentence error."""
-    path = sae_folder / "config.json"
-    original, want = path.read_bytes(), formats.load_sae(sae_folder)
+    path = saved / "config.json"
+    original, want = path.read_bytes(), formats.load_sae(saved)
     try:
         cfg = _mutate(json.loads(original), data)
         if isinstance(cfg, dict):
             cfg.pop("sha256", None)
             if recompute:
-                cfg["sha256"] = jumprelu.folder_digest((sae_folder / "sae.safetensors").read_bytes(), cfg)
+                cfg["sha256"] = sae_folder.folder_digest((saved / "sae.safetensors").read_bytes(), cfg)
         path.write_text(json.dumps(cfg))
         try:
-            sae = formats.load_sae(sae_folder)
+            sae = formats.load_sae(saved)
         except ValueError as e:
             assert _one_sentence(e), e
             return
@@ -481,10 +482,10 @@ def test_a_deliberately_edited_config_never_crashes(sae_folder, data, recompute)
 
 @CORRUPTION
 @given(data=st.data(), keep_sha=st.booleans())
-def test_a_corrupted_safetensors_header_gives_an_error_or_the_same_sae(sae_folder, data, keep_sha):
-    weights, config = sae_folder / "sae.safetensors", sae_folder / "config.json"
+def test_a_corrupted_safetensors_header_gives_an_error_or_the_same_sae(saved, data, keep_sha):
+    weights, config = saved / "sae.safetensors", saved / "config.json"
     original_w, original_c = weights.read_bytes(), config.read_bytes()
-    want = formats.load_sae(sae_folder)
+    want = formats.load_sae(saved)
     header_end = 8 + int.from_bytes(original_w[:8], "little")
     try:
         i = data.draw(st.integers(0, header_end - 1))
@@ -494,7 +495,7 @@ def test_a_corrupted_safetensors_header_gives_an_error_or_the_same_sae(sae_folde
             cfg = json.loads(original_c)
             del cfg["sha256"]
             config.write_text(json.dumps(cfg))
-        _load_or_error(sae_folder, want)
+        _load_or_error(saved, want)
     finally:
         weights.write_bytes(original_w)
         config.write_bytes(original_c)

@@ -1,5 +1,6 @@
 """Tests for train.py: the paper's schedules, the activation stream, the input scale, resume."""
 
+import functools
 import inspect
 import itertools
 import json
@@ -11,15 +12,18 @@ import pytest
 import torch
 
 import acts
+import anthropic
 import formats
+import penalties
+import sae_folder
 import train
 from baselines import BatchTopKSAE, TopKSAE
 from jumprelu import JumpReLUSAE
 from test_evaluate import _acts_copy
 
 
-def test_paper_recipe_is_spec_section_3():
-    p = train.PAPER
+def test_the_paper_recipe_is_the_papers():
+    p = train.RECIPES["paper"]
     assert (p["lr"], p["betas"], p["batch_size"], p["bandwidth"], p["threshold_init"]) == (7e-5, (0.0, 0.999), 4096, 0.001, 0.001)
     assert (p["lr_warmup_steps"], p["l0_warmup_steps"], p["lr_decay_fraction"]) == (1000, 10_000, 0.0)
 
@@ -112,7 +116,7 @@ def test_processes_reads_torchruns_environment(monkeypatch):
 @pytest.mark.parametrize("arch", ["jumprelu", "topk"])
 def test_adam_takes_the_recipes_settings_and_the_thresholds_their_own_learning_rate(arch):
     sae = JumpReLUSAE(4, 8) if arch == "jumprelu" else TopKSAE(4, 8, k=2)
-    opt = train.make_optimizer(sae, {**train.SMALL, "lr": 0.01, "betas": (0.5, 0.9), "threshold_lr_scale": 7.0}, "cpu")
+    opt = train.make_optimizer(sae, {**train.RECIPES["small"], "lr": 0.01, "betas": (0.5, 0.9), "threshold_lr_scale": 7.0}, "cpu")
     others, thresholds = opt.param_groups
     names = {id(p): n for n, p in sae.named_parameters()}
     assert [names[id(p)] for p in others["params"]] == [n for n, _ in sae.named_parameters() if n != "log_threshold"]
@@ -122,7 +126,7 @@ def test_adam_takes_the_recipes_settings_and_the_thresholds_their_own_learning_r
         assert (group["lr"], group["betas"], group["eps"], group["fused"]) == (0.01, (0.5, 0.9), 1e-8, False)
 
 
-SETTINGS = [  # check_settings' keywords beyond jumprelu, --path auto, a batch of 128, one process; None: it trains
+SETTINGS = [  # settings beyond jumprelu, --path auto, a batch of 128, d_sae 64, one process; None: it trains
     (dict(arch="topk", target_l0=1, d_sae=1), None),                      # k = 1 and d_sae = k: the smallest there is
     (dict(arch="topk", target_l0=4, world=2), None), (dict(arch="batchtopk", target_l0=4), None),
     (dict(path="sparse", sparsity="l0", l0_coefficient=1e-3), None), (dict(path="dense", arch="relu", l0_coefficient=1e-3), None),
@@ -147,13 +151,16 @@ SETTINGS = [  # check_settings' keywords beyond jumprelu, --path auto, a batch o
 
 @pytest.mark.parametrize("settings, refusal", SETTINGS)
 def test_settings_that_cannot_train_are_refused_in_one_sentence_and_the_edge_cases_train(settings, refusal):
-    kw = {"arch": "jumprelu", "path": "auto", "batch_size": 128, "world": 1, **settings}
-    args = [kw.pop(k) for k in ("arch", "path", "batch_size", "world")]
+    given = {"arch": "jumprelu", "path": "auto", "batch_size": 128, "d_sae": 64, **settings}
+    world, recipe = given.pop("world", 1), given.pop("recipe", "small")
+    hp = {**train.RECIPES[recipe], "recipe": recipe, "target_l0": None, "l0_coefficient": None, **given}
+    for key in ("target_l0", "l0_coefficient"):
+        given.pop(key, None)
     if refusal is None:
-        train.check_settings(*args, **kw)
+        train.check_settings(hp, given, world)
     else:
         with pytest.raises(ValueError) as info:
-            train.check_settings(*args, **kw)
+            train.check_settings(hp, given, world)
         assert refusal in str(info.value) and "\n" not in str(info.value), str(info.value)
 
 
@@ -230,7 +237,7 @@ def test_saved_sae_takes_raw_activations(tiny_acts, tmp_path, capsys):
     assert capsys.readouterr().out == ""                                     # quiet: no record printed, no bar
     for key in ("loss", "mse", "l0", "heldout_l0", "heldout_fvu", "dead_fraction", "l0_coefficient", "lr", "tokens_per_s"):
         assert math.isfinite(record[key]), key
-    saved = JumpReLUSAE.load(tmp_path / "sae")
+    saved = sae_folder.load(tmp_path / "sae")
     assert (saved.threshold > 0).all()                     # our own training keeps theta > 0
     scaled, state = _checkpoint_sae(tmp_path / "sae")
     assert saved.metadata["input_scale"] == pytest.approx(state["scale"]) and state["scale"] != 1.0
@@ -283,7 +290,7 @@ def test_resume_after_a_kill_ends_with_identical_weights(tiny_acts, tmp_path, mo
     _train(tiny_acts, tmp_path / "killed", resume=True, **extra)
     with pytest.raises(ValueError, match="already at step 8"):
         _train(tiny_acts, tmp_path / "killed", resume=True, **extra)
-    whole, killed = JumpReLUSAE.load(tmp_path / "whole"), JumpReLUSAE.load(tmp_path / "killed")
+    whole, killed = sae_folder.load(tmp_path / "whole"), sae_folder.load(tmp_path / "killed")
     for name in ("W_enc", "b_enc", "W_dec", "b_dec", "threshold"):
         assert torch.equal(getattr(whole, name), getattr(killed, name)), name
 
@@ -298,7 +305,7 @@ def test_checkpoint_restores_a_fused_adam_as_torchs_own_load_state_dict(tmp_path
     a GPU here: a device other than the file's."""
     torch.manual_seed(0)
     sae = JumpReLUSAE(8, 16)
-    opt = train.make_optimizer(sae, train.SMALL, "cuda")              # fused=True, as on a GPU
+    opt = train.make_optimizer(sae, train.RECIPES["small"], "cuda")              # fused=True, as on a GPU
     for _ in range(2):
         sae.loss(torch.randn(32, 8), 1e-3)["loss"].backward()
         opt.step()
@@ -307,7 +314,7 @@ def test_checkpoint_restores_a_fused_adam_as_torchs_own_load_state_dict(tmp_path
 
     def fused():
         sae = JumpReLUSAE(8, 16).to(device)
-        return sae, train.make_optimizer(sae, train.SMALL, "cuda")      # fused=True, on any device
+        return sae, train.make_optimizer(sae, train.RECIPES["small"], "cuda")      # fused=True, on any device
 
     (ours_sae, ours), (theirs_sae, theirs) = fused(), fused()
     train.load_checkpoint(tmp_path / "c.safetensors", ours_sae, ours, torch.zeros(16, device=device))
@@ -331,7 +338,7 @@ def test_checkpoint_restores_a_fused_adam_as_torchs_own_load_state_dict(tmp_path
 
 def _stepped(sae, steps=2):
     """sae and its optimiser (train's) after `steps` Adam steps, so that every moment is set."""
-    opt = train.make_optimizer(sae, train.SMALL, "cpu")
+    opt = train.make_optimizer(sae, train.RECIPES["small"], "cpu")
     x = torch.randn(32, sae.d_in, dtype=sae.W_enc.dtype)
     for _ in range(steps):
         sae.loss(x, 1e-3)["loss"].backward()
@@ -401,12 +408,13 @@ def test_resume_restores_the_runs_bandwidth_and_controller_and_reads_an_older_ch
     train.save_checkpoint(ckpt, sae, opt, torch.zeros(16, dtype=torch.long), old)
     sae, opt = _stepped(JumpReLUSAE(8, 16, bandwidth=0.001), steps=0)
     controller = train.TargetL0(4)
-    state = train.resume_from(ckpt, sae, opt, torch.zeros(16, dtype=torch.long), controller, "jumprelu", 16, 10)
+    state = train.resume_from(ckpt, sae, opt, torch.zeros(16, dtype=torch.long), controller,
+                              {"arch": "jumprelu", "d_sae": 16, "steps": 10})
     assert state == old and sae.bandwidth == 0.0123 and controller.state() == old["controller"]
     topk = TopKSAE(8, 16, k=2)
     with pytest.raises(ValueError, match="holds a jumprelu SAE"):
-        train.resume_from(ckpt, topk, train.make_optimizer(topk, train.SMALL, "cpu"), torch.zeros(16, dtype=torch.long),
-                          None, "topk", 16, 10)
+        train.resume_from(ckpt, topk, train.make_optimizer(topk, train.RECIPES["small"], "cpu"), torch.zeros(16, dtype=torch.long),
+                          None, {"arch": "topk", "d_sae": 16, "steps": 10})
 
 
 def test_resume_drops_the_log_after_the_checkpoint_and_a_line_a_kill_cut_short(tmp_path):
@@ -430,7 +438,7 @@ def test_a_failure_says_whether_there_is_a_checkpoint_to_resume_from(tmp_path):
 def test_paper_recipe_runs_with_a_fixed_coefficient(tiny_acts, tmp_path):
     record = _train(tiny_acts, tmp_path / "paper", recipe="paper", target_l0=None, l0_coefficient=1e-3)
     assert record["l0_coefficient"] == pytest.approx(1e-3 * 7 / 10_000)   # lambda warm-up: step 7 of 10,000
-    saved = JumpReLUSAE.load(tmp_path / "paper")
+    saved = sae_folder.load(tmp_path / "paper")
     assert saved.bandwidth == 0.001 and saved.metadata["recipe"] == "paper"
 
 
@@ -439,7 +447,7 @@ def test_paper_recipe_runs_with_a_fixed_coefficient(tiny_acts, tmp_path):
 PAPER_ONLY = "--recipe paper fixes lambda and warms it up over 10,000 steps: pass --l0-coefficient LAMBDA"
 PAPER_CASES = [
     ([], None, PAPER_ONLY), (["--target-l0", "8"], None, PAPER_ONLY),
-    (["--l0-coefficient", "1e-3"], {"l0_coefficient": 1e-3, "sparsity": None}, None),            # the paper
+    (["--l0-coefficient", "1e-3"], {"l0_coefficient": 1e-3, "sparsity": "l0"}, None),            # the paper
     (["--sparsity", "l0"], None, PAPER_ONLY), (["--sparsity", "l0", "--target-l0", "8"], None, PAPER_ONLY),
     (["--sparsity", "l0", "--l0-coefficient", "1e-3"], {"l0_coefficient": 1e-3, "sparsity": "l0"}, None),   # the same
     (["--sparsity", "target_batch"], None, PAPER_ONLY), (["--sparsity", "target_row"], None, PAPER_ONLY),
@@ -452,7 +460,7 @@ PAPER_CASES = [
     (["--arch", "topk", "--target-l0", "8"], {"target_l0": 8}, None),            # the paper's schedule, k = 8
     (["--arch", "topk"], None, "set the sparsity with --target-l0 K"),
     (["--arch", "topk", "--l0-coefficient", "1e-3"], None, "--arch topk needs --target-l0 K"),
-    (["--arch", "relu", "--l0-coefficient", "1e-3"], {"l0_coefficient": 1e-3}, None),        # its L1 coefficient
+    (["--arch", "relu", "--l0-coefficient", "1e-3"], {"l0_coefficient": 1e-3, "sparsity": "l0"}, None),   # its L1 coefficient
     (["--arch", "gated", "--target-l0", "8"], None, PAPER_ONLY),
     (["--arch", "relu", "--sparsity", "tanh", "--l0-coefficient", "1e-3"], None, "--sparsity is JumpReLU's"),
 ]
@@ -462,8 +470,8 @@ PAPER_CASES = [
 def test_every_paper_recipe_combination_runs_with_a_meaning_or_is_refused_in_one_sentence(tiny_acts, tmp_path,
                                                                                           monkeypatch, flags, meaning, refusal):
     calls = []
-    monkeypatch.setattr(train, "train", lambda *a, **k: calls.append(k) or {"heldout_l0": 1, "heldout_fvu": 1,
-                                                                             "dead_fraction": 0})
+    monkeypatch.setattr(train, "train", lambda acts_dir, out, hp, **k: calls.append(hp) or {
+        "heldout_l0": 1, "heldout_fvu": 1, "dead_fraction": 0})
     argv = ["--acts", str(tiny_acts), "--out", str(tmp_path / "sae"), "--recipe", "paper", "--d-sae", "64", *flags]
     if refusal:
         with pytest.raises(SystemExit) as exit_:
@@ -492,26 +500,6 @@ def test_paper_recipe_runs_anthropics_loss_and_topk(tiny_acts, tmp_path, kw):
         assert sae.metadata["sparsity"] == "tanh"
 
 
-def test_anthropic_units_convert_from_inputs_of_norm_sqrt_d_in():
-    """Anthropic's constants are for inputs scaled to E||x|| = sqrt(d_in): x_theirs = r x_ours, so the
-    pre-activations scale by r and the MSE by r^2; the loss of our SAE on x_ours, times r^2, must be
-    theirs on x_theirs with their constants."""
-    torch.manual_seed(0)
-    x = torch.randn(64, 8) * 0.3
-    hp = train.anthropic_units({**train.SMALL, **train.ANTHROPIC, "sparsity": "tanh"}, x)
-    r = math.sqrt(8) / x.norm(dim=1).mean().item()
-    ours, theirs = JumpReLUSAE(8, 16, bandwidth=hp["bandwidth"], threshold_init=0.05, dtype=torch.float64), \
-        JumpReLUSAE(8, 16, bandwidth=2.0, threshold_init=0.05 * r, dtype=torch.float64)
-    with torch.no_grad():
-        theirs.W_enc.copy_(ours.W_enc), theirs.W_dec.copy_(ours.W_dec)
-    dead = torch.arange(16) % 3 == 0
-    a = ours.loss(x.double(), 1e-3, dead, sparsity="tanh", tanh_scale=hp["tanh_scale"],                 # tanh has no units
-                  pre_act_coefficient=hp["pre_act_coefficient"])
-    b = theirs.loss(x.double() * r, 1e-3 * r ** 2, dead, sparsity="tanh", tanh_scale=4.0, pre_act_coefficient=3e-6)
-    assert (a["loss"] * r ** 2).item() == pytest.approx(b["loss"].item(), rel=1e-9)
-    assert (a["f"] * r).detach().allclose(b["f"].detach())
-
-
 def test_no_latent_is_dead_before_it_has_had_the_window_to_fire():
     """fired_at starts at 0: with a window of 3 steps, a latent that never fires is dead from step 3
     on (after 3 batches), not from step 0; one that fired at step s is dead again from step s + 4."""
@@ -533,13 +521,13 @@ def test_no_latent_is_dead_before_it_has_had_the_window_to_fire():
 @pytest.mark.parametrize("arch", ["jumprelu", "topk"])
 def test_training_starts_with_no_latent_dead(tiny_acts, tmp_path, monkeypatch, arch):
     """train() starts every latent's window at step 0 (before issue 14 fired_at started at -1, so at
-    step 0 every latent was dead); the pull's window for JumpReLU, AuxK's (auxk_window) for TopK."""
+    step 0 every latent was dead); the pull's window for JumpReLU, AuxK's (dead_steps) for TopK."""
     seen, real = [], train.train_step
     monkeypatch.setattr(train, "train_step", lambda *a, **k: seen.append((a[5].clone(), a[6], k["dead_steps"])) or real(*a, **k))
     _train(tiny_acts, tmp_path / "sae", arch=arch, steps=3, dead_window_tokens=300)      # 2 whole batches of 128
     fired_at, step_, dead_steps = seen[0]
     assert step_ == 0 and not (fired_at <= step_ - dead_steps).any()
-    assert dead_steps == (train.auxk_window(3, 128) if arch == "topk" else 2)
+    assert dead_steps == (1 if arch == "topk" else 2)                       # an eighth of 3 steps, at least 1
 
 
 def test_a_batch_above_the_training_split_is_refused_in_one_sentence(tiny_acts, tmp_path):
@@ -548,10 +536,13 @@ def test_a_batch_above_the_training_split_is_refused_in_one_sentence(tiny_acts, 
         _train(tiny_acts, tmp_path / "sae", batch_size=rows + 1)
 
 
-def test_auxk_window_is_gaos_ten_million_tokens_or_an_eighth_of_the_run():
-    assert train.auxk_window(250, 2048) == 31                        # 512k tokens: 31 batches, 63k tokens
-    assert train.auxk_window(2_000_000, 4096) == 10_000_000 // 4096  # billions of tokens: Gao et al.'s 10M
-    assert train.auxk_window(4, 128) == 1
+def test_auxks_dead_window_is_gaos_ten_million_tokens_or_an_eighth_of_the_run():
+    def dead_steps(arch, steps, batch_size):
+        return train.dead_steps({**train.RECIPES["small"], "arch": arch, "steps": steps, "batch_size": batch_size})
+    assert dead_steps("topk", 250, 2048) == 31                        # 512k tokens: 31 batches, 63k tokens
+    assert dead_steps("batchtopk", 2_000_000, 4096) == 10_000_000 // 4096  # billions of tokens: Gao et al.'s 10M
+    assert dead_steps("topk", 4, 128) == 1
+    assert dead_steps("jumprelu", 4, 128) == dead_steps("relu", 250, 128) == 2**15 // 128    # dead_window_tokens
 
 
 def test_sparsity_must_be_given(tiny_acts, tmp_path):
@@ -616,15 +607,15 @@ def test_sweep_from_the_command_line_writes_one_folder_per_sparsity(tiny_acts, t
 
 
 def _main(monkeypatch, argv, world=None, rank=None):
-    """train.main(argv) with train() recorded, not run: the (acts, out, kwargs) of each call."""
+    """train.main(argv) with train() recorded, not run: the (acts, out, settings and keywords) of each call."""
     for name, value in (("WORLD_SIZE", world), ("RANK", rank)):
         if value is None:
             monkeypatch.delenv(name, raising=False)
         else:
             monkeypatch.setenv(name, value)
     calls = []
-    monkeypatch.setattr(train, "train", lambda *a, **k: calls.append((*a, k)) or {"heldout_l0": 1, "heldout_fvu": 1,
-                                                                                   "dead_fraction": 0})
+    monkeypatch.setattr(train, "train", lambda acts_dir, out, hp, **k: calls.append((acts_dir, out, {**hp, **k})) or {
+        "heldout_l0": 1, "heldout_fvu": 1, "dead_fraction": 0})
     train.main(argv)
     return calls
 
@@ -634,18 +625,20 @@ def test_main_passes_every_option_on_to_train(tiny_acts, tmp_path, monkeypatch):
     out = str(tmp_path / "sae")
     calls = _main(monkeypatch, ["--acts", str(tiny_acts), "--out", out, "--d-sae", "64", "--steps", "7", "--seed", "3",
                                 "--log-every", "5", "--checkpoint-every", "6", "--resume", "--device", "cpu", "--path",
-                                "dense", "--compile", "--dtype", "float64", "--lr", "0.01", "--batch-size", "101",
+                                "dense", "--compile", "--lr", "0.01", "--batch-size", "101",
                                 "--bandwidth", "0.05", "--threshold-lr-scale", "3", "--lr-warmup-steps", "2",
                                 "--l0-warmup-steps", "4", "--lr-decay-fraction", "0.5", "--sparsity", "l0",
                                 "--target-l0", "8"])
-    assert calls == [(str(tiny_acts), out, dict(
-        arch="jumprelu", d_sae=64, steps=7, recipe="small", seed=3, log_every=5, checkpoint_every=6, resume=True,
-        device="cpu", path="dense", compile_loss=True, dtype=torch.float64, target_l0=8, lr=0.01, batch_size=101,
-        bandwidth=0.05, threshold_lr_scale=3, sparsity="l0", lr_warmup_steps=2, l0_warmup_steps=4,
-        lr_decay_fraction=0.5))]
+    given = dict(arch="jumprelu", d_sae=64, steps=7, recipe="small", seed=3, log_every=5, checkpoint_every=6, resume=True,
+                 device="cpu", path="dense", compile=True, target_l0=8, lr=0.01, batch_size=101, bandwidth=0.05,
+                 threshold_lr_scale=3, sparsity="l0", lr_warmup_steps=2, l0_warmup_steps=4, lr_decay_fraction=0.5)
+    (acts_dir, out_, k), = calls
+    assert (acts_dir, out_) == (str(tiny_acts), out) and {key: k[key] for key in given} == given
     (_, _, k), = _main(monkeypatch, ["--acts", str(tiny_acts), "--out", out])          # the defaults
-    assert (k["target_l0"], k["d_sae"], k["resume"], k["compile_loss"], k["dtype"]) == (32, None, False, None, torch.float32)
+    assert (k["target_l0"], k["d_sae"], k["resume"], k["compile"]) == (32, 8 * 32, False, None)
     assert (k["steps"], k["seed"], k["log_every"], k["checkpoint_every"], k["device"], k["path"]) == (600, 0, 25, 100, None, "auto")
+    assert {key: k[key] for key in train.RECIPES["small"] if key != "d_sae"} == \
+        {key: v for key, v in train.RECIPES["small"].items() if key != "d_sae"}
     assert _main(monkeypatch, ["--acts", str(tiny_acts), "--out", out, "--arch", "batchtopk", "--target-l0", "4",
                                "--batch-size", "101"])[0][1] == out
 
@@ -654,9 +647,8 @@ def test_train_defaults_are_the_command_lines(tiny_acts, tmp_path, monkeypatch):
     """import train; train.train(acts, out, target_l0=32) in a notebook is `python train.py --acts ACTS --out OUT`."""
     defaults = {name: p.default for name, p in inspect.signature(train.train).parameters.items() if p.default is not p.empty}
     (_, _, called), = _main(monkeypatch, ["--acts", str(tiny_acts), "--out", str(tmp_path / "sae")])
-    assert {k: called[k] for k in called if k in defaults and k != "target_l0"} == \
-        {k: defaults[k] for k in called if k in defaults and k != "target_l0"}
-    assert defaults["quiet"] is False                                         # main passes no quiet: it prints
+    assert {k: v for k, v in called.items() if k != "resume"} == train.settings(tiny_acts, target_l0=32)
+    assert defaults["quiet"] is False and defaults["resume"] is called["resume"] is False   # main passes no quiet: it prints
 
 
 @pytest.mark.parametrize("argv, rank, headers", [(["--l0-coefficient", "0.001", "2e-3"], None, 2),
@@ -693,7 +685,7 @@ def test_jumprelus_own_flags_are_refused_for_a_baseline(tiny_acts, tmp_path, mon
 
 
 def test_fvu_by_hand():
-    """SPEC section 5: sum ||x - x_hat||^2 / sum ||x - mean(x)||^2, the mean over rows: 5 / 4."""
+    """docs/maths.md section 5: sum ||x - x_hat||^2 / sum ||x - mean(x)||^2, the mean over rows: 5 / 4."""
     x_BD, x_hat_BD = torch.tensor([[1.0, 0.0], [3.0, 2.0]]), torch.tensor([[1.0, 1.0], [3.0, 0.0]])
     assert train.fvu(x_BD, x_hat_BD) == 1.25
 
@@ -742,9 +734,9 @@ def test_a_record_is_printed_and_shown_on_the_progress_bar(tmp_path, monkeypatch
     monkeypatch.setattr(train, "matmul_ceiling", lambda *a: 1e9)
     monkeypatch.setattr(train, "all_mean", lambda t, world: t)        # rank 0 of `world`, without a process group
     _clock(monkeypatch, 100.0, 102.5, 103.0)
-    log = train.Log(tmp_path / "log.jsonl", JumpReLUSAE(8, 16), torch.randn(4, 8), torch.tensor([0, 10, 11, 20] * 4),
-                    batch_size=100_000, start=10, steps=40, world=world, rank=0, autocast=False, quiet=False)
-    r = log.write(20, {"loss": torch.tensor(2.0), "mse": torch.tensor(0.5), "l0": torch.tensor(3.0)}, lam, 1e-4, "dense")
+    with train.Log(tmp_path / "log.jsonl", JumpReLUSAE(8, 16), torch.randn(4, 8), torch.tensor([0, 10, 11, 20] * 4),
+                   batch_size=100_000, start=10, steps=40, world=world, rank=0, autocast=False, quiet=False) as log:
+        r = log.write(20, {"loss": torch.tensor(2.0), "mse": torch.tensor(0.5), "l0": torch.tensor(3.0)}, lam, 1e-4, "dense")
     mfu = f"{10 * 8 * 16 * 400_000 / (world * 1e9):.0%}"
     printed, bar = capsys.readouterr()
     assert printed == (f"step 20: loss 2.0000 mse 0.5000 L0 3.0 | held-out L0 {r['heldout_l0']:.1f} FVU {r['heldout_fvu']:.4f} | "
@@ -779,7 +771,7 @@ def test_sparse_and_dense_paths_train_the_same_sae(tiny_acts, tmp_path):
     carried through Adam; the log says which path each logged step took."""
     _train(tiny_acts, tmp_path / "dense", path="dense")
     _train(tiny_acts, tmp_path / "sparse", path="sparse")
-    dense, sparse = JumpReLUSAE.load(tmp_path / "dense"), JumpReLUSAE.load(tmp_path / "sparse")
+    dense, sparse = sae_folder.load(tmp_path / "dense"), sae_folder.load(tmp_path / "sparse")
     for name in ("W_enc", "b_enc", "W_dec", "b_dec", "threshold"):
         a, b = getattr(dense, name), getattr(sparse, name)
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4 * a.abs().max().item(), msg=name)
@@ -799,7 +791,7 @@ def test_auto_path_switches_to_sparse_and_resumes_on_the_same_path(tiny_acts, tm
     _train(tiny_acts, tmp_path / "resumed", log_every=1, resume=True)
     paths = [r["path"] for r in _log(tmp_path / "resumed")]
     assert paths == ["dense"] + ["sparse"] * 7
-    whole, resumed = JumpReLUSAE.load(tmp_path / "whole"), JumpReLUSAE.load(tmp_path / "resumed")
+    whole, resumed = sae_folder.load(tmp_path / "whole"), sae_folder.load(tmp_path / "resumed")
     for name in ("W_enc", "b_enc", "W_dec", "b_dec", "threshold"):
         assert torch.equal(getattr(whole, name), getattr(resumed, name)), name
 
@@ -813,9 +805,9 @@ def test_compiled_loss_trains_the_same_sae(tiny_acts, tmp_path):
     """--compile (the default on CUDA) runs the same loss through torch.compile: same SAE up to rounding.
     In float64, so that a different summation order (it changes with the thread count) cannot flip a
     latent across its threshold: in float32 one flip moved W_enc by more than 1e-4 on one thread."""
-    _train(tiny_acts, tmp_path / "eager", path="dense", compile_loss=False, dtype=torch.float64)
-    _train(tiny_acts, tmp_path / "compiled", path="dense", compile_loss=True, dtype=torch.float64)
-    eager, compiled = JumpReLUSAE.load(tmp_path / "eager"), JumpReLUSAE.load(tmp_path / "compiled")
+    _train(tiny_acts, tmp_path / "eager", path="dense", compile=False, dtype=torch.float64)
+    _train(tiny_acts, tmp_path / "compiled", path="dense", compile=True, dtype=torch.float64)
+    eager, compiled = sae_folder.load(tmp_path / "eager"), sae_folder.load(tmp_path / "compiled")
     for name in ("W_enc", "b_enc", "W_dec", "b_dec", "threshold"):
         a, b = getattr(eager, name), getattr(compiled, name)
         torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-9 * a.abs().max().item(), msg=name)
@@ -834,7 +826,7 @@ def test_compiled_training_runs_the_sparse_path_eagerly(tiny_acts, tmp_path, mon
         return compiled
 
     monkeypatch.setattr(train.torch, "compile", fake_compile)
-    _train(tiny_acts, tmp_path / "sae", compile_loss=True, log_every=1)
+    _train(tiny_acts, tmp_path / "sae", compile=True, log_every=1)
     paths = [r["path"] for r in _log(tmp_path / "sae")]
     assert paths == ["dense"] + ["sparse"] * 7 and calls == [False]
 
@@ -854,33 +846,40 @@ def test_training_ends_within_10_percent_of_the_target_l0(tiny_acts, tmp_path, s
 
 
 @pytest.mark.parametrize("sparsity", ["target_batch", "tanh"])
-def test_the_training_loss_is_the_saes_loss_with_the_recipes_options(sparsity):
-    """loss_functions binds the recipe to sae.loss: the target, the dead-threshold pull, Anthropic's tanh scale,
-    pre-activation loss and estimator; one process averages the rows' L0 with torch.mean. The "sparse" path
-    is sae.loss's sparse one (it alone reports "kept"). Same loss and gradients, bit for bit."""
+def test_the_training_loss_is_the_recipes_loss_with_its_options(sparsity):
+    """loss_functions binds the recipe to its loss: the target_batch penalty and the dead-threshold pull
+    (penalties.py, on both paths; the sparse one alone reports "kept"), or Anthropic's loss with its
+    constants in our units (anthropic.py, dense); one process averages the rows' L0 with torch.mean.
+    Same loss and gradients, bit for bit."""
     torch.manual_seed(0)
-    sae, x_BD, dead_F = JumpReLUSAE(8, 32, bandwidth=0.05, threshold_init=0.05), torch.randn(64, 8) * 0.3, torch.arange(32) % 4 == 0
+    x_BD, dead_F = torch.randn(64, 8) * 0.3, torch.arange(32) % 4 == 0
+    hp = {**train.RECIPES["small"], "sparsity": sparsity, "target_l0": 4}
     if sparsity == "tanh":
-        hp = train.anthropic_units({**train.SMALL, **train.ANTHROPIC, "sparsity": "tanh"}, x_BD)
-        options = dict(sparsity="tanh", target_l0=4, dead_pull=0.0, tanh_scale=hp["tanh_scale"],
-                       pre_act_coefficient=hp["pre_act_coefficient"], ste_to_input=True)
+        hp = anthropic.in_our_units({**hp, **anthropic.DEFAULTS}, x_BD)
         assert hp["tanh_scale"] != 4.0 and hp["pre_act_coefficient"] > 0
+        sae = anthropic.AnthropicJumpReLUSAE(8, 32, bandwidth=0.05, threshold_init=0.05)
+        want = {"dense": functools.partial(sae.loss, tanh_scale=hp["tanh_scale"],
+                                           pre_act_coefficient=hp["pre_act_coefficient"])}
     else:
-        hp, options = train.SMALL, dict(sparsity="target_batch", target_l0=4, dead_pull=0.01)
-    losses = train.loss_functions(sae, hp, 4, 1, False)
-    for path in ("dense", "sparse") if sparsity != "tanh" else ("dense",):
-        got = losses[path](x_BD, 1e-2, dead_F)
-        want = sae.loss(x_BD, 1e-2, dead_F, **options, sparse=path == "sparse")
-        assert ("kept" in got) == (path == "sparse") and torch.equal(got["loss"], want["loss"]), path
+        sae = JumpReLUSAE(8, 32, bandwidth=0.05, threshold_init=0.05)
+        want = {path: functools.partial(penalties.loss, sae, penalty=penalties.target_batch(4), dead_pull=0.01,
+                                        sparse=path == "sparse") for path in ("dense", "sparse")}
+    losses = train.loss_functions(sae, hp, 1, "cpu")
+    assert losses["path"] == ("dense" if sparsity == "tanh" else "auto") and losses["compiled"] is False
+    for path, loss in want.items():
+        got, expected = losses[path](x_BD, 1e-2, dead_F), loss(x_BD, 1e-2, dead_F)
+        assert ("kept" in got) == (path == "sparse") and torch.equal(got["loss"], expected["loss"]), path
         for a, b, (name, _) in zip(torch.autograd.grad(got["loss"], list(sae.parameters())),
-                                   torch.autograd.grad(want["loss"], list(sae.parameters())), sae.named_parameters()):
+                                   torch.autograd.grad(expected["loss"], list(sae.parameters())), sae.named_parameters()):
             assert torch.equal(a, b), (path, name)
 
 
-def test_the_pi_controller_starts_from_the_given_lambda_or_1e_3():
+def test_the_pi_controller_starts_from_the_given_lambda_or_1e_3_where_a_target_sets_lambda():
+    hp = {**train.RECIPES["small"], "sparsity": "l0", "target_l0": 32}
     for given, start in ((5e-3, 5e-3), (None, 1e-3)):
-        hp, lam, controller = train.sparsity("jumprelu", {**train.SMALL, "sparsity": "l0"}, 32, given)
-        assert hp["sparsity"] == "l0" and lam == given and controller.value == start
+        assert train.make_controller({**hp, "l0_coefficient": given}).value == start
+    for other in ({"sparsity": "target_batch"}, {"arch": "topk"}, {"target_l0": None, "l0_coefficient": 1e-3}):
+        assert train.make_controller({**hp, **other}) is None, other
 
 
 def test_init_from_data_keeps_each_of_its_promises():
@@ -892,7 +891,7 @@ def test_init_from_data_keeps_each_of_its_promises():
     x_ND = torch.randn(2000, 32, generator=g) + 0.5 + torch.randn(2000, 1, generator=g) * 5 * sink
     torch.manual_seed(1)
     sae = JumpReLUSAE(32, 128)
-    train.init_from_data(sae, x_ND, 6, train.SMALL)
+    train.init_from_data(sae, x_ND, 6, train.RECIPES["small"])
     top_KD = torch.linalg.svd(x_ND, full_matrices=False).Vh[:2]
     torch.testing.assert_close(sae.W_dec @ top_KD.T, torch.zeros(128, 2), atol=1e-5, rtol=0)
     torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(128))
@@ -906,7 +905,7 @@ def test_init_from_data_keeps_each_of_its_promises():
     sae = JumpReLUSAE(32, 128)                  # K > d_sae / 2: each latent's median, no lower (b_enc lifts the
     with torch.no_grad():                       # medians above the bandwidth, the thresholds' floor)
         sae.b_enc.fill_(10.0)
-        train.init_from_data(sae, x_ND, 100, train.SMALL)
+        train.init_from_data(sae, x_ND, 100, train.RECIPES["small"])
         assert ((sae.pre_acts(x_ND) > sae.threshold).sum(0) - 1000).abs().max() <= 2
 
 
@@ -944,28 +943,16 @@ def test_build_starts_from_the_recipes_bandwidth_and_thresholds():
     """Without the small recipe's data-driven start ("auto", "quantile"), a JumpReLU starts at the recipe's own
     bandwidth and threshold, whatever they are; TopK's k is the target L0."""
     sample_ND = torch.randn(64, 4)
-    sae = train.build("jumprelu", 4, 8, {**train.PAPER, "bandwidth": 0.01, "threshold_init": 0.05}, None, sample_ND, "cpu")
-    assert sae.bandwidth == 0.01 and torch.allclose(sae.threshold, torch.full((8,), 0.05))
-    assert train.build("topk", 4, 8, train.PAPER, 3.0, sample_ND, "cpu").k == 3
+    paper = {**train.RECIPES["paper"], "d_sae": 8, "target_l0": None}
+    sae = train.build({**paper, "bandwidth": 0.01, "threshold_init": 0.05}, 4, sample_ND, "cpu")
+    assert type(sae) is JumpReLUSAE and sae.bandwidth == 0.01 and torch.allclose(sae.threshold, torch.full((8,), 0.05))
+    assert train.build({**paper, "arch": "topk", "target_l0": 3.0}, 4, sample_ND, "cpu").k == 3
+    assert type(train.build({**paper, "sparsity": "tanh"}, 4, sample_ND, "cpu")) is anthropic.AnthropicJumpReLUSAE
     # The small recipe with a fixed lambda (no --target-l0): thresholds at the quantiles of an L0 of 32.
     x_ND = torch.randn(2000, 32, generator=torch.Generator().manual_seed(0))
-    sae = train.build("jumprelu", 32, 128, train.SMALL, None, x_ND, "cpu")
+    sae = train.build({**train.RECIPES["small"], "d_sae": 128, "target_l0": None}, 32, x_ND, "cpu")
     with torch.no_grad():
         assert (sae.pre_acts(x_ND) > sae.threshold).float().sum(1).mean().item() == pytest.approx(32, abs=0.1)
-
-
-def test_the_dead_threshold_pull_lowers_a_dead_latents_threshold():
-    """A latent whose pre-activations never reach its kernel window gets no estimator gradient; the
-    pull adds exactly dead_pull to its log-threshold's gradient, so a step lowers the threshold."""
-    sae = JumpReLUSAE(8, 16, bandwidth=0.05)
-    with torch.no_grad():
-        sae.log_threshold[0] = 5.0                                   # theta = 148: never reached
-    dead_F = torch.arange(16) == 0
-    sae.loss(torch.randn(64, 8), 1e-3, dead_F, dead_pull=0.01)["loss"].backward()
-    assert sae.log_threshold.grad[0].item() == pytest.approx(0.01)
-    before = sae.log_threshold[0].item()
-    torch.optim.Adam(sae.parameters(), lr=1e-2).step()
-    assert sae.log_threshold[0].item() < before
 
 
 def test_training_batches_are_scaled_to_unit_mean_squared_norm(tiny_acts, tmp_path, monkeypatch):
@@ -996,7 +983,7 @@ def test_global_mean_in_one_process_is_the_mean_with_its_gradient():
     (dict(recipe="paper"), "--recipe paper fixes lambda"),
     (dict(sparsity="tanh", path="sparse"), "--sparsity tanh trains on the dense path")])
 def test_train_itself_refuses_what_check_settings_refuses_before_writing(tiny_acts, tmp_path, settings, refusal):
-    """train() hands check_settings its width, recipe and sparsity (the test above calls check_settings alone)."""
+    """train() checks its settings, the width, recipe and sparsity included (the test above calls check_settings alone)."""
     with pytest.raises(ValueError) as info:
         _train(tiny_acts, tmp_path / "run", **settings)
     assert refusal in str(info.value) and not (tmp_path / "run").exists()
@@ -1004,7 +991,7 @@ def test_train_itself_refuses_what_check_settings_refuses_before_writing(tiny_ac
 
 def test_d_sae_defaults_to_eight_times_d_in(tiny_acts, tmp_path):
     _train(tiny_acts, tmp_path / "run", d_sae=None, steps=2, checkpoint_every=2)
-    assert JumpReLUSAE.load(tmp_path / "run").d_sae == 8 * acts.read_manifest(tiny_acts)["d_in"] == 256
+    assert sae_folder.load(tmp_path / "run").d_sae == 8 * acts.read_manifest(tiny_acts)["d_in"] == 256
 
 
 def test_autocast_asked_for_on_a_cpu_runs_the_training_under_it(tiny_acts, tmp_path, monkeypatch):
@@ -1028,7 +1015,7 @@ def test_the_logged_lr_follows_the_small_recipes_warmup_and_decay(tiny_acts, tmp
     """Each step's lr, as log.jsonl records it, is lr_at's with the recipe's decay over the last fifth."""
     _train(tiny_acts, tmp_path / "run", steps=10, log_every=1, checkpoint_every=10, lr_warmup_steps=1)
     logged = [r["lr"] for r in _log(tmp_path / "run")]
-    assert logged == [train.lr_at(s, 10, train.SMALL["lr"], 1, train.SMALL["lr_decay_fraction"]) for s in range(10)]
+    assert logged == [train.lr_at(s, 10, train.RECIPES["small"]["lr"], 1, train.RECIPES["small"]["lr_decay_fraction"]) for s in range(10)]
     assert logged[-1] < logged[-2]                                         # the decay is there to see
 
 

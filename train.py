@@ -7,14 +7,15 @@
     python train.py --acts runs/acts --out runs/sae --resume                  # carry on a killed run
     torchrun --nproc-per-node 8 train.py --acts runs/acts --out runs/sae --target-l0 32   # 8 GPUs, data parallel
 
-Inputs are multiplied by one scalar so that E||x||^2 = 1 over the training split (SPEC section 3,
-estimated once from a sample); the saved SAE has it folded in and takes raw activations. Sparsity
-is set by a fixed L0 coefficient (lambda), or by --target-l0 K, which holds the L0 at K: with a
-quadratic penalty around K (the small recipe) or a controller on lambda (--sparsity l0).
-The baselines (SPEC section 4, baselines.py) take the same --target-l0: k itself for TopK and
-BatchTopK, the PI controller on the L1 coefficient for ReLU and Gated (or a fixed --l0-coefficient,
-which is then their L1 coefficient). They share the optimiser, schedule, batch, b_dec and
-orthogonal initialisation; the JumpReLU-only parts (thresholds, bandwidth, dead-threshold pull) not.
+Inputs are multiplied by one scalar so that E||x||^2 = 1 over the training split (docs/maths.md
+section 3.1, estimated once from a sample); the saved SAE has it folded in and takes raw
+activations. Sparsity is set by a fixed L0 coefficient (lambda), or by --target-l0 K, which holds
+the L0 at K: with a quadratic penalty around K (the small recipe) or a controller on lambda
+(--sparsity l0). The baselines (docs/maths.md section 4, baselines.py) take the same --target-l0:
+k itself for TopK and BatchTopK, the PI controller on the L1 coefficient for ReLU and Gated (or a
+fixed --l0-coefficient, which is then their L1 coefficient). They share the optimiser, schedule,
+batch, b_dec and orthogonal initialisation; the JumpReLU-only parts (thresholds, bandwidth,
+dead-threshold pull) not. Every setting, with each recipe's value, is in SETTINGS below.
 
 Writes to --out: config.json and sae.safetensors (the SAE), log.jsonl (one record per --log-every
 steps) and checkpoint.safetensors (weights, Adam state, step, lambda; written atomically).
@@ -33,6 +34,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -41,66 +43,291 @@ from safetensors.torch import save
 from tqdm import tqdm
 
 import acts
+import anthropic
 import cli
+import penalties
+import sae_folder
 from baselines import ARCHITECTURES, make_sae
-from jumprelu import atomic_write
+from sae_folder import atomic_write
 
-# SPEC section 3, exactly: Gemma Scope's recipe, built for billions of tokens.
-PAPER = dict(lr=7e-5, betas=(0.0, 0.999), lr_warmup_steps=1000, lr_decay_fraction=0.0, batch_size=4096,
-             bandwidth=0.001, threshold_init=0.001, threshold_lr_scale=1.0, l0_warmup_steps=10_000,
-             b_dec_init="zeros", orthogonal_init=0, dead_threshold_pull=0.0, dead_window_tokens=2**15,
-             sparsity="l0", target_l0_coefficient=None)
-# Our recipe for about a million tokens (minutes on a CPU). Each departure from the paper was
-# measured on SmolLM2 layer-6 activations; docs/recipe.md has the numbers.
-SMALL = dict(lr=1e-3, betas=(0.9, 0.999), lr_warmup_steps=50, lr_decay_fraction=0.2, batch_size=2048,
-             bandwidth="auto",               # 0.3 x the median pre-activation std (SPEC's 0.001 is ~4% of it)
-             threshold_init="quantile",      # each latent starts firing on K/d_sae of the tokens
-             threshold_lr_scale=20.0,        # log-thresholds move ~2% a step, not ~0.1%
-             l0_warmup_steps=0,
-             b_dec_init="mean",
-             orthogonal_init=2,              # encoder starts orthogonal to the sink and mean directions
-             dead_threshold_pull=0.01,       # a dead latent's threshold is pulled down until it fires
-             dead_window_tokens=2**15,       # the pull's dead: no firing in the last 32k tokens (AuxK's: auxk_window)
-             sparsity="target_batch",        # lambda (2/K)(L0 - K)^2 on the batch's mean L0
-             target_l0_coefficient=5e-3)
-AUTO_BANDWIDTH = 0.3   # bandwidth "auto": this fraction of the median over latents of the pre-activation std
-RECIPES = {"paper": PAPER, "small": SMALL}
+# --- The settings: each defined once, with the two recipes' values ------------------------------
+
+
+class Setting(NamedTuple):
+    paper: object        # the paper's recipe: Gemma Scope's, built for billions of tokens (docs/maths.md section 3.1)
+    small: object        # ours for about a million tokens, minutes on a CPU (section 3.2; measured in docs/recipe.md)
+    help: str
+    option: dict = None  # argparse's type or choices for --<name>; None: the recipe's alone
+
+
+SETTINGS = {
+    # What is trained, and for how long.
+    "arch": Setting("jumprelu", "jumprelu", "jumprelu, or a baseline of docs/maths.md section 4",
+                    dict(choices=list(ARCHITECTURES))),
+    "d_sae": Setting(None, None, "number of latents (default 8 x d_in)", dict(type=cli.positive_int)),
+    "steps": Setting(600, 600, "training steps", dict(type=cli.positive_int)),
+    "sparsity": Setting("l0", "target_batch",
+                        "JumpReLU's sparsity term: the paper's lambda*L0 (l0), lambda (2/K)(L0-K)^2 on the batch mean "
+                        "(target_batch) or per row (target_row, Gemma Scope 2), both with --target-l0 K, or Anthropic's "
+                        "JumpReLU (tanh: its tanh penalty, pre-activation loss, bandwidth and estimator); l0 and tanh "
+                        "take --l0-coefficient LAMBDA, or --target-l0 K for a controller on lambda",
+                        dict(choices=("l0", "target_batch", "target_row", "tanh"))),
+    "target_l0_coefficient": Setting(None, 5e-3, "lambda of the target_batch and target_row penalties"),
+    # Adam and its schedules.
+    "lr": Setting(7e-5, 1e-3, "Adam's learning rate", dict(type=cli.positive)),
+    "betas": Setting((0.0, 0.999), (0.9, 0.999), "Adam's betas"),
+    "batch_size": Setting(4096, 2048, "rows a step (the global batch under torchrun)", dict(type=cli.positive_int)),
+    "lr_warmup_steps": Setting(1000, 50, "steps of the cosine learning-rate warm-up from 0.1 lr", dict(type=cli.count)),
+    "lr_decay_fraction": Setting(0.0, 0.2, "the last fraction of the steps, over which the learning rate decays "
+                                 "linearly to 0", dict(type=cli.fraction)),
+    "l0_warmup_steps": Setting(10_000, 0, "steps of lambda's linear warm-up from 0", dict(type=cli.count)),
+    # JumpReLU's thresholds, and the initialisation from a sample of the data.
+    "bandwidth": Setting(0.001, "auto", "the kernel width epsilon (auto: 0.3 x the median pre-activation std; the "
+                         "paper's 0.001 is about 4% of it)", dict(type=cli.positive)),
+    "threshold_init": Setting(0.001, "quantile", "each theta at the start (quantile: where its latent fires on "
+                              "K/d_sae of the sample, so L0 starts at the target and no latent starts dead)"),
+    "threshold_lr_scale": Setting(1.0, 20.0, "the log-thresholds' learning rate over lr (20: they move ~2% a step, "
+                                  "not ~0.1%)", dict(type=cli.positive)),
+    "b_dec_init": Setting("zeros", "mean", "b_dec at the start: zeros or the sample's mean"),
+    "orthogonal_init": Setting(0, 2, "the encoder and decoder start orthogonal to the sample's top N singular "
+                               "directions (the attention-sink direction and the mean)"),
+    "dead_threshold_pull": Setting(0.0, 0.01, "a dead latent's log-threshold is pulled down at this rate until it fires"),
+    "dead_window_tokens": Setting(2**15, 2**15, "a JumpReLU latent that has not fired in this many tokens is dead "
+                                  "(TopK's window: dead_steps)"),
+    # The run.
+    "seed": Setting(0, 0, "seed of the initialisation and the batch order", dict(type=cli.count)),
+    "log_every": Setting(25, 25, "steps between log records", dict(type=cli.positive_int)),
+    "checkpoint_every": Setting(100, 100, "steps between checkpoints", dict(type=cli.positive_int)),
+    "device": Setting(None, None, "cuda or cpu (default: cuda when present)", dict(type=cli.device)),
+    "autocast": Setting(None, None, "train under bf16 autocast (default: on CUDA)"),
+    "path": Setting("auto", "auto", "JumpReLU's loss path: dense, sparse (only the active and in-window latents' "
+                    "rows), or auto (sparse once L0 is a small fraction of --d-sae); both give the same loss and "
+                    "gradients", dict(choices=("auto", "dense", "sparse"))),
+    "compile": Setting(None, None, "run the loss through torch.compile (default: JumpReLU's on CUDA, 1.5-2x the eager "
+                       "speed there; see BENCHMARKS.md)", dict(action=argparse.BooleanOptionalAction)),
+    "buffer_rows": Setting(acts.BUFFER_ROWS, acts.BUFFER_ROWS, "rows of the shuffle buffer the batches come from"),
+}
+RECIPES = {recipe: {name: getattr(s, recipe) for name, s in SETTINGS.items()} for recipe in ("paper", "small")}
 TOPK = ("topk", "batchtopk")
-# Anthropic's January 2025 JumpReLU (SPEC section 3), --sparsity tanh: SAELens's jumprelu_sparsity_loss_mode
-# "tanh" with jumprelu_tanh_scale 4, pre_act_loss_coefficient 3e-6 and jumprelu_ste_to_input, and the
-# bandwidth 2.0, all given on inputs scaled to E||x|| = sqrt(d_in); anthropic_units converts them to ours.
-# Their pre-activation loss revives dead latents, in place of our dead-threshold pull.
-ANTHROPIC = dict(bandwidth=2.0, tanh_scale=4.0, pre_act_coefficient=3e-6, ste_to_input=True, dead_threshold_pull=0.0)
+AUTO_BANDWIDTH = 0.3             # bandwidth "auto": this fraction of the median over latents of the pre-activation std
 GAO_WINDOW_TOKENS = 10_000_000   # Gao et al.'s dead window, for runs of billions of tokens
+DEAD_LOG_TOKENS = 2**20          # the log's dead fraction: latents that have not fired in this many tokens
 CALIBRATION_BATCHES = 32         # BatchTopK's threshold: the mean of this many batches' smallest kept activation
 
 
-# --- Schedules (SPEC section 3) and the target-L0 controller ----------------------------------
+# --- Training: train() first, then its helpers in the order it calls them --------------------------
 
 
-def lr_at(step, total_steps, lr, warmup_steps, decay_fraction=0.0):
-    """Cosine warm-up from 0.1 lr to lr over `warmup_steps`, then constant; with `decay_fraction`
-    > 0, a linear decay to 0 over that last fraction of training."""
-    if step < warmup_steps:
-        return lr * (0.1 + 0.9 * 0.5 * (1 - math.cos(math.pi * step / warmup_steps)))
-    decay_start = total_steps * (1 - decay_fraction)
-    if decay_fraction > 0 and step >= decay_start:
-        return lr * max(0.0, (total_steps - step) / (total_steps - decay_start))
-    return lr
+def train(acts_dir, out, hp=None, *, resume=False, quiet=False, dtype=torch.float32, **given):
+    """Train an SAE on the harvested folder `acts_dir` and write it to the folder `out`. Returns the
+    last log record (on rank 0; {} on the other ranks under torchrun).
+
+    `hp`: the run's settings, from `settings`; without it, `given` names them as `settings` takes
+    them: train("runs/acts", "runs/sae", target_l0=32, steps=200). `dtype`: of the SAE and the
+    batches during training (float64 for checks against a reference); the saved SAE is float32."""
+    hp = hp or settings(acts_dir, **given)
+    rank, local_rank, world, device = processes(hp["device"])
+    device_type, B, steps = torch.device(device).type, hp["batch_size"], hp["steps"]   # B: the global batch
+    autocast = device_type == "cuda" if hp["autocast"] is None else hp["autocast"]
+    manifest, shards, scale, sample_ND, x_eval_BD = open_data(acts_dir, B, hp["seed"], device, dtype, verify=local_rank == 0)
+    if hp["sparsity"] == "tanh":
+        hp = anthropic.in_our_units(hp, sample_ND)
+    own_group = join_group(world, device_type)
+    torch.manual_seed(hp["seed"])
+    sae = build(hp, manifest["d_in"], sample_ND, device, dtype)
+    scale = broadcast_(sae, scale, device) if world > 1 else scale
+    opt = make_optimizer(sae, hp, device_type)
+    controller = make_controller(hp)
+    losses = loss_functions(sae, hp, world, device_type)
+    fired_at = torch.zeros(hp["d_sae"], dtype=torch.long, device=device)      # steps done when each latent last fired
+    ckpt = Path(out) / "checkpoint.safetensors"
+    state = {"step": 0, "l0_coefficient": controller.value if controller else hp["l0_coefficient"]}
+    if resume:
+        state = resume_from(ckpt, sae, opt, fired_at, controller, hp)
+        scale = state["scale"]
+    if rank == 0:
+        start_log(Path(out) / "log.jsonl", resume, state["step"])
+    stream = acts.batches(shards, B, hp["seed"], start_step=state["step"], buffer_rows=hp["buffer_rows"], rank=rank,
+                          world=world)
+    l0_coefficient, l0, record = state["l0_coefficient"], state.get("last_l0", hp["d_sae"]), {}
+    with Log(Path(out) / "log.jsonl", sae, x_eval_BD, fired_at, batch_size=B, start=state["step"], steps=steps,
+             world=world, rank=rank, autocast=autocast, quiet=quiet) as log:
+        for step in range(state["step"], steps):
+            x_BD = next_batch(stream, scale, device, dtype, ckpt)
+            l0_coefficient = l0_coefficient_at(step, controller.value if controller else hp["l0_coefficient"],
+                                               hp["l0_warmup_steps"])
+            lr = set_lr(opt, lr_at(step, steps, hp["lr"], hp["lr_warmup_steps"], hp["lr_decay_fraction"]))
+            path = choose_path(losses["path"], l0, hp["d_sae"], device_type, autocast, losses["compiled"])
+            try:
+                result = train_step(sae, opt, losses[path], x_BD, l0_coefficient, fired_at, step,
+                                    dead_steps=dead_steps(hp), world=world, autocast=autocast)
+            except FloatingPointError as e:
+                raise ValueError(f"{e}; {last_good(ckpt)}; lower --lr and --resume.") from None
+            l0 = result["l0"].item()
+            if controller:
+                controller.update(l0)
+            log.bar.update(1)
+            if (step + 1) % hp["log_every"] == 0 or step + 1 == steps:
+                record = log.write(step + 1, result, l0_coefficient, lr, path)
+            if (step + 1) % hp["checkpoint_every"] == 0 or step + 1 == steps:
+                state = {"step": step + 1, "scale": scale, "bandwidth": getattr(sae, "bandwidth", None),
+                         "arch": hp["arch"], "d_sae": hp["d_sae"], "last_l0": l0,
+                         "l0_coefficient": controller.value if controller else hp["l0_coefficient"],
+                         "controller": controller.state() if controller else None, "recipe": hp["recipe"], "hp": hp,
+                         "seed": hp["seed"]}
+                checkpoint(ckpt, sae, opt, fired_at, state, rank, world)
+        if rank == 0:
+            batches = (next_batch(stream, scale, device, dtype, ckpt) for _ in range(CALIBRATION_BATCHES))
+            record = finish(out, sae, scale, log, record, batches, {
+                **{k: manifest.get(k) for k in ("model", "gguf_file", "layer", "site", "hook", "context")},
+                "acts": str(acts_dir), "recipe": hp["recipe"], "steps": steps, "tokens": steps * B, "seed": hp["seed"],
+                "lr": hp["lr"], "target_l0": hp["target_l0"],
+                "l0_coefficient": None if hp["arch"] in TOPK else l0_coefficient,
+                "sparsity": hp["sparsity"] if hp["arch"] == "jumprelu" else None})
+    leave_group(own_group)
+    return record
 
 
-def l0_coefficient_at(step, l0_coefficient, warmup_steps):
-    """lambda warmed up linearly from 0 over `warmup_steps` (None, TopK's, stays None)."""
-    return l0_coefficient * min(1.0, step / warmup_steps) if warmup_steps > 0 and l0_coefficient else l0_coefficient
+def settings(acts_dir, recipe="small", target_l0=None, l0_coefficient=None, **given):
+    """The run's settings: the recipe's (SETTINGS), Anthropic's constants under sparsity "tanh", then
+    those `given` (None: the recipe's), with the sparsity resolved and everything checked (a
+    one-sentence ValueError for what cannot train). d_sae defaults to 8 x the folder's d_in.
+
+    The sparsity: "l0" is the paper's lambda * L0 and "tanh" Anthropic's penalty, lambda fixed or,
+    with a target K, set by the PI controller; "target_row" and "target_batch" push L0 towards K
+    with a fixed lambda (target_l0_coefficient unless given). A baseline's lambda is its L1
+    coefficient; TopK's and BatchTopK's k is the target."""
+    unknown = sorted(set(given) - set(SETTINGS))
+    if unknown:
+        raise TypeError(f"unknown settings {unknown}; the settings are those of train.SETTINGS.")
+    given = {k: v for k, v in given.items() if v is not None}
+    hp = {**RECIPES[recipe], **(anthropic.DEFAULTS if given.get("sparsity") == "tanh" else {}), **given,
+          "recipe": recipe, "target_l0": target_l0, "l0_coefficient": l0_coefficient}
+    hp["d_sae"] = hp["d_sae"] or 8 * acts.read_manifest(acts_dir)["d_in"]
+    check_settings(hp, given, int(os.environ.get("WORLD_SIZE", 1)))
+    if hp["arch"] != "jumprelu" or (not target_l0 and hp["sparsity"] != "tanh"):
+        hp["sparsity"] = "l0"            # a fixed lambda (the paper's penalty), or a baseline's L1 term
+    if hp["sparsity"] in ("target_row", "target_batch"):
+        hp["l0_coefficient"] = l0_coefficient or hp["target_l0_coefficient"]
+    return hp
 
 
-def auxk_window(steps, batch_size):
-    """AuxK's dead window in steps: Gao et al.'s 10M tokens, but at most an eighth of the run, so that
-    a latent that dies early has most of the run to be revived (10M tokens is longer than this
-    project's CPU runs). At 250 steps of 2,048 that is 31 batches (63k tokens): a latent firing on 1
-    token in 10,000 (a fortieth of the mean rate at L0 10 over 2,304 latents) misses them with
-    probability 0.2%."""
-    return max(1, min(GAO_WINDOW_TOKENS // batch_size, steps // 8))
+def check_settings(hp, given, world):
+    """One-sentence errors for settings that cannot train; `given`: the ones the caller set. With
+    --recipe paper, lambda is fixed and warmed up (--l0-coefficient), or k is --target-l0 for TopK."""
+    arch, target_l0, sparsity = hp["arch"], hp["target_l0"], given.get("sparsity")
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"--arch must be one of {', '.join(ARCHITECTURES)}, not {arch!r}.")
+    if world > 1 and arch == "batchtopk":
+        raise ValueError("--arch batchtopk ranks the latents of the whole batch, which data parallel training splits "
+                         "over the ranks; train it in one process (python train.py, without torchrun).")
+    if hp["path"] not in ("auto", "dense", "sparse"):
+        raise ValueError(f"--path must be auto, dense or sparse, not {hp['path']!r}.")
+    if hp["path"] == "sparse" and arch != "jumprelu":
+        raise ValueError(f"--path sparse is JumpReLU's; --arch {arch} trains on the dense path (leave --path at auto).")
+    if hp["path"] == "sparse" and sparsity == "tanh":
+        raise ValueError("--sparsity tanh trains on the dense path (its pre-activation loss needs every pre-activation); "
+                         "leave --path at auto.")
+    if hp["recipe"] == "paper" and arch not in TOPK and (target_l0 is not None or hp["l0_coefficient"] is None):
+        raise ValueError("--recipe paper fixes lambda and warms it up over 10,000 steps: pass --l0-coefficient LAMBDA "
+                         "(--target-l0 K is the small recipe's, or k with --arch topk or batchtopk).")
+    if target_l0 is None and hp["l0_coefficient"] is None:
+        raise ValueError("set the sparsity with --target-l0 K or --l0-coefficient LAMBDA.")
+    for name in ("sparsity", "bandwidth", "threshold_lr_scale"):
+        if name in given and arch != "jumprelu":
+            raise ValueError(f"--{name.replace('_', '-')} is JumpReLU's; drop it for --arch {arch}.")
+    if sparsity in ("target_batch", "target_row") and target_l0 is None:
+        raise ValueError(f"--sparsity {sparsity} holds the L0 at --target-l0 K; pass it instead of --l0-coefficient, "
+                         "or drop --sparsity.")
+    if arch in TOPK and (target_l0 is None or target_l0 != int(target_l0) or target_l0 < 1):
+        raise ValueError(f"--arch {arch} needs --target-l0 K, a positive whole number (its k), not {target_l0}.")
+    if hp["batch_size"] % world:
+        raise ValueError(f"--batch-size {hp['batch_size']} cannot be split evenly over {world} ranks; pass a multiple "
+                         f"of {world}.")
+    if hp["d_sae"] < max(1, target_l0 or 0):
+        raise ValueError(f"--d-sae {hp['d_sae']} is fewer latents than an L0 of {max(1, target_l0 or 0):g} needs; pass a "
+                         "larger --d-sae or a lower --target-l0.")
+
+
+# --- Set-up: the data, the model, its optimiser and its loss ----------------------------------------
+
+
+def open_data(acts_dir, batch_size, seed, device, dtype=torch.float32, verify=True):
+    """The training shards; the input scale, from a sample of 16,384 training rows; that sample and a
+    held-out batch for the log, both scaled, in `dtype`. `verify` checks the shards' sha256 (one rank a
+    machine)."""
+    manifest, shards = acts.open_split(acts_dir, "train", verify=verify)
+    _, heldout = acts.open_split(acts_dir, "heldout", verify=verify)
+    rows = sum(len(a) for a, _ in shards)
+    if rows < batch_size:
+        raise ValueError(f"{acts_dir}'s training split has {rows:,} rows, fewer than one batch of {batch_size:,}; "
+                         "lower --batch-size or harvest more --tokens.")
+    sample_ND = acts.sample_rows(shards, 16_384, seed)
+    if not torch.isfinite(sample_ND).all():
+        raise ValueError(f"{acts_dir} holds NaN or Inf activations; harvest it again.")
+    scale = input_scale(sample_ND)
+    x_eval_BD = acts.sample_rows(heldout, batch_size, seed).to(device, dtype) * scale
+    return manifest, shards, scale, sample_ND[:4096].to(device, dtype) * scale, x_eval_BD
+
+
+def input_scale(x_ND):
+    """docs/maths.md section 3.1: the scalar s with E||s x||^2 = 1 over the sample."""
+    return 1.0 / math.sqrt(x_ND.double().pow(2).sum(1).mean().item())
+
+
+def build(hp, d_in, sample_ND, device, dtype=torch.float32):
+    """A new SAE: docs/maths.md section 3.1's initialisation (the recipe's bandwidth and thresholds for
+    JumpReLU, Anthropic's SAE under sparsity "tanh", k = target_l0 for TopK and BatchTopK), then
+    init_from_data on the scaled sample."""
+    kw, arch = dict(device=device, dtype=dtype), hp["arch"]
+    if arch == "jumprelu":
+        kw.update(bandwidth=hp["bandwidth"] if hp["bandwidth"] != "auto" else 0.001,
+                  threshold_init=hp["threshold_init"] if hp["threshold_init"] != "quantile" else 0.001)
+    if hp["sparsity"] == "tanh":
+        sae = anthropic.AnthropicJumpReLUSAE(d_in, hp["d_sae"], **kw)
+    else:
+        sae = make_sae(arch, d_in, hp["d_sae"], k=int(hp["target_l0"]) if arch in TOPK else None, **kw)
+    init_from_data(sae, sample_ND, hp["target_l0"] or 32, hp)
+    return sae
+
+
+@torch.no_grad()
+def init_from_data(sae, x_ND, target_l0, hp):
+    """The data-driven parts of the small recipe's initialisation, on a sample x_ND (scaled)."""
+    if hp["orthogonal_init"]:
+        # The residual stream has a "massive activation" direction: attention-sink tokens put 99.7%
+        # of their energy (norms 500-1,000 against ~100) along one direction. Random encoder
+        # directions all overlap with it, so at initialisation each sink token fired ~700 latents
+        # (19 on other tokens) and FVU started at 5.4. Starting the tied encoder and decoder
+        # orthogonal to the sample's top singular directions (the sink direction and the mean,
+        # 2 here) gives sink tokens 0.2 latents, others 33, FVU 0.96 (b_dec = mean); training
+        # turns latents towards those directions where that helps.
+        top_KD = torch.linalg.svd(x_ND, full_matrices=False).Vh[:hp["orthogonal_init"]]
+        W_dec_FD = sae.W_dec - (sae.W_dec @ top_KD.T) @ top_KD
+        sae.W_dec.copy_(W_dec_FD / W_dec_FD.norm(dim=1, keepdim=True))
+        sae.W_enc.copy_(sae.W_dec.T)
+    if sae.architecture == "jumprelu":
+        pre_NF = sae.pre_acts(x_ND)
+        if hp["bandwidth"] == "auto":
+            sae.bandwidth = AUTO_BANDWIDTH * pre_NF.std(0).median().item()
+        if hp["threshold_init"] == "quantile":
+            # Each latent's threshold at the quantile of its pre-activations that makes it fire on
+            # target_l0 / d_sae of the sample: L0 starts at the target and no latent starts dead.
+            q = 1.0 - min(0.5, target_l0 / sae.d_sae)
+            theta_F = torch.quantile(pre_NF.float(), q, dim=0).clamp_min(sae.bandwidth)
+            sae.log_threshold.copy_(theta_F.log())
+    if hp["b_dec_init"] == "mean":
+        sae.b_dec.copy_(x_ND.mean(0))
+
+
+def make_optimizer(sae, hp, device_type):
+    """Adam with the recipe's betas, eps 1e-8, fused on CUDA; JumpReLU's log-thresholds in a group of
+    their own whose learning rate is threshold_lr_scale times the others' (set_lr sets each step's)."""
+    thresholds = [sae.log_threshold] if sae.architecture == "jumprelu" else []
+    others = [p for p in sae.parameters() if all(p is not t for t in thresholds)]
+    return torch.optim.Adam([{"params": others, "lr_scale": 1.0},
+                             {"params": thresholds, "lr_scale": hp["threshold_lr_scale"]}],
+                            lr=hp["lr"], betas=hp["betas"], eps=1e-8, fused=device_type == "cuda")
 
 
 class TargetL0:
@@ -130,369 +357,62 @@ class TargetL0:
         self.integral, self.value = state["integral"], state["value"]
 
 
-# --- Set-up: the processes, the data, the model and its optimiser ---------------------------
+def make_controller(hp):
+    """The PI controller on lambda where a target L0 sets it (the "l0" and "tanh" sparsities, and ReLU's and
+    Gated's L1 coefficient), starting from the given lambda or 1e-3; None where k or a fixed lambda rules."""
+    if hp["target_l0"] and hp["sparsity"] in ("l0", "tanh") and hp["arch"] not in TOPK:
+        return TargetL0(hp["target_l0"], hp["l0_coefficient"] or 1e-3)
+    return None
 
 
-def processes(device):
-    """(rank, local_rank, world, device): torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; without
-    them this is one process, rank 0 of 1. Under torchrun each rank on CUDA takes its own GPU."""
-    rank, local_rank, world = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("LOCAL_RANK", 0), ("WORLD_SIZE", 1)))
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if world > 1 and torch.device(device).type == "cuda":
-        device = f"cuda:{local_rank}"
-        torch.cuda.set_device(device)
-    return rank, local_rank, world, device
+def loss_functions(sae, hp, world, device_type):
+    """The loss as loss(x_BD, l0_coefficient, dead_F) on each path, with the recipe's options bound:
+    {"dense", "sparse", "path" (the setting: sparse and auto are JumpReLU's own sparsities'),
+    "compiled"}. Compiled (by default JumpReLU's on CUDA, 1.5-2x the eager speed there; on a CPU it
+    gained 2-10% for a minute of compiling; TopK's AuxK recompiles each step), the dense path fuses
+    its elementwise passes; the sparse path stays eager: its kept entries change in number every
+    step, which recompiled it step after step on an H100."""
+    compiled = device_type == "cuda" and hp["arch"] == "jumprelu" if hp["compile"] is None else hp["compile"]
+    batch_mean = functools.partial(global_mean, world=world) if world > 1 else torch.mean
+    if hp["sparsity"] == "tanh":
+        loss, options = type(sae).loss, {"tanh_scale": hp["tanh_scale"], "pre_act_coefficient": hp["pre_act_coefficient"]}
+    elif hp["arch"] == "jumprelu":
+        penalty = {"l0": penalties.paper, "target_row": penalties.target_row(hp["target_l0"]),
+                   "target_batch": penalties.target_batch(hp["target_l0"], batch_mean)}[hp["sparsity"]]
+        loss = penalties.loss
+        options = {"penalty": penalty, "dead_pull": hp["dead_threshold_pull"]}
+    else:
+        loss, options = type(sae).loss, {"batch_mean": batch_mean} if hp["arch"] == "topk" and world > 1 else {}
+    path = hp["path"] if hp["arch"] == "jumprelu" and hp["sparsity"] != "tanh" else "dense"
+    return {"dense": make_loss(loss, sae, compiled, **options), "compiled": compiled, "path": path,
+            "sparse": make_loss(loss, sae, False, sparse=True, **options) if loss is penalties.loss else None}
 
 
-def check_settings(arch, path, batch_size, world, d_sae=None, target_l0=None, l0_coefficient=None, recipe="small",
-                   sparsity=None):
-    """One-sentence errors for settings that cannot train (d_sae None: not known yet). With
-    --recipe paper, lambda is fixed and warmed up (--l0-coefficient), or k is --target-l0 for TopK."""
-    if arch not in ARCHITECTURES:
-        raise ValueError(f"--arch must be one of {', '.join(ARCHITECTURES)}, not {arch!r}.")
-    if world > 1 and arch == "batchtopk":
-        raise ValueError("--arch batchtopk ranks the latents of the whole batch, which data parallel training splits "
-                         "over the ranks; train it in one process (python train.py, without torchrun).")
-    if path not in ("auto", "dense", "sparse"):
-        raise ValueError(f"--path must be auto, dense or sparse, not {path!r}.")
-    if path == "sparse" and arch != "jumprelu":
-        raise ValueError(f"--path sparse is JumpReLU's; --arch {arch} trains on the dense path (leave --path at auto).")
-    if path == "sparse" and sparsity == "tanh":
-        raise ValueError("--sparsity tanh trains on the dense path (its pre-activation loss needs every pre-activation); "
-                         "leave --path at auto.")
-    if recipe == "paper" and arch not in TOPK and (target_l0 is not None or l0_coefficient is None):
-        raise ValueError("--recipe paper fixes lambda and warms it up over 10,000 steps: pass --l0-coefficient LAMBDA "
-                         "(--target-l0 K is the small recipe's, or k with --arch topk or batchtopk).")
-    if target_l0 is None and l0_coefficient is None:
-        raise ValueError("set the sparsity with --target-l0 K or --l0-coefficient LAMBDA.")
-    if sparsity is not None and arch != "jumprelu":
-        raise ValueError(f"--sparsity is JumpReLU's; drop it for --arch {arch}.")
-    if sparsity in ("target_batch", "target_row") and target_l0 is None:
-        raise ValueError(f"--sparsity {sparsity} holds the L0 at --target-l0 K; pass it instead of --l0-coefficient, "
-                         "or drop --sparsity.")
-    if arch in TOPK and (target_l0 is None or target_l0 != int(target_l0) or target_l0 < 1):
-        raise ValueError(f"--arch {arch} needs --target-l0 K, a positive whole number (its k), not {target_l0}.")
-    if batch_size % world:
-        raise ValueError(f"--batch-size {batch_size} cannot be split evenly over {world} ranks; pass a multiple of {world}.")
-    if d_sae is not None and d_sae < max(1, target_l0 or 0):
-        raise ValueError(f"--d-sae {d_sae} is fewer latents than an L0 of {max(1, target_l0 or 0):g} needs; pass a "
-                         "larger --d-sae or a lower --target-l0.")
-
-
-def input_scale(x_ND):
-    """SPEC section 3: the scalar s with E||s x||^2 = 1 over the sample."""
-    return 1.0 / math.sqrt(x_ND.double().pow(2).sum(1).mean().item())
-
-
-def open_data(acts_dir, batch_size, seed, device, dtype=torch.float32, verify=True):
-    """The training shards; the input scale, from a sample of 16,384 training rows; that sample and a
-    held-out batch for the log, both scaled, in `dtype`. `verify` checks the shards' sha256 (one rank a
-    machine)."""
-    manifest, shards = acts.open_split(acts_dir, "train", verify=verify)
-    _, heldout = acts.open_split(acts_dir, "heldout", verify=verify)
-    rows = sum(len(a) for a, _ in shards)
-    if rows < batch_size:
-        raise ValueError(f"{acts_dir}'s training split has {rows:,} rows, fewer than one batch of {batch_size:,}; "
-                         "lower --batch-size or harvest more --tokens.")
-    sample_ND = acts.sample_rows(shards, 16_384, seed)
-    if not torch.isfinite(sample_ND).all():
-        raise ValueError(f"{acts_dir} holds NaN or Inf activations; harvest it again.")
-    scale = input_scale(sample_ND)
-    x_eval_BD = acts.sample_rows(heldout, batch_size, seed).to(device, dtype) * scale
-    return manifest, shards, scale, sample_ND[:4096].to(device, dtype) * scale, x_eval_BD
-
-
-def init_from_data(sae, x_ND, target_l0, hp):
-    """The data-driven parts of the small recipe's initialisation, on a sample x_ND (scaled)."""
-    with torch.no_grad():   # in the body, not a decorator: mutmut mutates no decorated function
-        if hp["orthogonal_init"]:
-            # The residual stream has a "massive activation" direction: attention-sink tokens put 99.7%
-            # of their energy (norms 500-1,000 against ~100) along one direction. Random encoder
-            # directions all overlap with it, so at initialisation each sink token fired ~700 latents
-            # (19 on other tokens) and FVU started at 5.4. Starting the tied encoder and decoder
-            # orthogonal to the sample's top singular directions (the sink direction and the mean,
-            # 2 here) gives sink tokens 0.2 latents, others 33, FVU 0.96 (b_dec = mean); training
-            # turns latents towards those directions where that helps.
-            top_KD = torch.linalg.svd(x_ND, full_matrices=False).Vh[:hp["orthogonal_init"]]
-            W_dec_FD = sae.W_dec - (sae.W_dec @ top_KD.T) @ top_KD
-            sae.W_dec.copy_(W_dec_FD / W_dec_FD.norm(dim=1, keepdim=True))
-            sae.W_enc.copy_(sae.W_dec.T)
-        if sae.architecture == "jumprelu":
-            pre_NF = sae.pre_acts(x_ND)
-            if hp["bandwidth"] == "auto":
-                sae.bandwidth = AUTO_BANDWIDTH * pre_NF.std(0).median().item()
-            if hp["threshold_init"] == "quantile":
-                # Each latent's threshold at the quantile of its pre-activations that makes it fire on
-                # target_l0 / d_sae of the sample: L0 starts at the target and no latent starts dead.
-                q = 1.0 - min(0.5, target_l0 / sae.d_sae)
-                theta_F = torch.quantile(pre_NF.float(), q, dim=0).clamp_min(sae.bandwidth)
-                sae.log_threshold.copy_(theta_F.log())
-        if hp["b_dec_init"] == "mean":
-            sae.b_dec.copy_(x_ND.mean(0))
-
-
-def build(arch, d_in, d_sae, hp, target_l0, sample_ND, device, dtype=torch.float32):
-    """A new SAE: SPEC section 3's initialisation (the recipe's bandwidth and thresholds for JumpReLU,
-    k = target_l0 for TopK and BatchTopK), then init_from_data on the scaled sample."""
-    kw = {}
-    if arch == "jumprelu":
-        kw = dict(bandwidth=hp["bandwidth"] if hp["bandwidth"] != "auto" else 0.001,
-                  threshold_init=hp["threshold_init"] if hp["threshold_init"] != "quantile" else 0.001)
-    sae = make_sae(arch, d_in, d_sae, k=int(target_l0) if arch in TOPK else None, device=device, dtype=dtype, **kw)
-    init_from_data(sae, sample_ND, target_l0 or 32, hp)
-    return sae
-
-
-def broadcast_(sae, scale, device):
-    """Under torchrun: the same seed and sample gave every rank the same start; rank 0's, to be sure.
-    Returns rank 0's input scale."""
-    with torch.no_grad():
-        for t in (*sae.parameters(), *sae.buffers()):
-            dist.broadcast(t, 0)
-        numbers = torch.tensor([scale, getattr(sae, "bandwidth", 0.0)], dtype=torch.float64, device=device)
-        dist.broadcast(numbers, 0)
-    if sae.architecture == "jumprelu":
-        sae.bandwidth = numbers[1].item()
-    return numbers[0].item()
-
-
-def make_optimizer(sae, hp, device_type):
-    """Adam with the recipe's betas, eps 1e-8, fused on CUDA; JumpReLU's log-thresholds in a group of
-    their own whose learning rate is threshold_lr_scale times the others' (train sets each step's)."""
-    thresholds = [sae.log_threshold] if sae.architecture == "jumprelu" else []
-    others = [p for p in sae.parameters() if all(p is not t for t in thresholds)]
-    return torch.optim.Adam([{"params": others, "lr_scale": 1.0},
-                             {"params": thresholds, "lr_scale": hp["threshold_lr_scale"]}],
-                            lr=hp["lr"], betas=hp["betas"], eps=1e-8, fused=device_type == "cuda")
-
-
-def anthropic_units(hp, x_ND):
-    """hp with ANTHROPIC's constants, given on inputs scaled to E||x|| = sqrt(d_in), in the units of
-    our inputs x_ND (E||x||^2 = 1): theirs are r x with r = sqrt(d_in) / E||x||, which scales
-    pre-activations, thresholds and f by r and the MSE by r^2, so the bandwidth becomes 2.0 / r,
-    the tanh scale 4 r and the pre-activation coefficient 3e-6 / r. hp itself without --sparsity tanh."""
-    if hp["sparsity"] != "tanh":
-        return hp
-    r = math.sqrt(x_ND.shape[1]) / x_ND.norm(dim=1).mean().item()
-    return {**hp, "bandwidth": hp["bandwidth"] / r, "tanh_scale": hp["tanh_scale"] * r,
-            "pre_act_coefficient": hp["pre_act_coefficient"] / r}
-
-
-def sparsity(arch, hp, target_l0, l0_coefficient):
-    """(hp with its "sparsity" term, lambda, the controller or None). "l0" is the paper's lambda * L0
-    and "tanh" Anthropic's penalty, lambda fixed or, with a target K, set by the PI controller;
-    "target_row" and "target_batch" are lambda (2/K)(L0 - K)^2 per row or on the batch's mean with a
-    fixed lambda: a force towards K from both sides. A baseline's lambda is its L1 coefficient;
-    TopK and BatchTopK have none."""
-    if arch != "jumprelu" or (not target_l0 and hp["sparsity"] != "tanh"):
-        hp = {**hp, "sparsity": "l0"}            # a fixed lambda (the paper's penalty), or a baseline's L1 term
-    quadratic = hp["sparsity"] in ("target_row", "target_batch")
-    if quadratic:
-        l0_coefficient = l0_coefficient or hp["target_l0_coefficient"]
-    controller = TargetL0(target_l0, l0_coefficient or 1e-3) if target_l0 and not quadratic and arch not in TOPK else None
-    return hp, l0_coefficient, controller
-
-
-def make_loss(sae, *, sparse=False, compiled=False, **options):
-    """sae.loss as loss(x_BD, coefficient, dead_F), with `options` bound (JumpReLU's sparsity term,
-    target and dead-threshold pull), on the sparse path or through torch.compile on request."""
-    loss = sae.loss
+def make_loss(loss, sae, compiled, **options):
+    """loss(sae, x_BD, l0_coefficient, dead_F, **options) as a function of the last three, through
+    torch.compile on request."""
     if compiled:
         torch._dynamo.reset()    # what an earlier compile in this process cached tripped dynamo (torch 2.13)
         loss = torch.compile(loss)
-    return functools.partial(loss, **options, **({"sparse": True} if sparse else {}))
+    return functools.partial(loss, sae, **options)
 
 
-def loss_functions(sae, hp, target_l0, world, compile_loss):
-    """The loss on each path. Compiled, the dense path fuses its elementwise passes; the sparse path
-    stays eager: its kept entries change in number every step, which recompiled it step after step
-    on an H100."""
-    batch_stats = world > 1 and sae.architecture in ("jumprelu", "topk")       # the losses with batch statistics
-    options = {"batch_mean": functools.partial(global_mean, world=world)} if batch_stats else {}
-    if sae.architecture == "jumprelu":
-        options.update(sparsity=hp["sparsity"], target_l0=target_l0, dead_pull=hp["dead_threshold_pull"],
-                       **{k: hp[k] for k in ("tanh_scale", "pre_act_coefficient", "ste_to_input") if k in hp})
-    return {"dense": make_loss(sae, compiled=compile_loss, **options), "sparse": make_loss(sae, sparse=True, **options)}
-
-
-# The auto path: sparse while L0 / d_sae is below this fraction, by device, autocast and whether
-# the loss is compiled; the crossovers measured by bench.py (BENCHMARKS.md). A rule of the state
-# rather than a timing, so that a run, and a resumed run, take the same path at every step.
-SPARSE_BELOW = {
-    ("cpu", False, False): 0.02, ("cpu", False, True): 0.02,   # sparse 2.5-5x faster at 0.3-1.2%
-    ("cpu", True, False): 0.02, ("cpu", True, True): 0.02,
-    ("cuda", False, False): 0.02, ("cuda", False, True): 0.02,  # float32: sparse 1.8-3x at 0.07-0.3%
-    ("cuda", True, False): 0.001,    # bf16 eager: sparse 0.6x at 0.3%, 1.3-2.2x at 0.07%
-    ("cuda", True, True): 0.0005,    # bf16 compiled: dense 19.8 ms against sparse 23.9 at 0.07% (d_in 2,304)
-}
-
-
-def choose_path(mode, l0, d_sae, device_type, autocast, compiled=False):
-    """"dense" or "sparse" for a JumpReLU step: `mode` itself unless it is "auto"; then sparse
-    when the last step's L0 is a small enough fraction of the latents (SPARSE_BELOW)."""
-    if mode != "auto":
-        return mode
-    return "sparse" if l0 < SPARSE_BELOW[device_type, bool(autocast), bool(compiled)] * d_sae else "dense"
-
-
-# --- The training step ------------------------------------------------------------------------
-
-
-def all_mean(t, world):
-    """The mean over the ranks of the detached tensor t; t, detached, in one process."""
-    if world == 1:
-        return t.detach()
-    t = t.detach().clone()
-    dist.all_reduce(t)
-    return t / world
-
-
-@torch.compiler.disable
-def global_mean(t_N, world):
-    """Under torchrun: the mean of t_N over every rank's rows (dim 0), with the gradient of this rank's
-    own rows (through m - m.detach(), which is zero): averaged over the ranks, the global batch's
-    gradient. The batch statistics of a loss: JumpReLU's mean L0, TopK's AuxK and Var(x)."""
-    m = t_N.mean(0)
-    return all_mean(m, world) + (m - m.detach())
-
-
-def average_gradients_(params, world):
-    """Under torchrun: replace each gradient by its mean over the ranks, with one all_reduce of a
-    flat buffer (gloo has no ReduceOp.AVG, so: sum, then divide)."""
-    grads = [p.grad for p in params if p.grad is not None]
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat)
-    flat /= world
-    for g, mean in zip(grads, flat.split([g.numel() for g in grads])):
-        g.copy_(mean.view_as(g))
-
-
-def train_step(sae, opt, loss_fn, x_BD, coefficient, fired_at, step, *, dead_steps, world=1, autocast=False):
-    """One optimiser step of any architecture, train.py's and bench.py's: the loss, given the
-    sparsity coefficient and the latents that have not fired in the last `dead_steps` steps;
-    backward; the gradients averaged over the ranks (torchrun); the decoder-gradient projection,
-    Adam and the decoder renormalised (SPEC section 3); and each latent's last firing step in
-    fired_at. Returns the loss's dict, its "l0" the mean over the global batch, detached.
-
-    fired_at[i] is the number of steps done when latent i last fired, and starts at 0: before step
-    `step` a latent is dead when it has not fired in the last dead_steps batches, so no latent is
-    dead before it has had dead_steps batches to fire (Gao et al.'s "not activated in N tokens")."""
-    dead_F = fired_at <= step - dead_steps
-    with torch.autocast(device_type=x_BD.device.type, dtype=torch.bfloat16, enabled=autocast):
-        out = loss_fn(x_BD, coefficient, dead_F)
-    out["l0"] = all_mean(out["l0"].detach(), world)
-    if not torch.isfinite(out["loss"]):
-        raise FloatingPointError(f"the loss became {out['loss'].item()} at step {step}")
-    opt.zero_grad(set_to_none=True)
-    out["loss"].backward()
-    if world > 1:
-        average_gradients_(list(sae.parameters()), world)
-    sae.remove_parallel_decoder_grad_()
-    opt.step()
-    sae.normalize_decoder_()
-    fired_F = out["fired"]
-    if world > 1:                                           # fired on any rank's rows
-        fired = fired_F.int()
-        dist.all_reduce(fired, op=dist.ReduceOp.MAX)
-        fired_F = fired.bool()
-    fired_at[fired_F] = step + 1
-    return out
-
-
-# --- The log and the checkpoints ----------------------------------------------------------------
-
-
-def matmul_ceiling(device, B, d_in, d_sae, dtype, repeats=3):
-    """FLOP/s of one [B, d_in] @ [d_in, d_sae] matmul on random data, measured now: what a training
-    step could reach (bench.py's ceiling too)."""
-    a, b = torch.randn(B, d_in, device=device, dtype=dtype), torch.randn(d_in, d_sae, device=device, dtype=dtype)
-    a @ b
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(repeats):
-        a @ b
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
-    return repeats * 2 * B * d_in * d_sae / (time.perf_counter() - t)
-
-
-def fvu(x_BD, x_hat_BD):
-    """SPEC section 5: sum ||x - x_hat||^2 / sum ||x - mean(x)||^2."""
-    return ((x_BD - x_hat_BD).pow(2).sum() / (x_BD - x_BD.mean(0)).pow(2).sum()).item()
-
-
-class Log:
-    """log.jsonl, one record per call, and the progress bar; rank 0 alone writes. Each record has the
-    batch's loss, MSE and L0 (over the global batch), the L0 and FVU of a held-out batch at inference,
-    the dead fraction (no firing in the last 2^20 tokens), lambda, lr, the step's path, and tokens
-    and FLOP/s since the last record against the matmul ceiling measured then (MFU). `append` adds
-    a record of its own (BatchTopK's calibrated threshold)."""
-
-    def __init__(self, path, sae, x_eval_BD, fired_at, *, batch_size, start, steps, world, rank, autocast, quiet):
-        self.path, self.sae, self.x_eval_BD, self.fired_at = path, sae, x_eval_BD, fired_at
-        self.B, self.world, self.rank, self.autocast, self.quiet = batch_size, world, rank, autocast, quiet
-        self.bar = tqdm(total=steps, initial=start, unit="step", desc="train", disable=quiet or rank != 0)
-        self.since = (time.perf_counter(), start)
-
-    def write(self, step, out, lam, lr, path):
-        B, (d_in, d_sae) = self.B, self.sae.W_enc.shape
-        loss, mse = all_mean(torch.stack([out["loss"].detach(), out["mse"].detach()]).float(), self.world).tolist()
-        if self.rank != 0:
-            return {}
-        device = self.x_eval_BD.device
-        heldout = self.heldout()
-        tokens_per_s = (step - self.since[1]) * B / (time.perf_counter() - self.since[0])
-        # The step's matmuls, 2 FLOPs per multiply-add: x @ W_enc and f @ W_dec forward, then the
-        # gradients of W_dec, f and W_enc: 5 x 2 x B x d_in x d_sae. The sparse path does only the
-        # first densely: its "mfu" counts dense-equivalent work and can pass 100%. The ceiling is
-        # measured now, on one rank's slice, times the ranks: on a shared machine it moves with the load.
-        flops = 10 * d_in * d_sae * tokens_per_s
-        ceiling = self.world * matmul_ceiling(device, B // self.world, d_in, d_sae,
-                                              torch.bfloat16 if self.autocast else torch.float32)
-        dead = self.fired_at <= step - min(2**20 // B, step)          # never fired, in a run shorter than that
-        r = {"step": step, "loss": loss, "mse": mse, "l0": out["l0"].item(), **heldout,
-             "dead_fraction": dead.float().mean().item(), "l0_coefficient": lam, "lr": lr, "path": path,
-             "tokens_per_s": tokens_per_s, "flops_per_s": flops, "mfu": flops / ceiling}
-        if self.sae.architecture == "batchtopk":                   # the running estimate, logged only
-            r["threshold_running"] = self.sae.threshold.item()
-        self.append(r)
-        heldout_l0 = r["heldout_l0"]
-        if not self.quiet:
-            lam_text = f"lambda {lam:.3g} " if lam is not None else ""      # TopK has none
-            self.bar.write(f"step {step}: loss {loss:.4f} mse {mse:.4f} L0 {r['l0']:.1f} | held-out L0 {heldout_l0:.1f} "
-                           f"FVU {r['heldout_fvu']:.4f} | dead {r['dead_fraction']:.1%} {lam_text}lr {lr:.3g} | "
-                           f"{tokens_per_s:,.0f} tok/s, MFU {r['mfu']:.0%}" + (f" ({self.world} ranks)" if self.world > 1 else ""))
-        self.bar.set_postfix(l0=f"{heldout_l0:.1f}", fvu=f"{r['heldout_fvu']:.3f}", dead=f"{r['dead_fraction']:.1%}",
-                             tok_s=f"{tokens_per_s:,.0f}", mfu=f"{r['mfu']:.0%}")
-        self.since = (time.perf_counter(), step)
-        return r
-
-    def heldout(self):
-        """{"heldout_l0", "heldout_fvu"} of the held-out batch at inference (BatchTopK: its threshold)."""
-        device = self.x_eval_BD.device
-        with torch.no_grad(), torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=self.autocast):
-            f_BF = self.sae.encode(self.x_eval_BD)
-            heldout_l0, x_hat_BD = (f_BF != 0).float().sum(-1).mean().item(), self.sae.decode(f_BF)
-        return {"heldout_l0": heldout_l0, "heldout_fvu": fvu(self.x_eval_BD, x_hat_BD.float())}
-
-    def append(self, record):
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-
-
-def save_checkpoint(path, sae, opt, fired_at, state):
-    """Weights, Adam moments and the latents' last firing steps as tensors, the rest as JSON in the
-    file's metadata; written to a temporary file and renamed, so a kill never leaves half a file."""
-    tensors = {f"param.{n}": p.detach().cpu().contiguous() for n, p in sae.named_parameters()}
-    tensors.update({f"buffer.{n}": b.detach().cpu().contiguous() for n, b in sae.named_buffers()})
-    tensors["fired_at"] = fired_at.cpu()
-    for n, p in sae.named_parameters():
-        for k, v in opt.state.get(p, {}).items():
-            tensors[f"adam.{n}.{k}"] = v.detach().cpu().reshape(v.shape).contiguous()
-    tensors["rng.torch"] = torch.get_rng_state()
-    data = save(tensors, metadata={"state": json.dumps(state)})
-    atomic_write(path, lambda f: f.write(data))
+def resume_from(ckpt, sae, opt, fired_at, controller, hp):
+    """Restore a killed run from its checkpoint (see load_checkpoint); returns the checkpoint's state."""
+    if not ckpt.is_file():
+        raise ValueError(f"--resume: {ckpt} does not exist; start without --resume.")
+    state = load_checkpoint(ckpt, sae, opt, fired_at)
+    arch, d_sae = hp["arch"], hp["d_sae"]
+    if state.get("arch", "jumprelu") != arch or state.get("d_sae") not in (None, d_sae):
+        raise ValueError(f"{ckpt} holds a {state.get('arch', 'jumprelu')} SAE of width {state.get('d_sae')}, "
+                         f"not this --arch {arch} of width {d_sae}; pass the same settings or another --out.")
+    if state["step"] >= hp["steps"]:
+        raise ValueError(f"{ckpt} is already at step {state['step']}; pass a larger --steps to train on.")
+    if arch == "jumprelu":
+        sae.bandwidth = state["bandwidth"]
+    if controller:
+        controller.load(state["controller"])
+    return state
 
 
 def load_checkpoint(path, sae, opt, fired_at):
@@ -538,23 +458,6 @@ def adam_state_dict(opt, sae, tensors):
     return {"state": state, "param_groups": opt.state_dict()["param_groups"]}
 
 
-def resume_from(ckpt, sae, opt, fired_at, controller, arch, d_sae, steps):
-    """Restore a killed run from its checkpoint (see load_checkpoint); returns the checkpoint's state."""
-    if not ckpt.is_file():
-        raise ValueError(f"--resume: {ckpt} does not exist; start without --resume.")
-    state = load_checkpoint(ckpt, sae, opt, fired_at)
-    if state.get("arch", "jumprelu") != arch or state.get("d_sae") not in (None, d_sae):
-        raise ValueError(f"{ckpt} holds a {state.get('arch', 'jumprelu')} SAE of width {state.get('d_sae')}, "
-                         f"not this --arch {arch} of width {d_sae}; pass the same settings or another --out.")
-    if state["step"] >= steps:
-        raise ValueError(f"{ckpt} is already at step {state['step']}; pass a larger --steps to train on.")
-    if arch == "jumprelu":
-        sae.bandwidth = state["bandwidth"]
-    if controller:
-        controller.load(state["controller"])
-    return state
-
-
 def start_log(log_path, resume, step):
     """A new run starts a new log (its folder created); a resumed one drops the records of steps after
     its checkpoint (they are redone) and any line a kill cut short."""
@@ -574,8 +477,96 @@ def _logged_step(line):
         return math.inf
 
 
-def last_good(ckpt):
-    return f"the last good checkpoint is {ckpt}" if Path(ckpt).is_file() else "no checkpoint was written yet"
+# --- The log --------------------------------------------------------------------------------------
+
+
+class Log:
+    """log.jsonl, one record per call, and the progress bar, closed on every way out of a `with`
+    block; rank 0 alone writes. Each record has the batch's loss, MSE and L0 (over the global batch),
+    the L0 and FVU of a held-out batch at inference, the dead fraction (no firing in the last
+    DEAD_LOG_TOKENS tokens), lambda, lr, the step's path, and tokens and FLOP/s since the last
+    record against the matmul ceiling measured then (MFU). `append` adds a record of its own
+    (BatchTopK's calibrated threshold)."""
+
+    def __init__(self, path, sae, x_eval_BD, fired_at, *, batch_size, start, steps, world, rank, autocast, quiet):
+        self.path, self.sae, self.x_eval_BD, self.fired_at = path, sae, x_eval_BD, fired_at
+        self.B, self.world, self.rank, self.autocast, self.quiet = batch_size, world, rank, autocast, quiet
+        self.bar = tqdm(total=steps, initial=start, unit="step", desc="train", disable=quiet or rank != 0)
+        self.since = (time.perf_counter(), start)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.bar.close()
+
+    def write(self, step, result, l0_coefficient, lr, path):
+        B, (d_in, d_sae) = self.B, self.sae.W_enc.shape
+        loss, mse = all_mean(torch.stack([result["loss"].detach(), result["mse"].detach()]).float(), self.world).tolist()
+        if self.rank != 0:
+            return {}
+        device = self.x_eval_BD.device
+        heldout = self.heldout()
+        tokens_per_s = (step - self.since[1]) * B / (time.perf_counter() - self.since[0])
+        # The step's matmuls, 2 FLOPs per multiply-add: x @ W_enc and f @ W_dec forward, then the
+        # gradients of W_dec, f and W_enc: 5 x 2 x B x d_in x d_sae. The sparse path does only the
+        # first densely: its "mfu" counts dense-equivalent work and can pass 100%. The ceiling is
+        # measured now, on one rank's slice, times the ranks: on a shared machine it moves with the load.
+        flops = 10 * d_in * d_sae * tokens_per_s
+        ceiling = self.world * matmul_ceiling(device, B // self.world, d_in, d_sae,
+                                              torch.bfloat16 if self.autocast else torch.float32)
+        dead = self.fired_at <= step - min(DEAD_LOG_TOKENS // B, step)     # never fired, in a run shorter than that
+        r = {"step": step, "loss": loss, "mse": mse, "l0": result["l0"].item(), **heldout,
+             "dead_fraction": dead.float().mean().item(), "l0_coefficient": l0_coefficient, "lr": lr, "path": path,
+             "tokens_per_s": tokens_per_s, "flops_per_s": flops, "mfu": flops / ceiling}
+        if self.sae.architecture == "batchtopk":                   # the running estimate, logged only
+            r["threshold_running"] = self.sae.threshold.item()
+        self.append(r)
+        heldout_l0 = r["heldout_l0"]
+        if not self.quiet:
+            lam_text = f"lambda {l0_coefficient:.3g} " if l0_coefficient is not None else ""      # TopK has none
+            self.bar.write(f"step {step}: loss {loss:.4f} mse {mse:.4f} L0 {r['l0']:.1f} | held-out L0 {heldout_l0:.1f} "
+                           f"FVU {r['heldout_fvu']:.4f} | dead {r['dead_fraction']:.1%} {lam_text}lr {lr:.3g} | "
+                           f"{tokens_per_s:,.0f} tok/s, MFU {r['mfu']:.0%}" + (f" ({self.world} ranks)" if self.world > 1 else ""))
+        self.bar.set_postfix(l0=f"{heldout_l0:.1f}", fvu=f"{r['heldout_fvu']:.3f}", dead=f"{r['dead_fraction']:.1%}",
+                             tok_s=f"{tokens_per_s:,.0f}", mfu=f"{r['mfu']:.0%}")
+        self.since = (time.perf_counter(), step)
+        return r
+
+    def heldout(self):
+        """{"heldout_l0", "heldout_fvu"} of the held-out batch at inference (BatchTopK: its threshold)."""
+        device = self.x_eval_BD.device
+        with torch.no_grad(), torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=self.autocast):
+            f_BF = self.sae.encode(self.x_eval_BD)
+            heldout_l0, x_hat_BD = (f_BF != 0).float().sum(-1).mean().item(), self.sae.decode(f_BF)
+        return {"heldout_l0": heldout_l0, "heldout_fvu": fvu(self.x_eval_BD, x_hat_BD.float())}
+
+    def append(self, record):
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def matmul_ceiling(device, B, d_in, d_sae, dtype, repeats=3):
+    """FLOP/s of one [B, d_in] @ [d_in, d_sae] matmul on random data, measured now: what a training
+    step could reach (bench.py's ceiling too)."""
+    a, b = torch.randn(B, d_in, device=device, dtype=dtype), torch.randn(d_in, d_sae, device=device, dtype=dtype)
+    a @ b
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+    return repeats * 2 * B * d_in * d_sae / (time.perf_counter() - t)
+
+
+def fvu(x_BD, x_hat_BD):
+    """docs/maths.md section 5: sum ||x - x_hat||^2 / sum ||x - mean(x)||^2."""
+    return ((x_BD - x_hat_BD).pow(2).sum() / (x_BD - x_BD.mean(0)).pow(2).sum()).item()
+
+
+# --- The step, and what the loop calls around it, in its order -------------------------------------
 
 
 def next_batch(stream, scale, device, dtype, ckpt):
@@ -586,89 +577,116 @@ def next_batch(stream, scale, device, dtype, ckpt):
         raise ValueError(f"{e}; training stopped, {last_good(ckpt)}; re-harvest that shard.") from None
 
 
-# --- Training ---------------------------------------------------------------------------------
+def last_good(ckpt):
+    return f"the last good checkpoint is {ckpt}" if Path(ckpt).is_file() else "no checkpoint was written yet"
 
 
-def train(acts_dir, out, *, arch="jumprelu", d_sae=None, steps=600, target_l0=None, l0_coefficient=None,
-          recipe="small", seed=0, log_every=25, checkpoint_every=100, resume=False, device=None, autocast=None,
-          path="auto", compile_loss=None, dtype=torch.float32, quiet=False, **overrides):
-    """Train an SAE of `arch` on the harvested folder `acts_dir`; write it to `out`. Returns the last
-    log record (on rank 0; {} on the other ranks under torchrun).
+def l0_coefficient_at(step, l0_coefficient, warmup_steps):
+    """lambda warmed up linearly from 0 over `warmup_steps` (None, TopK's, stays None)."""
+    return l0_coefficient * min(1.0, step / warmup_steps) if warmup_steps > 0 and l0_coefficient else l0_coefficient
 
-    `path` (JumpReLU only): the dense or the sparse loss path, which the tests prove give the same
-    loss and gradients, or "auto": sparse once L0 is a small enough fraction of d_sae (choose_path).
-    `dtype`: of the SAE and the batches (float64 for checks against a reference; the saved SAE is float32).
-    `compile_loss`: run the loss through torch.compile (default: JumpReLU's on CUDA, 1.5-2x the eager
-    speed there; on a CPU it gained 2-10% for a minute of compiling; TopK's AuxK recompiles each step)."""
-    given = {k: v for k, v in overrides.items() if v is not None}
-    out, hp = Path(out), {**RECIPES[recipe], **(ANTHROPIC if given.get("sparsity") == "tanh" else {}), **given}
-    rank, local_rank, world, device = processes(device)
-    device_type, B = torch.device(device).type, hp["batch_size"]          # B: the global batch
-    autocast = device_type == "cuda" if autocast is None else autocast
-    compile_loss = device_type == "cuda" and arch == "jumprelu" if compile_loss is None else compile_loss
-    manifest, shards, scale, sample_ND, x_eval_BD = open_data(acts_dir, B, seed, device, dtype, verify=local_rank == 0)
-    d_in, d_sae = manifest["d_in"], 8 * manifest["d_in"] if d_sae is None else d_sae
-    check_settings(arch, path, B, world, d_sae, target_l0, l0_coefficient, recipe, given.get("sparsity"))
-    hp = anthropic_units(hp, sample_ND)
-    own_group = world > 1 and not dist.is_initialized()
-    if own_group:
-        dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
-    torch.manual_seed(seed)
-    sae = build(arch, d_in, d_sae, hp, target_l0, sample_ND, device, dtype)
-    scale = broadcast_(sae, scale, device) if world > 1 else scale
-    opt = make_optimizer(sae, hp, device_type)
-    hp, l0_coefficient, controller = sparsity(arch, hp, target_l0, l0_coefficient)
-    losses = loss_functions(sae, hp, target_l0, world, compile_loss)
-    path = path if arch == "jumprelu" and hp["sparsity"] != "tanh" else "dense"     # the sparse path is JumpReLU's
-    fired_at = torch.zeros(d_sae, dtype=torch.long, device=device)      # steps done when each latent last fired
-    dead_steps = auxk_window(steps, B) if arch in TOPK else hp["dead_window_tokens"] // B
-    state = {"step": 0, "l0_coefficient": controller.value if controller else l0_coefficient}
-    ckpt = out / "checkpoint.safetensors"
-    if resume:
-        state = resume_from(ckpt, sae, opt, fired_at, controller, arch, d_sae, steps)
-        scale = state["scale"]
+
+def lr_at(step, total_steps, lr, warmup_steps, decay_fraction=0.0):
+    """Cosine warm-up from 0.1 lr to lr over `warmup_steps`, then constant; with `decay_fraction`
+    > 0, a linear decay to 0 over that last fraction of training."""
+    if step < warmup_steps:
+        return lr * (0.1 + 0.9 * 0.5 * (1 - math.cos(math.pi * step / warmup_steps)))
+    decay_start = total_steps * (1 - decay_fraction)
+    if decay_fraction > 0 and step >= decay_start:
+        return lr * max(0.0, (total_steps - step) / (total_steps - decay_start))
+    return lr
+
+
+def set_lr(opt, lr):
+    """Each parameter group's learning rate: lr times the group's scale (the thresholds' own); returns lr."""
+    for group in opt.param_groups:
+        group["lr"] = lr * group["lr_scale"]
+    return lr
+
+
+# The auto path: sparse while L0 / d_sae is below this fraction, by device, autocast and whether
+# the loss is compiled; the crossovers measured by bench.py (BENCHMARKS.md). A rule of the state
+# rather than a timing, so that a run, and a resumed run, take the same path at every step.
+SPARSE_BELOW = {
+    ("cpu", False, False): 0.02, ("cpu", False, True): 0.02,   # sparse 2.5-5x faster at 0.3-1.2%
+    ("cpu", True, False): 0.02, ("cpu", True, True): 0.02,
+    ("cuda", False, False): 0.02, ("cuda", False, True): 0.02,  # float32: sparse 1.8-3x at 0.07-0.3%
+    ("cuda", True, False): 0.001,    # bf16 eager: sparse 0.6x at 0.3%, 1.3-2.2x at 0.07%
+    ("cuda", True, True): 0.0005,    # bf16 compiled: dense 19.8 ms against sparse 23.9 at 0.07% (d_in 2,304)
+}
+
+
+def choose_path(mode, l0, d_sae, device_type, autocast, compiled=False):
+    """"dense" or "sparse" for a JumpReLU step: `mode` itself unless it is "auto"; then sparse
+    when the last step's L0 is a small enough fraction of the latents (SPARSE_BELOW)."""
+    if mode != "auto":
+        return mode
+    return "sparse" if l0 < SPARSE_BELOW[device_type, bool(autocast), bool(compiled)] * d_sae else "dense"
+
+
+def dead_steps(hp):
+    """The window, in steps, after which a latent that has not fired counts as dead in training (the
+    log's dead fraction takes DEAD_LOG_TOKENS instead). TopK's and BatchTopK's AuxK: Gao et al.'s 10M
+    tokens, but at most an eighth of the run, so that a latent that dies early has most of the run
+    to be revived (10M tokens is longer than this project's CPU runs); at 250 steps of 2,048 that is
+    31 batches (63k tokens), which a latent firing on 1 token in 10,000 (a fortieth of the mean rate
+    at L0 10 over 2,304 latents) misses with probability 0.2%. JumpReLU's dead-threshold pull and
+    Anthropic's pre-activation loss: dead_window_tokens."""
+    if hp["arch"] in TOPK:
+        return max(1, min(GAO_WINDOW_TOKENS // hp["batch_size"], hp["steps"] // 8))
+    return hp["dead_window_tokens"] // hp["batch_size"]
+
+
+def train_step(sae, opt, loss_fn, x_BD, l0_coefficient, fired_at, step, *, dead_steps, world=1, autocast=False):
+    """One optimiser step of any architecture, train.py's and bench.py's: the loss, given the
+    sparsity coefficient and the latents that have not fired in the last `dead_steps` steps;
+    backward; the gradients averaged over the ranks (torchrun); the decoder-gradient projection,
+    Adam and the decoder renormalised (docs/maths.md section 3.1); and each latent's last firing
+    step in fired_at. Returns the loss's dict, its "l0" the mean over the global batch, detached.
+
+    fired_at[i] is the number of steps done when latent i last fired, and starts at 0: before step
+    `step` a latent is dead when it has not fired in the last dead_steps batches, so no latent is
+    dead before it has had dead_steps batches to fire (Gao et al.'s "not activated in N tokens")."""
+    dead_F = fired_at <= step - dead_steps
+    with torch.autocast(device_type=x_BD.device.type, dtype=torch.bfloat16, enabled=autocast):
+        result = loss_fn(x_BD, l0_coefficient, dead_F)
+    result["l0"] = all_mean(result["l0"].detach(), world)
+    if not torch.isfinite(result["loss"]):
+        raise FloatingPointError(f"the loss became {result['loss'].item()} at step {step}")
+    opt.zero_grad(set_to_none=True)
+    result["loss"].backward()
+    if world > 1:
+        average_gradients_(list(sae.parameters()), world)
+    sae.remove_parallel_decoder_grad_()
+    opt.step()
+    sae.normalize_decoder_()
+    fired_at[any_rank(result["fired"], world)] = step + 1
+    return result
+
+
+# --- After a step: checkpoints, and the SAE at the end ----------------------------------------------
+
+
+def checkpoint(ckpt, sae, opt, fired_at, state, rank, world):
+    """Rank 0 writes the checkpoint; under torchrun every rank waits until it is whole."""
     if rank == 0:
-        start_log(out / "log.jsonl", resume, state["step"])
-    stream = acts.batches(shards, B, seed, start_step=state["step"], buffer_rows=hp.get("buffer_rows", 2**18),
-                          rank=rank, world=world)
-    log = Log(out / "log.jsonl", sae, x_eval_BD, fired_at, batch_size=B, start=state["step"], steps=steps, world=world,
-              rank=rank, autocast=autocast, quiet=quiet)
-    lam, l0, record = state["l0_coefficient"], state.get("last_l0", d_sae), {}
-    for step in range(state["step"], steps):
-        x_BD = next_batch(stream, scale, device, dtype, ckpt)
-        lam = l0_coefficient_at(step, controller.value if controller else l0_coefficient, hp["l0_warmup_steps"])
-        lr = lr_at(step, steps, hp["lr"], hp["lr_warmup_steps"], hp["lr_decay_fraction"])
-        for group in opt.param_groups:
-            group["lr"] = lr * group["lr_scale"]
-        step_path = choose_path(path, l0, d_sae, device_type, autocast, compile_loss)
-        try:
-            out_ = train_step(sae, opt, losses[step_path], x_BD, lam, fired_at, step, dead_steps=dead_steps,
-                              world=world, autocast=autocast)
-        except FloatingPointError as e:
-            raise ValueError(f"{e}; {last_good(ckpt)}; lower --lr and --resume.") from None
-        l0 = out_["l0"].item()
-        if controller:
-            controller.update(l0)
-        log.bar.update(1)
-        if (step + 1) % log_every == 0 or step + 1 == steps:
-            record = log.write(step + 1, out_, lam, lr, step_path)
-        if (step + 1) % checkpoint_every == 0 or step + 1 == steps:
-            state = {"step": step + 1, "scale": scale, "bandwidth": getattr(sae, "bandwidth", None), "arch": arch,
-                     "d_sae": d_sae, "last_l0": l0, "l0_coefficient": controller.value if controller else l0_coefficient,
-                     "controller": controller.state() if controller else None, "recipe": recipe, "hp": hp, "seed": seed}
-            checkpoint(ckpt, sae, opt, fired_at, state, rank, world)
-    log.bar.close()
-    if rank == 0:
-        batches = (next_batch(stream, scale, device, dtype, ckpt) for _ in range(CALIBRATION_BATCHES))
-        record = finish(out, sae, scale, log, record, batches, {
-            **{k: manifest.get(k) for k in ("model", "gguf_file", "layer", "site", "hook", "context")},
-            "acts": str(acts_dir), "recipe": recipe, "steps": steps, "tokens": steps * B, "seed": seed, "lr": hp["lr"],
-            "target_l0": target_l0, "l0_coefficient": None if arch in TOPK else lam,
-            "sparsity": hp["sparsity"] if arch == "jumprelu" else None})
-    if own_group:
-        dist.barrier()           # no rank tears the group down while rank 0 still writes (seen: an abort under load)
-        dist.destroy_process_group()
-    return record
+        save_checkpoint(ckpt, sae, opt, fired_at, state)
+    if world > 1:
+        dist.barrier()
+
+
+def save_checkpoint(path, sae, opt, fired_at, state):
+    """Weights, Adam moments and the latents' last firing steps as tensors, the rest as JSON in the
+    file's metadata; written to a temporary file and renamed, so a kill never leaves half a file."""
+    tensors = {f"param.{n}": p.detach().cpu().contiguous() for n, p in sae.named_parameters()}
+    tensors.update({f"buffer.{n}": b.detach().cpu().contiguous() for n, b in sae.named_buffers()})
+    tensors["fired_at"] = fired_at.cpu()
+    for n, p in sae.named_parameters():
+        for k, v in opt.state.get(p, {}).items():
+            tensors[f"adam.{n}.{k}"] = v.detach().cpu().reshape(v.shape).contiguous()
+    tensors["rng.torch"] = torch.get_rng_state()
+    data = save(tensors, metadata={"state": json.dumps(state)})
+    atomic_write(path, lambda f: f.write(data))
 
 
 def finish(out, sae, scale, log, record, batches, metadata):
@@ -684,24 +702,98 @@ def finish(out, sae, scale, log, record, batches, metadata):
     return record
 
 
-def checkpoint(ckpt, sae, opt, fired_at, state, rank, world):
-    """Rank 0 writes the checkpoint; under torchrun every rank waits until it is whole."""
-    if rank == 0:
-        save_checkpoint(ckpt, sae, opt, fired_at, state)
-    if world > 1:
-        dist.barrier()
-
-
 def save_sae(out, sae, scale, metadata):
-    """The trained SAE, on the CPU, with the input scale folded in (it takes raw activations) and its
-    provenance in config.json."""
+    """The trained SAE, as its architecture's plain class on the CPU, with the input scale folded in
+    (it takes raw activations) and its provenance in config.json."""
     k = {"k": sae.k} if hasattr(sae, "k") else {}
     bandwidth = {"bandwidth": sae.bandwidth} if sae.architecture == "jumprelu" else {}
     final = make_sae(sae.architecture, sae.d_in, sae.d_sae, **k, **bandwidth, device="cpu")
     final.load_state_dict(sae.state_dict())
     final.metadata = metadata
     final.fold_input_scale_(scale)
-    final.save(out)
+    sae_folder.save(final, out)
+
+
+# --- torchrun: the processes, and what they share -------------------------------------------------
+
+
+def processes(device):
+    """(rank, local_rank, world, device): torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; without
+    them this is one process, rank 0 of 1. Under torchrun each rank on CUDA takes its own GPU."""
+    rank, local_rank, world = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("LOCAL_RANK", 0), ("WORLD_SIZE", 1)))
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if world > 1 and torch.device(device).type == "cuda":
+        device = f"cuda:{local_rank}"
+        torch.cuda.set_device(device)
+    return rank, local_rank, world, device
+
+
+def join_group(world, device_type):
+    """Under torchrun, the process group, unless the caller made one; returns whether it was made here."""
+    own_group = world > 1 and not dist.is_initialized()
+    if own_group:
+        dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
+    return own_group
+
+
+def leave_group(own_group):
+    if own_group:
+        dist.barrier()           # no rank tears the group down while rank 0 still writes (seen: an abort under load)
+        dist.destroy_process_group()
+
+
+def broadcast_(sae, scale, device):
+    """The same seed and sample gave every rank the same start; rank 0's, to be sure. Returns rank 0's
+    input scale."""
+    with torch.no_grad():
+        for t in (*sae.parameters(), *sae.buffers()):
+            dist.broadcast(t, 0)
+        numbers = torch.tensor([scale, getattr(sae, "bandwidth", 0.0)], dtype=torch.float64, device=device)
+        dist.broadcast(numbers, 0)
+    if sae.architecture == "jumprelu":
+        sae.bandwidth = numbers[1].item()
+    return numbers[0].item()
+
+
+def all_mean(t, world):
+    """The mean over the ranks of the detached tensor t; t, detached, in one process."""
+    if world == 1:
+        return t.detach()
+    t = t.detach().clone()
+    dist.all_reduce(t)
+    return t / world
+
+
+@torch.compiler.disable
+def global_mean(t_N, world):
+    """The mean of t_N over every rank's rows (dim 0), with the gradient of this rank's own rows
+    (through m - m.detach(), which is zero): averaged over the ranks, the global batch's gradient.
+    The batch statistics of a loss: the target_batch penalty's mean L0, TopK's AuxK and Var(x)."""
+    m = t_N.mean(0)
+    return all_mean(m, world) + (m - m.detach())
+
+
+def average_gradients_(params, world):
+    """Replace each gradient by its mean over the ranks, with one all_reduce of a flat buffer (gloo
+    has no ReduceOp.AVG, so: sum, then divide)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= world
+    for g, mean in zip(grads, flat.split([g.numel() for g in grads])):
+        g.copy_(mean.view_as(g))
+
+
+def any_rank(fired_F, world):
+    """The latents that fired on some rank's rows; fired_F itself in one process."""
+    if world == 1:
+        return fired_F
+    fired = fired_F.int()
+    dist.all_reduce(fired, op=dist.ReduceOp.MAX)
+    return fired.bool()
+
+
+# --- The command line -------------------------------------------------------------------------------
 
 
 def main(argv=None):
@@ -709,68 +801,40 @@ def main(argv=None):
     p.add_argument("--acts", required=True, type=acts.folder, help="folder written by harvest.py")
     p.add_argument("--out", required=True, type=cli.out_folder,
                    help="SAE folder to write, created (with several sparsities: the parent folder)")
-    p.add_argument("--arch", choices=list(ARCHITECTURES), default="jumprelu",
-                   help="jumprelu (default), or a baseline of SPEC section 4")
-    p.add_argument("--d-sae", type=cli.positive_int, default=None, help="number of latents (default 8 x d_in)")
-    p.add_argument("--steps", type=cli.positive_int, default=600, help="training steps (default 600)")
-    sparsity_ = p.add_mutually_exclusive_group()
-    sparsity_.add_argument("--target-l0", type=cli.positive, nargs="+", default=None,
-                           help="hold the L0 at K (default 32 with --recipe small; k for topk/batchtopk); several values "
-                                "train a sweep")
-    sparsity_.add_argument("--l0-coefficient", type=cli.positive, nargs="+", default=None,
-                           help="fixed lambda of the L0 term (of the L1 term for relu/gated); several values train a sweep")
-    p.add_argument("--recipe", choices=sorted(RECIPES), default="small", help="small (default) or paper (SPEC section 3)")
-    p.add_argument("--sparsity", choices=("l0", "target_batch", "target_row", "tanh"), default=None,
-                   help="the paper's lambda*L0 (l0), lambda (2/K)(L0-K)^2 on the batch mean (target_batch, the small "
-                        "recipe's) or per row (target_row, Gemma Scope 2), both with --target-l0 K, or Anthropic's "
-                        "JumpReLU (tanh: its tanh penalty, pre-activation loss, bandwidth and estimator); l0 and tanh "
-                        "take --l0-coefficient LAMBDA, or --target-l0 K for a controller on lambda")
-    for name, kind in (("lr", cli.positive), ("batch-size", cli.positive_int), ("bandwidth", cli.positive),
-                       ("threshold-lr-scale", cli.positive), ("lr-warmup-steps", cli.count),
-                       ("l0-warmup-steps", cli.count), ("lr-decay-fraction", cli.fraction)):
-        p.add_argument(f"--{name}", type=kind, default=None, help="override the recipe's value")
-    p.add_argument("--seed", type=cli.count, default=0)
-    p.add_argument("--log-every", type=cli.positive_int, default=25)
-    p.add_argument("--checkpoint-every", type=cli.positive_int, default=100)
+    sparsity = p.add_mutually_exclusive_group()
+    sparsity.add_argument("--target-l0", type=cli.positive, nargs="+", default=None,
+                          help="hold the L0 at K (default 32 with --recipe small; k for topk/batchtopk); several values "
+                               "train a sweep")
+    sparsity.add_argument("--l0-coefficient", type=cli.positive, nargs="+", default=None,
+                          help="fixed lambda of the L0 term (of the L1 term for relu/gated); several values train a sweep")
+    p.add_argument("--recipe", choices=sorted(RECIPES), default="small",
+                   help="small (default) or paper (docs/maths.md section 3.1)")
+    for name, s in SETTINGS.items():
+        if s.option is not None:
+            default = f"{s.small}" if s.paper == s.small else f"paper {s.paper}, small {s.small}"
+            help = s.help + (f" (default: {default})" if s.small is not None else "")
+            p.add_argument(f"--{name.replace('_', '-')}", default=None, help=help.replace("%", "%%"), **s.option)
     p.add_argument("--resume", action="store_true", help="continue from --out/checkpoint.safetensors")
-    p.add_argument("--device", type=cli.device, default=None, help="cuda or cpu (default: cuda when present)")
-    p.add_argument("--dtype", choices=("float32", "float64"), default="float32",
-                   help="of the SAE and the batches during training (float64: for checks against a reference, slow); "
-                        "the saved SAE is float32")
-    p.add_argument("--path", choices=("auto", "dense", "sparse"), default="auto",
-                   help="JumpReLU's loss path: dense, sparse (only the active and in-window latents' rows), or auto "
-                        "(default: sparse once L0 is a small fraction of --d-sae); both give the same loss and gradients")
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="run the loss through torch.compile (default: JumpReLU's on CUDA, otherwise off; see BENCHMARKS.md)")
     args = p.parse_args(argv)
     if args.target_l0 is None and args.l0_coefficient is None and args.recipe == "small":
         args.target_l0 = [32]
-    for name in ("bandwidth", "threshold_lr_scale"):      # JumpReLU's own: not silently ignored (--sparsity: check_settings)
-        if getattr(args, name) is not None and args.arch != "jumprelu":
-            p.error(f"--{name.replace('_', '-')} is JumpReLU's; drop it for --arch {args.arch}")
-    overrides = {k: getattr(args, k) for k in ("lr", "batch_size", "bandwidth", "threshold_lr_scale", "sparsity",
-                                               "lr_warmup_steps", "l0_warmup_steps", "lr_decay_fraction")}
-    # One run per sparsity value; a sweep writes each SAE to OUT/<arch>_l0_<K> (or _lambda_<value>).
+    given = {name: getattr(args, name) for name, s in SETTINGS.items() if s.option is not None}
+    # One run per sparsity value, each checked before the first one starts; a sweep writes each SAE
+    # to OUT/<arch>_l0_<K> (or _lambda_<value>).
     key, values = ("target_l0", args.target_l0) if args.target_l0 else ("l0_coefficient", args.l0_coefficient or [None])
-    batch_size, world = args.batch_size or RECIPES[args.recipe]["batch_size"], int(os.environ.get("WORLD_SIZE", 1))
-    for value in values:        # every run of a sweep is checked before the first one starts
-        try:
-            check_settings(args.arch, args.path, batch_size, world, args.d_sae, **{key: value}, recipe=args.recipe,
-                           sparsity=args.sparsity)
-        except ValueError as e:
-            sys.exit(f"error: {e}")
-    runs = [(args.out if len(values) == 1 else str(Path(args.out) / f"{args.arch}_{'l0' if key == 'target_l0' else 'lambda'}"
-             f"_{v:g}"), v) for v in values]
+    try:
+        runs = [settings(args.acts, args.recipe, **{key: value}, **given) for value in values]
+    except ValueError as e:
+        sys.exit(f"error: {e}")
     rank = int(os.environ.get("RANK", 0))             # under torchrun, rank 0 alone prints
-    for out, value in runs:
-        if len(runs) > 1 and rank == 0:
-            print(f"== {args.arch}, {key.replace('_', ' ')} {value:g} -> {out}")
+    for value, hp in zip(values, runs):
+        out = args.out
+        if len(runs) > 1:
+            out = str(Path(args.out) / f"{hp['arch']}_{'l0' if key == 'target_l0' else 'lambda'}_{value:g}")
+            if rank == 0:
+                print(f"== {hp['arch']}, {key.replace('_', ' ')} {value:g} -> {out}")
         try:
-            r = train(args.acts, out, arch=args.arch, d_sae=args.d_sae, steps=args.steps, recipe=args.recipe,
-                      seed=args.seed, log_every=args.log_every, checkpoint_every=args.checkpoint_every,
-                      resume=args.resume, device=args.device, path=args.path, compile_loss=args.compile,
-                      dtype=getattr(torch, args.dtype),
-                      **{key: value}, **overrides)
+            r = train(args.acts, out, hp, resume=args.resume)
         except ValueError as e:
             if dist.is_initialized():
                 dist.destroy_process_group()
@@ -780,7 +844,6 @@ def main(argv=None):
         if rank == 0:
             print(f"wrote the SAE to {out}: held-out L0 {r['heldout_l0']:.1f}, FVU {r['heldout_fvu']:.3f}, "
                   f"dead {r['dead_fraction']:.1%} (log: {out}/log.jsonl)")
-
 
 if __name__ == "__main__":
     main()

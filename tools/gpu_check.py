@@ -110,7 +110,7 @@ def kill_and_resume(work, device, dry):
     d_in, d_sae, batch, steps, every, kill_at = (32, 256, 128, 12, 4, 10) if dry else (128, 4096, 1024, 60, 20, 50)
     folder = synthetic_acts(work / "acts", d_in, 16 * batch)
     args = dict(d_sae=d_sae, steps=steps, target_l0=16, batch_size=batch, log_every=1, checkpoint_every=every,
-                device=device, path="dense", compile_loss=True, quiet=True)
+                device=device, path="dense", compile=True, quiet=True)
     real_make, real_lr_at, fused = train.make_optimizer, train.lr_at, []
 
     def make_optimizer(sae, hp, device_type):       # fused Adam, as on CUDA; the CPU runs it too (dry run)

@@ -15,8 +15,10 @@ torchrun, SIGKILL).
 Lines that only raise, print or exit with a message are not mutated: a changed word in a message
 is not a changed behaviour. Nor are the scripts' argument declarations (add_argument): test_cli.py
 fuzzes every command line, but in subprocesses, where mutmut cannot see which test ran what.
+mutmut 3.8.1 mutates no decorated function either: the product's @torch.no_grad() and
+@torch.compiler.disable functions are left out of the figures, and their tests run for the rest.
 The figures go to runs/mutation/report.md with every survivor's diff; docs/mutation.md holds the
-last run's figures and why each survivor is left.
+last run's kill rates, tools/mutation-survivors.md why each survivor is left.
 """
 
 import argparse
@@ -37,7 +39,11 @@ DESELECTED = ["test_harvest.py::test_offline_smollm2_layer6_residual",  # left o
               # reads the product's source for "pickle", which the mutated copy's allow_pickle mutants hold
               "test_reliability.py::test_nothing_is_unpickled_anywhere"]
 TESTS = {  # the test files that hold each product file
-    "jumprelu.py": ["test_jumprelu.py", "test_reliability.py", "test_formats.py", "test_train.py"],
+    "jumprelu.py": ["test_jumprelu.py", "test_penalties.py", "test_anthropic.py", "test_sparse.py"],
+    "penalties.py": ["test_penalties.py", "test_sparse.py", "test_train.py"],
+    "anthropic.py": ["test_anthropic.py", "test_train.py"],
+    "sparse.py": ["test_sparse.py", "test_penalties.py"],
+    "sae_folder.py": ["test_sae_folder.py", "test_baselines.py", "test_formats.py", "test_reliability.py"],
     "baselines.py": ["test_baselines.py", "test_reliability.py"],
     "train.py": ["test_train.py", "test_reliability.py"],
     "evaluate.py": ["test_evaluate.py", "test_reliability.py"],
@@ -47,12 +53,12 @@ TESTS = {  # the test files that hold each product file
 # Functions with code that only a subprocess runs (torchrun's ranks): mutmut cannot trace those tests,
 # so a mutant there that no in-process test kills is run here against them (JumpReLU, TopK and ReLU
 # on two ranks, and two ranks whose default device is meta), named in the module the ranks import
-# it as: train.py's in __main__ (torchrun runs it as the script), so that the tests' one-process
-# references run the original; baselines.py's TopK loss in baselines, which the one-process run
-# calls without the batch_mean that only torchrun passes.
+# it as (train, baselines). The tests' one-process references run the mutant too, so only what
+# differs under torchrun can kill it there: the functions below hold torchrun's branches, and a
+# mutant of their one-process branches meets the in-process tests first.
 DISTRIBUTED = "test_distributed.py::test_two_ranks_"
-BY_SUBPROCESS = {"train.py": ("__main__", ["broadcast_", "average_gradients_", "all_mean", "loss_functions",
-                                           "train_step", "checkpoint", "train"],
+BY_SUBPROCESS = {"train.py": ("train", ["broadcast_", "average_gradients_", "all_mean", "any_rank", "join_group",
+                                           "leave_group", "loss_functions", "train_step", "checkpoint", "train"],
                               [DISTRIBUTED + "match_one_process_to_float64_rounding",
                                DISTRIBUTED + "train_what_one_process_trains[topk-None]",
                                "test_distributed.py::test_the_ranks_keep_to_the_device_asked_for_whatever_torchs_default"]),
@@ -61,7 +67,7 @@ BY_SUBPROCESS = {"train.py": ("__main__", ["broadcast_", "average_gradients_", "
 # Functions with code that only a GPU runs differently (a device, CUDA autocast's dtype, a
 # synchronize): their mutants not killed here go with --gpu-out to a GPU machine, where --gpu-run
 # runs each against the tests that run on CUDA (-k cuda: test_cuda.py and the "cuda" parameters).
-GPU = {"jumprelu.py": ["_KeptPre.backward"], "export.py": ["session"],
+GPU = {"sparse.py": ["_KeptPre.backward"], "export.py": ["session"],
        "evaluate.py": ["evaluate", "activation_metrics", "lm_metrics", "top_contexts"],
        "train.py": ["build", "open_data", "next_batch", "train_step", "Log.heldout", "matmul_ceiling", "train"]}
 SERIAL = ["matmul_ceiling"]     # timed: their tests run alone on the GPU, after the rest
