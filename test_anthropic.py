@@ -14,8 +14,9 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from anthropic import DEFAULTS, AnthropicJumpReLUSAE, in_our_units, jumprelu_to_input
-from test_jumprelu import (DEVICES, _torch, dyadic_sae, ref_H, ref_jumprelu, ref_jumprelu_grads, ref_K, sae_from,
-                           trained_looking_sae, z_theta_eps)
+from test_jumprelu import (DEVICES, _torch, assert_matches, dyadic_sae, ref_H, ref_jumprelu, ref_jumprelu_grads,
+                           ref_K, sae_from, trained_looking_sae, z_theta_eps)
+
 
 # --- The NumPy reference -------------------------------------------------------------------------
 
@@ -116,12 +117,7 @@ def test_anthropics_loss_and_every_gradient(case, data):
     out = sae.loss(torch.tensor(x), lam, None if dead is None else torch.tensor(dead), tanh_scale=c,
                    pre_act_coefficient=lam_p)
     np.testing.assert_array_equal(out["fired"].numpy(), (ref["f"] != 0).any(0))
-    for key in ("f", "x_hat", "mse", "l0", "loss"):
-        np.testing.assert_allclose(out[key].detach().numpy(), ref[key], rtol=1e-12, atol=1e-12, err_msg=key)
-    out["loss"].backward()
-    for name, ref_grad in ref_grads.items():
-        np.testing.assert_allclose(getattr(sae, name).grad.numpy(), ref_grad, rtol=1e-10,
-                                   atol=1e-10 * max(1, np.abs(ref_grad).max()), err_msg=f"gradient of {name}")
+    assert_matches(sae, out, ref, ref_grads, keys=("f", "x_hat", "mse", "l0", "loss"))
 
 
 # --- By hand ----------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ all, empty and missing paths, a text file, a folder or an ONNX file where someth
 outputs that cannot be written (/proc, under a file, in a missing folder), unknown choices. It
 runs main(argv) in-process with the function that would load the model (or train, or time)
 replaced by one that fails the test: every vector must be refused before it. The hand-written
-cases below are issue 17's.
+cases below are values that were once silently bent or taken to mean the default.
 """
 
 import errno
@@ -287,7 +287,7 @@ def test_every_invalid_command_line_ends_in_one_line_before_anything_loads(name,
     assert files_under(world) == before, argv
 
 
-# --- Issue 17's cases, by hand --------------------------------------------------------------------------
+# --- Cases by hand -----------------------------------------------------------------------------------------
 
 def refusal(main, argv, monkeypatch=None, barriers=()):
     """The one-line message main(argv) exits with (non-zero), having reached none of `barriers`."""
@@ -392,7 +392,7 @@ def test_infer_onnx_without_torch_prints_one_line_and_no_traceback(world, tmp_pa
 
 
 def test_nothing_is_silently_reinterpreted(world, tmp_path, monkeypatch):
-    """The values that meant "the default" or were silently bent before issue 17 are refused."""
+    """The values that once meant "the default" or were silently bent are refused."""
     for main, argv, barriers in [
             (train.main, ["--acts", str(world / "acts"), "--out", str(tmp_path / "s"), "--d-sae", "0"], [(train, "train")]),
             (train.main, ["--acts", str(world / "acts"), "--out", str(tmp_path / "s"), "--arch", "relu", "--bandwidth", "0.1"],

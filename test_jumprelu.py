@@ -273,6 +273,16 @@ def sae_from(p, eps, pre_bias, device="cpu", dtype=torch.float64, cls=JumpReLUSA
     return sae
 
 
+def assert_matches(sae, out, ref, ref_grads, keys=("x_hat", "mse", "l0", "loss")):
+    """A loss's terms and, after its backward, every parameter's gradient, against the reference's."""
+    for key in keys:
+        np.testing.assert_allclose(out[key].detach().cpu().numpy(), ref[key], rtol=1e-12, atol=1e-12, err_msg=key)
+    out["loss"].backward()
+    for name, ref_grad in ref_grads.items():
+        np.testing.assert_allclose(getattr(sae, name).grad.cpu().numpy(), ref_grad, rtol=1e-10,
+                                   atol=1e-10 * max(1, np.abs(ref_grad).max()), err_msg=f"gradient of {name}")
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @given(case=dyadic_sae())
 def test_sae_forward_loss_and_every_gradient(device, case):
@@ -286,13 +296,7 @@ def test_sae_forward_loss_and_every_gradient(device, case):
     out = sae.loss(torch.tensor(x, device=device), lam)
     for key in ("pre", "f"):
         np.testing.assert_array_equal(out[key].detach().cpu().numpy(), ref[key])
-    for key in ("x_hat", "mse", "l0", "loss"):
-        np.testing.assert_allclose(out[key].detach().cpu().numpy(), ref[key], rtol=1e-12, atol=1e-12)
-    out["loss"].backward()
-    for name, ref_grad in ref_grads.items():
-        got = getattr(sae, name).grad.cpu().numpy()
-        np.testing.assert_allclose(got, ref_grad, rtol=1e-10, atol=1e-10 * max(1, np.abs(ref_grad).max()),
-                                   err_msg=f"gradient of {name}")
+    assert_matches(sae, out, ref, ref_grads)
 
 
 @given(case=dyadic_sae())

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 import penalties
 from jumprelu import JumpReLUSAE
-from test_jumprelu import DEVICES, dyadic_sae, ref_sae, sae_from, trained_looking_sae
+from test_jumprelu import DEVICES, assert_matches, dyadic_sae, ref_sae, sae_from, trained_looking_sae
 
 PENALTIES = {"l0": lambda K: penalties.paper, "target_row": penalties.target_row, "target_batch": penalties.target_batch}
 
@@ -53,13 +53,7 @@ def test_loss_and_every_gradient_of_each_penalty(device, sparse, penalty, case, 
     if not sparse:
         np.testing.assert_array_equal(out["f"].detach().cpu().numpy(), ref["f"])
     np.testing.assert_array_equal(out["fired"].cpu().numpy(), (ref["f"] != 0).any(0))
-    for key in ("x_hat", "mse", "l0", "loss"):
-        np.testing.assert_allclose(out[key].detach().cpu().numpy(), ref[key], rtol=1e-12, atol=1e-12)
-    out["loss"].backward()
-    for name, ref_grad in ref_grads.items():
-        got = getattr(sae, name).grad.cpu().numpy()
-        np.testing.assert_allclose(got, ref_grad, rtol=1e-10, atol=1e-10 * max(1, np.abs(ref_grad).max()),
-                                   err_msg=f"gradient of {name}")
+    assert_matches(sae, out, ref, ref_grads)
 
 
 @pytest.mark.parametrize("penalty, target, value", [

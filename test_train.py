@@ -452,7 +452,7 @@ PAPER_CASES = [
     (["--sparsity", "l0", "--l0-coefficient", "1e-3"], {"l0_coefficient": 1e-3, "sparsity": "l0"}, None),   # the same
     (["--sparsity", "target_batch"], None, PAPER_ONLY), (["--sparsity", "target_row"], None, PAPER_ONLY),
     (["--sparsity", "target_batch", "--target-l0", "8"], None, PAPER_ONLY),
-    (["--sparsity", "target_row", "--target-l0", "8"], None, PAPER_ONLY),       # a TypeError before issue 14
+    (["--sparsity", "target_row", "--target-l0", "8"], None, PAPER_ONLY),       # once a TypeError
     (["--sparsity", "target_batch", "--l0-coefficient", "1e-3"], None, "--sparsity target_batch holds the L0 at --target-l0 K"),
     (["--sparsity", "target_row", "--l0-coefficient", "1e-3"], None, "--sparsity target_row holds the L0 at --target-l0 K"),
     (["--sparsity", "tanh"], None, PAPER_ONLY), (["--sparsity", "tanh", "--target-l0", "8"], None, PAPER_ONLY),
@@ -520,8 +520,8 @@ def test_no_latent_is_dead_before_it_has_had_the_window_to_fire():
 
 @pytest.mark.parametrize("arch", ["jumprelu", "topk"])
 def test_training_starts_with_no_latent_dead(tiny_acts, tmp_path, monkeypatch, arch):
-    """train() starts every latent's window at step 0 (before issue 14 fired_at started at -1, so at
-    step 0 every latent was dead); the pull's window for JumpReLU, AuxK's (dead_steps) for TopK."""
+    """train() starts every latent's window at step 0 (fired_at once started at -1, so at step 0
+    every latent was dead); the pull's window for JumpReLU, AuxK's (dead_steps) for TopK."""
     seen, real = [], train.train_step
     monkeypatch.setattr(train, "train_step", lambda *a, **k: seen.append((a[5].clone(), a[6], k["dead_steps"])) or real(*a, **k))
     _train(tiny_acts, tmp_path / "sae", arch=arch, steps=3, dead_window_tokens=300)      # 2 whole batches of 128
