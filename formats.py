@@ -3,6 +3,7 @@
     python formats.py gemma-scope/layer_12/width_16k/average_l0_82 --out runs/gs_l12   # -> our folder
     python formats.py runs/sae_l0_32 --out runs/sae_l0_32_saelens --saelens            # -> SAELens folder
 
+    import sae_folder
     from formats import load_sae, save_saelens
     sae = load_sae("path")                  # our folder, a Gemma Scope params.npz, or a SAELens folder
     sae_folder.save(sae, "runs/imported")   # then evaluate.py and export.py as for our own SAEs
