@@ -643,6 +643,18 @@ def test_main_passes_every_option_on_to_train(tiny_acts, tmp_path, monkeypatch):
                                "--batch-size", "101"])[0][1] == out
 
 
+def test_help_lists_every_setting_with_both_recipes_values(capsys):
+    """--help comes from SETTINGS: each setting with a command-line option under its flag, the others
+    in the list of what the recipe alone sets, each with its value in both recipes where they differ."""
+    with pytest.raises(SystemExit):
+        train.main(["--help"])
+    shown = " ".join(capsys.readouterr().out.split())
+    for name, s in train.SETTINGS.items():
+        assert (f"--{name.replace('_', '-')}" if s.option else f"{name}: {s.help}") in shown, name
+        if s.paper != s.small:
+            assert f"paper {s.paper}, small {s.small}" in shown, name
+
+
 def test_train_defaults_are_the_command_lines(tiny_acts, tmp_path, monkeypatch):
     """import train; train.train(acts, out, target_l0=32) in a notebook is `python train.py --acts ACTS --out OUT`."""
     defaults = {name: p.default for name, p in inspect.signature(train.train).parameters.items() if p.default is not p.empty}

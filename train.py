@@ -15,7 +15,8 @@ the L0 at K: with a quadratic penalty around K (the small recipe) or a controlle
 k itself for TopK and BatchTopK, the PI controller on the L1 coefficient for ReLU and Gated (or a
 fixed --l0-coefficient, which is then their L1 coefficient). They share the optimiser, schedule,
 batch, b_dec and orthogonal initialisation; the JumpReLU-only parts (thresholds, bandwidth,
-dead-threshold pull) not. Every setting, with each recipe's value, is in SETTINGS below.
+dead-threshold pull) not. Each setting is defined once, in train.py's SETTINGS with both recipes'
+values; --help lists them all.
 
 Writes to --out: config.json and sae.safetensors (the SAE), log.jsonl (one record per --log-every
 steps) and checkpoint.safetensors (weights, Adam state, step, lambda; written atomically).
@@ -32,6 +33,7 @@ import json
 import math
 import os
 import sys
+import textwrap
 import time
 from pathlib import Path
 from typing import NamedTuple
@@ -809,11 +811,16 @@ def main(argv=None):
                           help="fixed lambda of the L0 term (of the L1 term for relu/gated); several values train a sweep")
     p.add_argument("--recipe", choices=sorted(RECIPES), default="small",
                    help="small (default) or paper (docs/maths.md section 3.1)")
+    fixed = []                                        # the settings the recipe alone sets, listed after the options
     for name, s in SETTINGS.items():
-        if s.option is not None:
-            default = f"{s.small}" if s.paper == s.small else f"paper {s.paper}, small {s.small}"
+        default = f"{s.small}" if s.paper == s.small else f"paper {s.paper}, small {s.small}"
+        if s.option is None:
+            shown = f"{name}: {s.help}" + (f" ({default})" if (s.paper, s.small) != (None, None) else "")
+            fixed.append(textwrap.fill(shown, 100, initial_indent="  ", subsequent_indent="      "))
+        else:
             help = s.help + (f" (default: {default})" if s.small is not None else "")
             p.add_argument(f"--{name.replace('_', '-')}", default=None, help=help.replace("%", "%%"), **s.option)
+    p.epilog += "\n\nSet by the recipe alone (train.train takes each by name):\n" + "\n".join(fixed)
     p.add_argument("--resume", action="store_true", help="continue from --out/checkpoint.safetensors")
     args = p.parse_args(argv)
     if args.target_l0 is None and args.l0_coefficient is None and args.recipe == "small":
