@@ -33,10 +33,11 @@ class _JumpReLUToInput(_JumpReLU):
 
     @staticmethod
     def backward(ctx, grad_out):
-        grad_z, grad_threshold, _ = _JumpReLU.backward(ctx, grad_out)
         z, threshold = ctx.saved_tensors
-        window = rectangle((z - threshold) / ctx.bandwidth) * grad_out
-        return grad_z + ((threshold / ctx.bandwidth) * window).to(grad_z.dtype), grad_threshold, None
+        eps = ctx.bandwidth
+        window = rectangle((z - threshold) / eps) * grad_out               # once, for z and theta both
+        grad_z = torch.where(z > threshold, grad_out, 0) + ((threshold / eps) * window).to(grad_out.dtype)
+        return grad_z, -(threshold / eps) * window.sum_to_size(threshold.shape), None
 
 
 def jumprelu_to_input(z, threshold, bandwidth):
