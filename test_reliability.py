@@ -85,6 +85,25 @@ def _logged_steps(folder):
     return [json.loads(line)["step"] for line in path.read_text().splitlines()] if path.exists() else []
 
 
+def test_ctrl_c_ends_in_one_line_naming_the_checkpoint_kept_and_the_command_that_carries_on(tiny_acts, tmp_path):
+    """SIGINT, as Ctrl-C sends it, after a checkpoint: exit status 130, no traceback, and a last line
+    that names the checkpoint and its step, and the command that carries on (which does)."""
+    run = _train_cli(tiny_acts, tmp_path / "out")
+    while (not _logged_steps(tmp_path / "out") or _logged_steps(tmp_path / "out")[-1] < 10) and run.poll() is None:
+        time.sleep(0.002)
+    run.send_signal(signal.SIGINT)
+    assert run.wait(timeout=60) == 130
+    err = (tmp_path / "stderr.txt").read_text()
+    ckpt = tmp_path / "out" / "checkpoint.safetensors"
+    step = train.read_checkpoint(ckpt, tensors=False)[0]["step"]
+    command = f"python train.py --acts {tiny_acts} --out {tmp_path / 'out'} --resume"
+    assert "Traceback" not in err and err.splitlines()[-1] == f"interrupted: {ckpt} (step {step}) is kept; carry on with: {command}"
+    assert step >= 9 and step % 3 == 0
+    resumed = subprocess.run([sys.executable, str(HERE / "train.py"), *command.split()[2:]], capture_output=True, text=True,
+                             timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert resumed.returncode == 0 and f"at step {step} of 300" in resumed.stdout and _logged_steps(tmp_path / "out")[-1] == 300
+
+
 def test_sigkill_at_random_steps_then_resume_gives_bit_identical_weights(tiny_acts, tmp_path):
     whole = _train_cli(tiny_acts, tmp_path / "whole")
     assert whole.wait(timeout=300) == 0, (tmp_path / "stderr.txt").read_text()[-2000:]
@@ -207,7 +226,7 @@ def test_a_diverging_loss_stops_naming_the_step(tiny_acts, tmp_path):
 
 def test_resume_with_a_checkpoint_of_another_architecture_is_refused(tiny_acts, tmp_path):
     _train(tiny_acts, tmp_path / "out", steps=4)
-    with pytest.raises(ValueError, match="holds a jumprelu SAE of width 64") as info:
+    with pytest.raises(ValueError, match="--arch topk contradicts the jumprelu that .* was made with") as info:
         _train(tiny_acts, tmp_path / "out", arch="topk", steps=8, resume=True)
     assert _one_sentence(info.value)
     (tmp_path / "out" / "checkpoint.safetensors").write_bytes(b"\x00" * 40)

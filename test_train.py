@@ -295,6 +295,72 @@ def test_resume_after_a_kill_ends_with_identical_weights(tiny_acts, tmp_path, mo
         assert torch.equal(getattr(whole, name), getattr(killed, name)), name
 
 
+def test_resume_with_just_acts_and_out_carries_the_run_on_to_its_own_end(tiny_acts, tmp_path, monkeypatch, capsys):
+    """A run killed by Ctrl-C after its step-4 checkpoint says in one line what is kept and how to go
+    on (exit 130); that command, with none of the settings, ends where the uninterrupted run does."""
+    settings = ["--d-sae", "48", "--steps", "8", "--target-l0", "4", "--batch-size", "128", "--log-every", "2",
+                "--checkpoint-every", "4", "--device", "cpu", "--lr", "0.002", "--seed", "5"]
+    train.main(["--acts", str(tiny_acts), "--out", str(tmp_path / "whole"), *settings])
+    real_lr_at = train.lr_at
+    monkeypatch.setattr(train, "lr_at", lambda step, *a: real_lr_at(step, *a) if step < 6 else _raise(KeyboardInterrupt))
+    with pytest.raises(SystemExit) as info:
+        train.main(["--acts", str(tiny_acts), "--out", str(tmp_path / "killed"), *settings])
+    monkeypatch.setattr(train, "lr_at", real_lr_at)
+    ckpt = tmp_path / "killed" / "checkpoint.safetensors"
+    carry_on = f"python train.py --acts {tiny_acts} --out {tmp_path / 'killed'} --resume"
+    assert info.value.code == 130 and capsys.readouterr().err.splitlines()[-1] == (
+        f"interrupted: {ckpt} (step 4) is kept; carry on with: {carry_on}")
+    train.main(carry_on.split()[2:])
+    printed = capsys.readouterr().out
+    assert f"resuming {tmp_path / 'killed'} at step 4 of 8" in printed and "step 8: loss" in printed
+    whole, killed = sae_folder.load(tmp_path / "whole"), sae_folder.load(tmp_path / "killed")
+    assert killed.d_sae == 48 and all(torch.equal(a, b) for a, b in zip(whole.state_dict().values(),
+                                                                          killed.state_dict().values()))
+    assert _log(tmp_path / "killed") == [{**r, **{k: _log(tmp_path / "killed")[i][k] for k in SPEED}}
+                                         for i, r in enumerate(_log(tmp_path / "whole"))]
+    train.main(carry_on.split()[2:])                                  # nothing left to do: said, not an error
+    assert "is already trained to step 8; pass a larger --steps to train on." in capsys.readouterr().out
+
+
+def _raise(error):
+    raise error
+
+
+SPEED = ("tokens_per_s", "flops_per_s", "vs_ceiling")     # a log's figures of the clock, not of the run
+
+
+@pytest.mark.parametrize("given, said", [(["--d-sae", "32"], "--d-sae 32 contradicts the 48"),
+                                         (["--target-l0", "5"], "--target-l0 5.0 contradicts the 4.0"),
+                                         (["--arch", "topk"], "--arch topk contradicts the jumprelu"),
+                                         (["--recipe", "paper"], "--recipe paper contradicts the small")])
+def test_a_resume_refuses_a_setting_that_contradicts_its_checkpoint_naming_both_values(tiny_acts, tmp_path, capsys,
+                                                                                       given, said):
+    """Only --steps and how to run may change on --resume: anything else would be another run."""
+    out = tmp_path / "sae"
+    train.main(["--acts", str(tiny_acts), "--out", str(out), "--d-sae", "48", "--steps", "4", "--target-l0", "4",
+                "--batch-size", "128", "--checkpoint-every", "2", "--device", "cpu"])
+    with pytest.raises(SystemExit) as info:
+        train.main(["--acts", str(tiny_acts), "--out", str(out), "--resume", *given])
+    assert str(info.value) == (f"error: {said} that {out / 'checkpoint.safetensors'} was made with; leave it out to "
+                               "carry on that run, or pass another --out.")
+    train.main(["--acts", str(tiny_acts), "--out", str(out), "--resume", "--steps", "6", "--device", "cpu",
+                "--log-every", "3", "--d-sae", "48"])                 # a longer run, as it was made: it trains on
+    assert f"resuming {out} at step 4 of 6" in capsys.readouterr().out and _log(out)[-1]["step"] == 6
+
+
+@pytest.mark.parametrize("l0, warned", [(25.6, "the L0 ended at 25.6, 28% above --target-l0 20"),
+                                        (14.0, "the L0 ended at 14.0, 30% below --target-l0 20"),
+                                        (21.9, None), (18.1, None)])
+def test_the_last_line_warns_of_an_l0_more_than_10_percent_from_the_target(l0, warned):
+    line = train.last_line("runs/sae", {"heldout_l0": l0, "heldout_fvu": 0.1, "dead_fraction": 0.0},
+                           {"target_l0": 20, "batch_size": 2048})
+    assert line.splitlines()[0].startswith(f"wrote the SAE to runs/sae: L0 {l0:.1f}, FVU 0.100 on a held-out sample of "
+                                           "2,048 tokens (evaluate.py measures the whole split)")
+    assert line.splitlines()[1:] == ([f"warning: {warned}; train longer (--steps) for it to settle."] if warned else [])
+    assert "\n" not in train.last_line("runs/sae", {"heldout_l0": 40, "heldout_fvu": 0.1, "dead_fraction": 0.0},
+                                       {"target_l0": None, "batch_size": 2048})   # a fixed lambda has no target
+
+
 @pytest.mark.parametrize("device", ["cpu", "meta", pytest.param("cuda", marks=pytest.mark.skipif(
     not torch.cuda.is_available(), reason="no CUDA device"))])
 def test_checkpoint_restores_a_fused_adam_as_torchs_own_load_state_dict(tmp_path, device):
@@ -373,14 +439,20 @@ def _without(key):
     return lambda d: {k: v for k, v in d.items() if k != key}
 
 
-DAMAGE = {  # what a damaged file, or one of another SAE, looks like to load_checkpoint
-    "no step": dict(state=_without("step")),
-    "a step that is no whole number": dict(state=lambda s: {**s, "step": "4"}),
-    "no fired_at": dict(tensors=_without("fired_at")),
-    "fired_at of another width": dict(tensors=lambda t: {**t, "fired_at": t["fired_at"][:8]}),
-    "b_enc of another width, with no moments to give it away": dict(tensors=lambda t: {
+DAMAGED, ANOTHER = "is damaged", r"holds another SAE \({}\); resume with the --acts and settings it was made with"
+DAMAGE = {  # what a damaged file, or one of another SAE, looks like to load_checkpoint, and what it says
+    "no step": (dict(state=_without("step")), DAMAGED),
+    "a step that is no whole number": (dict(state=lambda s: {**s, "step": "4"}), DAMAGED),
+    "no fired_at": (dict(tensors=_without("fired_at")), ANOTHER.format(r"fired_at is missing, not \[16\]")),
+    "fired_at of another width": (dict(tensors=lambda t: {**t, "fired_at": t["fired_at"][:8]}),
+                                  ANOTHER.format(r"fired_at is \[8\], not \[16\]")),
+    "b_enc of another width, with no moments to give it away": (dict(tensors=lambda t: {
         **{k: v for k, v in t.items() if not k.startswith("adam.b_enc.")}, "param.b_enc": t["param.b_enc"][:1]}),
-    "no BatchTopK threshold (a TopK checkpoint)": dict(tensors=_without("buffer.threshold")),
+        ANOTHER.format(r"param.b_enc is \[1\], not \[16\]")),
+    "no BatchTopK threshold (a TopK checkpoint)": (dict(tensors=_without("buffer.threshold")),
+                                                   ANOTHER.format(r"buffer.threshold is missing, not \[\]")),
+    "no Adam moment of W_enc's shape": (dict(tensors=lambda t: {**t, "adam.W_enc.exp_avg": t["adam.W_enc.exp_avg"][:1]}),
+                                        ANOTHER.format("its Adam moments are of other shapes")),
 }
 
 
@@ -389,11 +461,11 @@ def test_a_damaged_checkpoint_is_refused_in_one_sentence_and_nothing_is_loaded(t
     torch.manual_seed(0)
     sae, opt = _stepped(BatchTopKSAE(8, 16, k=2))
     train.save_checkpoint(tmp_path / "c.safetensors", sae, opt, torch.ones(16, dtype=torch.long), {"step": 4})
-    _rewrite_checkpoint(tmp_path / "c.safetensors", **DAMAGE[damage])
+    _rewrite_checkpoint(tmp_path / "c.safetensors", **DAMAGE[damage][0])
     torch.manual_seed(1)
     fresh, opt = _stepped(BatchTopKSAE(8, 16, k=2), steps=0)
     before, fired_at = {k: v.clone() for k, v in fresh.state_dict().items()}, torch.zeros(16, dtype=torch.long)
-    with pytest.raises(ValueError, match="is damaged or belongs to another SAE") as info:
+    with pytest.raises(ValueError, match=DAMAGE[damage][1]) as info:
         train.load_checkpoint(tmp_path / "c.safetensors", fresh, opt, fired_at)
     assert "\n" not in str(info.value)
     assert all(torch.equal(v, before[k]) for k, v in fresh.state_dict().items()) and not fired_at.any() and not opt.state
@@ -567,7 +639,7 @@ def test_every_baseline_trains_resumes_and_loads(tiny_acts, tmp_path, arch):
         assert record["threshold_running"] > 0 and record["threshold"] != record["threshold_running"]
         log = _log(tmp_path / "whole")
         assert log[-1]["threshold"] == record["threshold"] and log[-1]["heldout_l0"] == record["heldout_l0"]
-        assert set(log[-1]) == set(log[-2]) | {"threshold"}        # the last step's record, the threshold added
+        assert set(log[-1]) == set(log[-2]) | {"threshold", "record"} and log[-1]["record"] == "calibration"
     # A run killed after its step-8 checkpoint and resumed ends identical (buffers included).
     real_lr_at = train.lr_at
 
@@ -672,7 +744,7 @@ def test_a_sweep_names_each_run_and_rank_0_alone_prints(tiny_acts, tmp_path, mon
     outs = [str(tmp_path / "sweep" / f"jumprelu_lambda_{v:g}") for v in values] if len(values) > 1 else [str(tmp_path / "sweep")]
     assert [(out, k["l0_coefficient"]) for _, out, k in calls] == list(zip(outs, values))
     printed = capsys.readouterr().out
-    assert printed.count("== jumprelu, l0 coefficient") == headers
+    assert [line for line in printed.splitlines() if line.startswith("== ")] == [f"== {out}" for out in outs][:headers]
     assert printed.count("wrote the SAE to") == (0 if rank else len(values))
 
 
@@ -719,7 +791,7 @@ def test_matmul_ceiling_is_the_flop_rate_of_one_B_by_d_in_by_d_sae_matmul(monkey
 @pytest.mark.parametrize("arch, autocast", [("jumprelu", False), ("batchtopk", True)])
 def test_a_log_record_by_hand(tmp_path, monkeypatch, arch, autocast):
     """tokens/s from the clock since the last record; FLOP/s 10 d_in d_sae a token (the step's five matmuls);
-    MFU against the ceiling of one rank's slice in the step's dtype (bf16 under autocast); dead: no firing
+    vs_ceiling: over the ceiling of one rank's slice in the step's dtype (bf16 under autocast); dead: no firing
     in the last 2^20 tokens (10 batches of 100,000 rows); BatchTopK's running threshold. The line is the record."""
     sae, ceilings = JumpReLUSAE(8, 16) if arch == "jumprelu" else BatchTopKSAE(8, 16, k=2), []
     monkeypatch.setattr(train, "matmul_ceiling", lambda *a: ceilings.append(a) or 1e12)
@@ -736,7 +808,7 @@ def test_a_log_record_by_hand(tmp_path, monkeypatch, arch, autocast):
     assert ceilings == [(torch.device("cpu"), 100_000, 8, 16, torch.bfloat16 if autocast else torch.float32)]
     assert r == {"step": 20, "loss": 2.0, "mse": 0.5, "l0": 3.0, **heldout, "dead_fraction": 0.5,
                  "l0_coefficient": 1e-3, "lr": 1e-4, "path": "dense", "tokens_per_s": tokens_per_s,
-                 "flops_per_s": 10 * 8 * 16 * tokens_per_s, "mfu": 10 * 8 * 16 * tokens_per_s / 1e12,
+                 "flops_per_s": 10 * 8 * 16 * tokens_per_s, "vs_ceiling": 10 * 8 * 16 * tokens_per_s / 1e12,
                  **({"threshold_running": sae.threshold.item()} if arch == "batchtopk" else {})}
     assert _log(tmp_path) == [r]
 
@@ -749,12 +821,12 @@ def test_a_record_is_printed_and_shown_on_the_progress_bar(tmp_path, monkeypatch
     with train.Log(tmp_path / "log.jsonl", JumpReLUSAE(8, 16), torch.randn(4, 8), torch.tensor([0, 10, 11, 20] * 4),
                    batch_size=100_000, start=10, steps=40, world=world, rank=0, autocast=False, quiet=False) as log:
         r = log.write(20, {"loss": torch.tensor(2.0), "mse": torch.tensor(0.5), "l0": torch.tensor(3.0)}, lam, 1e-4, "dense")
-    mfu = f"{10 * 8 * 16 * 400_000 / (world * 1e9):.0%}"
+    ratio = f"{10 * 8 * 16 * 400_000 / (world * 1e9):.2f}x"
     printed, bar = capsys.readouterr()
-    assert printed == (f"step 20: loss 2.0000 mse 0.5000 L0 3.0 | held-out L0 {r['heldout_l0']:.1f} FVU {r['heldout_fvu']:.4f} | "
-                       f"dead 50.0% {'lambda 0.001 ' if lam else ''}lr 0.0001 | 400,000 tok/s, MFU {mfu}"
-                       f"{' (2 ranks)' if world == 2 else ''}\n")
-    assert f"dead=50.0%, fvu={r['heldout_fvu']:.3f}, l0={r['heldout_l0']:.1f}, mfu={mfu}, tok_s=400,000]" in bar   # sorted
+    assert printed == (f"step 20: loss 2.0000 mse 0.5000 L0 3.0 | held-out sample L0 {r['heldout_l0']:.1f} FVU "
+                       f"{r['heldout_fvu']:.4f} | dead 50.0% {'lambda 0.001 ' if lam else ''}lr 0.0001 | 400,000 tok/s, "
+                       f"{ratio} dense ceiling{' (2 ranks)' if world == 2 else ''}\n")
+    assert f"dead=50.0%, fvu={r['heldout_fvu']:.3f}, l0={r['heldout_l0']:.1f}, tok_s=400,000, vs_ceiling={ratio}]" in bar   # sorted
     assert bar.startswith("\rtrain:  25%|") and "| 10/40 [" in bar and "step/s" in bar   # a resumed run's starts at its step
     for quiet, rank in ((True, 0), (False, 1)):                      # --quiet, and the other ranks: no bar
         assert train.Log(tmp_path / "log.jsonl", JumpReLUSAE(8, 16), torch.randn(4, 8), torch.zeros(16), batch_size=128,

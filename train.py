@@ -32,6 +32,7 @@ import functools
 import json
 import math
 import os
+import shlex
 import sys
 import textwrap
 import time
@@ -125,13 +126,18 @@ def train(acts_dir, out, hp=None, *, resume=False, quiet=False, dtype=torch.floa
     last log record (on rank 0; {} on the other ranks under torchrun).
 
     `hp`: the run's settings, from `settings`; without it, `given` names them as `settings` takes
-    them: train("runs/acts", "runs/sae", target_l0=32, steps=200). `dtype`: of the SAE and the
-    batches during training (float64 for checks against a reference); the saved SAE is float32."""
-    hp = hp or settings(acts_dir, **given)
+    them: train("runs/acts", "runs/sae", target_l0=32, steps=200). `resume`: carry on from
+    out/checkpoint.safetensors, with the settings it records (run_settings); with no checkpoint
+    there, the run starts. `dtype`: of the SAE and the batches during training (float64 for checks
+    against a reference); the saved SAE is float32."""
+    ckpt = Path(out) / "checkpoint.safetensors"
+    resume = resume and ckpt.is_file()             # --resume without a checkpoint starts the run
+    hp = hp or run_settings(acts_dir, ckpt, resume, **given)
     rank, local_rank, world, device = processes(hp["device"])
     device_type, B, steps = torch.device(device).type, hp["batch_size"], hp["steps"]   # B: the global batch
     autocast = device_type == "cuda" if hp["autocast"] is None else hp["autocast"]
     manifest, shards, scale, sample_ND, x_eval_BD = open_data(acts_dir, B, hp["seed"], device, dtype, verify=local_rank == 0)
+    recorded = hp                                  # the settings as given, which the checkpoint keeps for --resume
     if hp["sparsity"] == "tanh":
         hp = anthropic.in_our_units(hp, sample_ND)
     own_group = join_group(world, device_type)
@@ -142,11 +148,12 @@ def train(acts_dir, out, hp=None, *, resume=False, quiet=False, dtype=torch.floa
     controller = make_controller(hp)
     losses = loss_functions(sae, hp, world, device_type)
     fired_at = torch.zeros(hp["d_sae"], dtype=torch.long, device=device)      # steps done when each latent last fired
-    ckpt = Path(out) / "checkpoint.safetensors"
     state = {"step": 0, "l0_coefficient": controller.value if controller else hp["l0_coefficient"]}
     if resume:
         state = resume_from(ckpt, sae, opt, fired_at, controller, hp)
         scale = state["scale"]
+        if rank == 0 and not quiet:
+            print(f"resuming {out} at step {state['step']} of {steps}")
     if rank == 0:
         start_log(Path(out) / "log.jsonl", resume, state["step"])
     stream = acts.batches(shards, B, hp["seed"], start_step=state["step"], buffer_rows=hp["buffer_rows"], rank=rank,
@@ -175,7 +182,7 @@ def train(acts_dir, out, hp=None, *, resume=False, quiet=False, dtype=torch.floa
                 state = {"step": step + 1, "scale": scale, "bandwidth": getattr(sae, "bandwidth", None),
                          "arch": hp["arch"], "d_sae": hp["d_sae"], "last_l0": l0,
                          "l0_coefficient": controller.value if controller else hp["l0_coefficient"],
-                         "controller": controller.state() if controller else None, "recipe": hp["recipe"], "hp": hp,
+                         "controller": controller.state() if controller else None, "recipe": hp["recipe"], "hp": recorded,
                          "seed": hp["seed"]}
                 checkpoint(ckpt, sae, opt, fired_at, state, rank, world)
         if rank == 0:
@@ -212,6 +219,26 @@ def settings(acts_dir, recipe="small", target_l0=None, l0_coefficient=None, **gi
     if hp["sparsity"] in ("target_row", "target_batch"):
         hp["l0_coefficient"] = l0_coefficient or hp["target_l0_coefficient"]
     return hp
+
+
+RESUME_MAY_CHANGE = ("steps", "device", "autocast", "path", "compile", "log_every", "checkpoint_every", "buffer_rows")
+
+
+def run_settings(acts_dir, ckpt, resume, **given):
+    """The run's settings: those of `settings(acts_dir, **given)` for a new run. Resuming from the
+    checkpoint `ckpt`, the settings the run was made with, so that it goes on to its own end; a given
+    setting that contradicts them is refused, except how to run (RESUME_MAY_CHANGE: a larger --steps
+    trains on)."""
+    given = {k: v for k, v in given.items() if v is not None}
+    hp = read_checkpoint(ckpt, tensors=False)[0].get("hp") if resume and ckpt.is_file() else None
+    if hp is None:                       # a new run, or a checkpoint from before they kept their settings
+        return settings(acts_dir, **given)
+    hp["betas"] = tuple(hp["betas"])     # JSON made the tuple a list
+    for name, value in given.items():
+        if name not in RESUME_MAY_CHANGE and value != hp.get(name):
+            raise ValueError(f"--{name.replace('_', '-')} {value} contradicts the {hp.get(name)} that {ckpt} was made "
+                             "with; leave it out to carry on that run, or pass another --out.")
+    return {**hp, **given}
 
 
 def check_settings(hp, given, world):
@@ -401,8 +428,6 @@ def make_loss(loss, sae, compiled, **options):
 
 def resume_from(ckpt, sae, opt, fired_at, controller, hp):
     """Restore a killed run from its checkpoint (see load_checkpoint); returns the checkpoint's state."""
-    if not ckpt.is_file():
-        raise ValueError(f"--resume: {ckpt} does not exist; start without --resume.")
     state = load_checkpoint(ckpt, sae, opt, fired_at)
     arch, d_sae = hp["arch"], hp["d_sae"]
     if state.get("arch", "jumprelu") != arch or state.get("d_sae") not in (None, d_sae):
@@ -417,21 +442,35 @@ def resume_from(ckpt, sae, opt, fired_at, controller, hp):
     return state
 
 
-def load_checkpoint(path, sae, opt, fired_at):
-    """Restore a checkpoint into sae, opt and fired_at; returns its JSON state. One-sentence
-    ValueError for a damaged file or one written for another architecture or width."""
+def read_checkpoint(path, tensors=True):
+    """A checkpoint's JSON state and its tensors (None with tensors=False); a one-sentence ValueError
+    for a file that is damaged."""
     try:
         with safe_open(str(path), "pt") as f:
             state = json.loads(f.metadata()["state"])
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-        assert isinstance(state, dict) and isinstance(state.get("step"), int)
-        expected = {f"param.{n}": p.shape for n, p in sae.named_parameters()}
-        expected.update({f"buffer.{n}": b.shape for n, b in sae.named_buffers()}, fired_at=fired_at.shape)
-        assert all(k in tensors and tensors[k].shape == shape for k, shape in expected.items())
-        adam = adam_state_dict(opt, sae, tensors)
+            assert isinstance(state, dict) and isinstance(state.get("step"), int)
+            return state, {k: f.get_tensor(k) for k in f.keys()} if tensors else None
     except Exception as e:
-        raise ValueError(f"{path} is damaged or belongs to another SAE ({type(e).__name__}); delete it to start "
-                         "afresh or pass the settings it was made with.") from None
+        raise ValueError(f"{path} is damaged ({type(e).__name__}); delete it to start the run afresh.") from None
+
+
+def load_checkpoint(path, sae, opt, fired_at):
+    """Restore a checkpoint into sae, opt and fired_at; returns its JSON state. One-sentence
+    ValueError for a damaged file, or one whose tensors are another SAE's (another width, d_in or
+    architecture), naming the first that differs; nothing is restored then."""
+    state, tensors = read_checkpoint(path)
+    expected = {f"param.{n}": p.shape for n, p in sae.named_parameters()}
+    expected.update({f"buffer.{n}": b.shape for n, b in sae.named_buffers()}, fired_at=fired_at.shape)
+    expected["rng.torch"] = torch.get_rng_state().shape
+    differ = [f"{k} is {list(tensors[k].shape) if k in tensors else 'missing'}, not {list(shape)}"
+              for k, shape in expected.items() if k not in tensors or tensors[k].shape != shape]
+    try:
+        adam = adam_state_dict(opt, sae, tensors)
+    except (AssertionError, KeyError):
+        differ.append("its Adam moments are of other shapes")
+    if differ:
+        raise ValueError(f"{path} holds another SAE ({differ[0]}); resume with the --acts and settings it was made "
+                         "with, or pass another --out.")
     with torch.no_grad():
         for n, b in sae.named_buffers():
             b.copy_(tensors[f"buffer.{n}"])
@@ -484,11 +523,13 @@ def _logged_step(line):
 
 class Log:
     """log.jsonl, one record per call, and the progress bar, closed on every way out of a `with`
-    block; rank 0 alone writes. Each record has the batch's loss, MSE and L0 (over the global batch),
-    the L0 and FVU of a held-out batch at inference, the dead fraction (no firing in the last
-    DEAD_LOG_TOKENS tokens), lambda, lr, the step's path, and tokens and FLOP/s since the last
-    record against the matmul ceiling measured then (MFU). `append` adds a record of its own
-    (BatchTopK's calibrated threshold)."""
+    block; rank 0 alone writes. Each record has the batch's loss, MSE (||x - x_hat||^2 summed over
+    d_in, the mean over tokens, on the scaled inputs) and L0 (over the global batch); the L0 and FVU
+    at inference of a held-out sample of one batch (heldout_*; evaluate.py measures the whole split);
+    the dead fraction (no firing in the last DEAD_LOG_TOKENS tokens), lambda, lr, the step's path;
+    tokens/s since the last record, and "vs_ceiling": the dense-equivalent FLOP/s over the FLOP/s
+    of one dense matmul measured then. A dense step stays below 1; the sparse path, which skips
+    most of the work, passes it. `append` adds a record of its own (BatchTopK's calibration)."""
 
     def __init__(self, path, sae, x_eval_BD, fired_at, *, batch_size, start, steps, world, rank, autocast, quiet):
         self.path, self.sae, self.x_eval_BD, self.fired_at = path, sae, x_eval_BD, fired_at
@@ -510,28 +551,29 @@ class Log:
         device = self.x_eval_BD.device
         heldout = self.heldout()
         tokens_per_s = (step - self.since[1]) * B / (time.perf_counter() - self.since[0])
-        # The step's matmuls, 2 FLOPs per multiply-add: x @ W_enc and f @ W_dec forward, then the
+        # A dense step's matmuls, 2 FLOPs per multiply-add: x @ W_enc and f @ W_dec forward, then the
         # gradients of W_dec, f and W_enc: 5 x 2 x B x d_in x d_sae. The sparse path does only the
-        # first densely: its "mfu" counts dense-equivalent work and can pass 100%. The ceiling is
-        # measured now, on one rank's slice, times the ranks: on a shared machine it moves with the load.
+        # first densely, so this is dense-equivalent work. The ceiling is measured now, on one rank's
+        # slice, times the ranks: on a shared machine it moves with the load.
         flops = 10 * d_in * d_sae * tokens_per_s
         ceiling = self.world * matmul_ceiling(device, B // self.world, d_in, d_sae,
                                               torch.bfloat16 if self.autocast else torch.float32)
         dead = self.fired_at <= step - min(DEAD_LOG_TOKENS // B, step)     # never fired, in a run shorter than that
         r = {"step": step, "loss": loss, "mse": mse, "l0": result["l0"].item(), **heldout,
              "dead_fraction": dead.float().mean().item(), "l0_coefficient": l0_coefficient, "lr": lr, "path": path,
-             "tokens_per_s": tokens_per_s, "flops_per_s": flops, "mfu": flops / ceiling}
+             "tokens_per_s": tokens_per_s, "flops_per_s": flops, "vs_ceiling": flops / ceiling}
         if self.sae.architecture == "batchtopk":                   # the running estimate, logged only
             r["threshold_running"] = self.sae.threshold.item()
         self.append(r)
         heldout_l0 = r["heldout_l0"]
         if not self.quiet:
             lam_text = f"lambda {l0_coefficient:.3g} " if l0_coefficient is not None else ""      # TopK has none
-            self.bar.write(f"step {step}: loss {loss:.4f} mse {mse:.4f} L0 {r['l0']:.1f} | held-out L0 {heldout_l0:.1f} "
-                           f"FVU {r['heldout_fvu']:.4f} | dead {r['dead_fraction']:.1%} {lam_text}lr {lr:.3g} | "
-                           f"{tokens_per_s:,.0f} tok/s, MFU {r['mfu']:.0%}" + (f" ({self.world} ranks)" if self.world > 1 else ""))
+            self.bar.write(f"step {step}: loss {loss:.4f} mse {mse:.4f} L0 {r['l0']:.1f} | held-out sample L0 "
+                           f"{heldout_l0:.1f} FVU {r['heldout_fvu']:.4f} | dead {r['dead_fraction']:.1%} {lam_text}lr "
+                           f"{lr:.3g} | {tokens_per_s:,.0f} tok/s, {r['vs_ceiling']:.2f}x dense ceiling"
+                           + (f" ({self.world} ranks)" if self.world > 1 else ""))
         self.bar.set_postfix(l0=f"{heldout_l0:.1f}", fvu=f"{r['heldout_fvu']:.3f}", dead=f"{r['dead_fraction']:.1%}",
-                             tok_s=f"{tokens_per_s:,.0f}", mfu=f"{r['mfu']:.0%}")
+                             tok_s=f"{tokens_per_s:,.0f}", vs_ceiling=f"{r['vs_ceiling']:.2f}x")
         self.since = (time.perf_counter(), step)
         return r
 
@@ -697,9 +739,13 @@ def finish(out, sae, scale, log, record, batches, metadata):
     the record as "threshold_running"), with the held-out L0 and FVU it gives, logged; then the SAE
     saved. Returns the last record."""
     if sae.architecture == "batchtopk":
-        record = {**record, "threshold_running": sae.threshold.item(), "threshold": sae.calibrate_threshold_(batches)}
-        record.update(log.heldout())
+        record = {**record, "record": "calibration", "threshold_running": sae.threshold.item(),
+                  "threshold": sae.calibrate_threshold_(batches), **log.heldout()}
         log.append(record)
+        if not log.quiet:
+            log.bar.write(f"BatchTopK's inference threshold calibrated: {record['threshold']:.4g} (running estimate "
+                          f"{record['threshold_running']:.4g}), held-out sample L0 {record['heldout_l0']:.1f} FVU "
+                          f"{record['heldout_fvu']:.4f}")
     save_sae(out, sae, scale, metadata)
     return record
 
@@ -809,7 +855,7 @@ def main(argv=None):
                                "train a sweep")
     sparsity.add_argument("--l0-coefficient", type=cli.positive, nargs="+", default=None,
                           help="fixed lambda of the L0 term (of the L1 term for relu/gated); several values train a sweep")
-    p.add_argument("--recipe", choices=sorted(RECIPES), default="small",
+    p.add_argument("--recipe", choices=sorted(RECIPES), default=None,
                    help="small (default) or paper (docs/maths.md section 3.1)")
     fixed = []                                        # the settings the recipe alone sets, listed after the options
     for name, s in SETTINGS.items():
@@ -821,36 +867,80 @@ def main(argv=None):
             help = s.help + (f" (default: {default})" if s.small is not None else "")
             p.add_argument(f"--{name.replace('_', '-')}", default=None, help=help.replace("%", "%%"), **s.option)
     p.epilog += "\n\nSet by the recipe alone (train.train takes each by name):\n" + "\n".join(fixed)
-    p.add_argument("--resume", action="store_true", help="continue from --out/checkpoint.safetensors")
+    p.add_argument("--resume", action="store_true",
+                   help="carry on from --out/checkpoint.safetensors with the settings it was made with (a run without "
+                        "one starts); of the settings, only --steps and how to run (--device...) may change")
     args = p.parse_args(argv)
-    if args.target_l0 is None and args.l0_coefficient is None and args.recipe == "small":
-        args.target_l0 = [32]
     given = {name: getattr(args, name) for name, s in SETTINGS.items() if s.option is not None}
-    # One run per sparsity value, each checked before the first one starts; a sweep writes each SAE
-    # to OUT/<arch>_l0_<K> (or _lambda_<value>).
-    key, values = ("target_l0", args.target_l0) if args.target_l0 else ("l0_coefficient", args.l0_coefficient or [None])
+    rank = int(os.environ.get("RANK", 0))             # under torchrun, rank 0 alone prints
     try:
-        runs = [settings(args.acts, args.recipe, **{key: value}, **given) for value in values]
+        runs = plan(args, given)
     except ValueError as e:
         sys.exit(f"error: {e}")
-    rank = int(os.environ.get("RANK", 0))             # under torchrun, rank 0 alone prints
-    for value, hp in zip(values, runs):
-        out = args.out
-        if len(runs) > 1:
-            out = str(Path(args.out) / f"{hp['arch']}_{'l0' if key == 'target_l0' else 'lambda'}_{value:g}")
+    for out, hp in runs:
+        ckpt = out / "checkpoint.safetensors"
+        if args.resume and ckpt.is_file() and read_checkpoint(ckpt, tensors=False)[0]["step"] >= hp["steps"]:
             if rank == 0:
-                print(f"== {hp['arch']}, {key.replace('_', ' ')} {value:g} -> {out}")
+                print(f"{out} is already trained to step {hp['steps']}; pass a larger --steps to train on.")
+            continue
+        if rank == 0 and len(runs) > 1:
+            print(f"== {out}")
         try:
-            r = train(args.acts, out, hp, resume=args.resume)
+            r = train(args.acts, str(out), hp, resume=args.resume)
         except ValueError as e:
             if dist.is_initialized():
                 dist.destroy_process_group()
             sys.exit(f"error: {e}")
         except OSError as e:     # a full disk: the checkpoint and SAE folder on disk are still whole
             sys.exit(f"error: writing to {out} failed ({e.strerror or e}); free space, then rerun with --resume.")
+        except KeyboardInterrupt:
+            if rank == 0:
+                print(interrupted(ckpt, argv, args, len(runs) > 1), file=sys.stderr)
+            sys.exit(130)
         if rank == 0:
-            print(f"wrote the SAE to {out}: held-out L0 {r['heldout_l0']:.1f}, FVU {r['heldout_fvu']:.3f}, "
-                  f"dead {r['dead_fraction']:.1%} (log: {out}/log.jsonl)")
+            print(last_line(out, r, hp))
+
+
+def plan(args, given):
+    """The runs of a command line as (out, settings), each checked before the first one starts: one
+    per sparsity value, a sweep writing each SAE to OUT/<arch>_l0_<K> (or _lambda_<value>). A new run
+    of the small recipe with no sparsity given holds L0 at 32."""
+    key, values = ("target_l0", args.target_l0) if args.target_l0 else ("l0_coefficient", args.l0_coefficient or [None])
+    runs = []
+    for value in values:
+        out = Path(args.out)
+        if len(values) > 1:
+            out = out / f"{args.arch or 'jumprelu'}_{'l0' if key == 'target_l0' else 'lambda'}_{value:g}"
+        ckpt = out / "checkpoint.safetensors"
+        sparsity = {key: value}
+        if value is None and args.recipe in (None, "small") and not (args.resume and ckpt.is_file()):
+            sparsity = {"target_l0": 32}
+        runs.append((out, run_settings(args.acts, ckpt, args.resume, recipe=args.recipe, **sparsity, **given)))
+    return runs
+
+
+def interrupted(ckpt, argv, args, sweep):
+    """Ctrl-C's one line: the checkpoint kept, and the command that carries on."""
+    if not ckpt.is_file():
+        return f"interrupted before the first checkpoint of {ckpt.parent}; nothing is kept, rerun the command to start again."
+    again = ["--acts", str(args.acts), "--out", str(args.out)] if not sweep else list(sys.argv[1:] if argv is None else argv)
+    command = shlex.join(["python", "train.py", *again, *([] if "--resume" in again else ["--resume"])])
+    step = read_checkpoint(ckpt, tensors=False)[0]["step"]
+    return f"interrupted: {ckpt} (step {step}) is kept; carry on with: {command}"
+
+
+def last_line(out, r, hp):
+    """Training's last line: where the SAE is, its held-out sample's figures, and a warning where the L0
+    ended more than 10% from --target-l0."""
+    line = (f"wrote the SAE to {out}: L0 {r['heldout_l0']:.1f}, FVU {r['heldout_fvu']:.3f} on a held-out sample of "
+            f"{hp['batch_size']:,} tokens (evaluate.py measures the whole split), dead {r['dead_fraction']:.1%} "
+            f"(log: {out}/log.jsonl)")
+    K = hp["target_l0"]
+    if K and abs(r["heldout_l0"] - K) > 0.1 * K:
+        line += (f"\nwarning: the L0 ended at {r['heldout_l0']:.1f}, {abs(r['heldout_l0'] / K - 1):.0%} "
+                 f"{'above' if r['heldout_l0'] > K else 'below'} --target-l0 {K:g}; train longer (--steps) for it to settle.")
+    return line
+
 
 if __name__ == "__main__":
     main()
