@@ -185,8 +185,11 @@ def _load_npy(path, shape, digest):
 
 
 def open_split(folder, split="train", verify=True):
-    """The memory-mapped activation and token-window arrays of a split, one pair per shard. With
-    `verify`, each shard's sha256 is checked against the manifest (about a second per GB)."""
+    """(manifest, shards) of a split: the folder's manifest, and a list with one (activations
+    [rows, d_in], token windows [windows, context]) pair per shard, both read-only memory maps in the
+    dtypes on disk (activations float16 by default; sae.encode takes them as they are). Row r of a
+    shard is position 1 + r % (context - 1) of its window r // (context - 1). With `verify`, each
+    shard's sha256 is checked against the manifest (about a second per GB)."""
     manifest = read_manifest(folder)
     if split not in manifest["splits"] or not manifest["splits"][split]["shards"]:
         raise ValueError(f"{folder} has no {split} rows; harvest more tokens.")

@@ -79,7 +79,8 @@ class _SAE(nn.Module):
     # JumpReLUSAE's own methods, shared: they touch only W_enc, W_dec, b_dec and metadata. Folding
     # leaves the features unchanged here too: x @ (s W_enc) = (x s) @ W_enc for ReLU, and
     # (x - b_dec/s) @ (s W_enc) = (x s - b_dec) @ W_enc for the others; the encoder biases, r_mag
-    # and BatchTopK's threshold stay as they are.
+    # and BatchTopK's threshold stay as they are. as_input: any floating input, as JumpReLUSAE's.
+    as_input = JumpReLUSAE.as_input
     remove_parallel_decoder_grad_ = JumpReLUSAE.remove_parallel_decoder_grad_
     normalize_decoder_ = JumpReLUSAE.normalize_decoder_
     fold_input_scale_ = JumpReLUSAE.fold_input_scale_
@@ -99,7 +100,7 @@ class ReLUSAE(_SAE):
         return x_BD @ self.W_enc + self.b_enc
 
     def encode(self, x_BD):
-        return self.pre_acts(x_BD).relu()
+        return self.pre_acts(self.as_input(x_BD)).relu()
 
     def loss(self, x_BD, l1_coefficient, dead_F=None):
         """MSE + lambda * mean over rows of sum_i f_i ||W_dec,i||; "aux" is 0 (dead_F is not used)."""
@@ -141,7 +142,7 @@ class GatedSAE(_SAE):
         return gate_BF, torch.where(gate_BF > 0, mag_BF.relu(), 0)
 
     def encode(self, x_BD):
-        return self._gate_and_features(x_BD)[1]
+        return self._gate_and_features(self.as_input(x_BD))[1]
 
     def loss(self, x_BD, l1_coefficient, dead_F=None):
         """MSE + lambda * sum_i ReLU(pi_gate)_i ||W_dec,i|| + aux, each averaged over rows (dead_F is not used).
@@ -224,7 +225,7 @@ class TopKSAE(_SAE):
         return (x_BD - self.b_dec) @ self.W_enc + self.b_enc
 
     def encode(self, x_BD):
-        return topk_relu(self.pre_acts(x_BD), self.k)
+        return topk_relu(self.pre_acts(self.as_input(x_BD)), self.k)
 
     def loss(self, x_BD, coefficient=None, dead_F=None, aux_coefficient=1 / 32, *, batch_mean=rows_mean):
         """MSE + aux_coefficient * AuxK on the latents where the bool mask dead_F [d_sae] is True.
@@ -266,7 +267,7 @@ class BatchTopKSAE(TopKSAE):
 
     def encode(self, x_BD):
         """Inference: f = pre where pre > threshold (strictly) and pre > 0, else 0; no batch dependence."""
-        pre_BF = self.pre_acts(x_BD)
+        pre_BF = self.pre_acts(self.as_input(x_BD))
         return torch.where(pre_BF.to(self.threshold.dtype) > self.threshold, pre_BF.relu(), 0)
 
     def loss(self, x_BD, coefficient=None, dead_F=None, aux_coefficient=1 / 32, *, update_threshold=True):

@@ -17,6 +17,7 @@ Shape suffixes: B batch rows, D model width (d_in), F latents (d_sae).
 
 import math
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -136,9 +137,17 @@ class JumpReLUSAE(nn.Module):
             x_BD = x_BD - self.b_dec
         return x_BD @ self.W_enc + self.b_enc
 
+    def as_input(self, x_BD):
+        """x as this SAE takes it: any floating tensor or NumPy array (a read-only float16 shard,
+        say; copied, as torch shares no read-only memory), cast to the SAE's dtype and device."""
+        if not torch.is_tensor(x_BD):
+            x_BD = torch.from_numpy(np.array(x_BD))
+        return x_BD.to(self.W_enc.device, self.W_enc.dtype)
+
     def encode(self, x_BD):
-        """Feature activations f [.., d_sae]: a latent is active iff its pre-activation > theta."""
-        return jumprelu(self.pre_acts(x_BD), self.threshold, self.bandwidth)
+        """Feature activations f [.., d_sae] of x (as_input: any floating input): a latent is
+        active iff its pre-activation > theta."""
+        return jumprelu(self.pre_acts(self.as_input(x_BD)), self.threshold, self.bandwidth)
 
     def decode(self, f_BF):
         return f_BF @ self.W_dec + self.b_dec

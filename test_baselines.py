@@ -11,6 +11,7 @@ every parameter derived by hand, so that the two can disagree.
 import copy
 import json
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -435,6 +436,26 @@ def test_leading_dimensions_are_rows(arch):
     assert out["f"].shape == (2, 3, 20) and out["x_hat"].shape == x.shape
     if arch == "batchtopk":
         assert (out["f"] != 0).sum() <= 6 * sae.k
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_encode_takes_a_read_only_float16_shard_or_any_floating_input_in_the_saes_dtype(arch, tmp_path):
+    """Activations as harvest.py writes them (read-only float16 memory maps) go into encode as they
+    are, without a warning, and give the features of the same rows cast to the SAE's dtype; so do
+    float16 and float64 tensors."""
+    rows = np.random.default_rng(0).normal(size=(9, 6)).astype(np.float16)
+    np.save(tmp_path / "shard.npy", rows)
+    shard = np.load(tmp_path / "shard.npy", mmap_mode="r")
+    assert not shard.flags.writeable
+    for dtype in (torch.float32, torch.float64):
+        sae = random_sae(arch, 0, dtype=dtype)
+        want = sae.encode(torch.from_numpy(rows).to(dtype))
+        assert want.dtype == dtype and (want != 0).any()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert torch.equal(sae.encode(shard), want)
+        for given in (torch.float16, torch.float64, torch.float32):
+            assert torch.equal(sae.encode(torch.from_numpy(rows).to(given)), want), given
 
 
 @pytest.mark.parametrize("arch", BASELINES)
