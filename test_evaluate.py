@@ -1,6 +1,11 @@
 """Tests for evaluate.py: metrics with known answers, and the splice into a live (tiny) model."""
 
 import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,6 +17,8 @@ import export
 import harvest
 import sae_folder
 from jumprelu import JumpReLUSAE
+
+HERE = Path(__file__).parent
 
 
 def _identity_sae(d):
@@ -161,6 +168,7 @@ def test_an_sae_of_another_layer_is_refused_unless_on_purpose(tiny_model, corpus
     An SAE that does not say where it comes from (an import) gets a warning."""
     layer2 = harvest.harvest(tmp_path / "layer2", model_name=str(tiny_model), layer=2, tokens=2000, text=[str(corpus)],
                              context=16, batch_size=8, dtype="float32", heldout_every=5, device="cpu")
+    capsys.readouterr()                                              # the harvest's own warning of a small held-out split
     sae = JumpReLUSAE(32, 64)
     sae.metadata = {k: acts.read_manifest(tiny_acts)[k] for k in ("model", "layer", "site", "hook")}   # layer 1
     sae_folder.save(sae, tmp_path / "sae")
@@ -321,8 +329,8 @@ def test_evaluate_main_prints_and_writes_the_metrics_of_the_held_out_rows(tiny_a
     np.testing.assert_allclose(record["firing_frequency"], freq, rtol=1e-6)
     assert record["name"] == "sae" and record["path"] == str(tmp_path / "sae") and record["d_sae"] == 48
     header, row = printed.splitlines()[:2]
-    assert header.split() == ["name", "l0", "mse", "fvu", "dead_fraction", "dense_fraction"]
-    assert row.split() == ["sae", f"{want['l0']:.1f}", f"{want['mse']:.4g}", f"{want['fvu']:.4f}",
+    assert header.split() == ["name", "width", "tokens", "l0", "mse", "fvu", "dead_fraction", "dense_fraction"]
+    assert row.split() == ["sae", "48", f"{want['l0']:.1f}", f"{want['mse']:.4g}", f"{want['fvu']:.4f}",
                            f"{want['dead_fraction']:.1%}", f"{want['dense_fraction']:.1%}"]
     assert f"wrote {tmp_path / 'e.json'}" in printed and f"== {tmp_path / 'sae'}" in printed
     assert f"latent 0:\n  (never fires on the held-out tokens)\nlatent {busiest}:\n" in printed
@@ -350,13 +358,15 @@ def test_table_lines_up_every_column_and_leaves_a_missing_one_blank():
     """The printed table: a header of the columns any record has, each cell in its format (L0 to one
     decimal, MSE to 4 significant digits, fractions in percent, the LM metrics to 4 decimals), right-
     aligned under its header; a record without the LM metrics leaves those cells blank."""
-    records = [{"name": "a", "l0": 25.04, "mse": 1.5e-5, "fvu": 0.08312, "dead_fraction": 0.001, "dense_fraction": 0.0,
-                "delta_lm_loss": 0.03371, "ce_loss_recovered": 0.9912, "kl": 0.17049},
-               {"name": "bb", "l0": 7.0, "mse": 12.5, "fvu": 0.5, "dead_fraction": 0.25, "dense_fraction": 0.125}]
+    records = [{"name": "a", "d_sae": 4608, "trained_tokens": 1_228_800, "l0": 25.04, "mse": 1.5e-5, "fvu": 0.08312,
+                "dead_fraction": 0.001, "dense_fraction": 0.0, "delta_lm_loss": 0.03371, "ce_loss_recovered": 0.9912,
+                "kl": 0.17049},
+               {"name": "bb", "d_sae": 64, "trained_tokens": None, "l0": 7.0, "mse": 12.5, "fvu": 0.5,
+                "dead_fraction": 0.25, "dense_fraction": 0.125}]
     assert evaluate.table(records).splitlines() == [
-        "name    l0      mse     fvu  dead_fraction  dense_fraction  delta_lm_loss  ce_loss_recovered      kl",
-        "   a  25.0  1.5e-05  0.0831           0.1%            0.0%         0.0337              99.1%  0.1705",
-        "  bb   7.0     12.5  0.5000          25.0%           12.5%                                          "]
+        "name  width     tokens    l0      mse     fvu  dead_fraction  dense_fraction  delta_lm_loss  ce_loss_recovered      kl",
+        "   a  4,608  1,228,800  25.0  1.5e-05  0.0831           0.1%            0.0%         0.0337              99.1%  0.1705",
+        "  bb     64              7.0     12.5  0.5000          25.0%           12.5%                                          "]
 
 
 class _TupleBlock(torch.nn.Module):
@@ -432,6 +442,18 @@ def test_evaluate_main_with_lm_splices_the_windows_asked_for(tiny_acts, tmp_path
     assert "LM splice" in printed.err
 
 
+def test_lm_windows_beyond_the_held_out_split_are_said_and_the_split_is_used(tiny_acts, tmp_path, capsys):
+    sae_folder.save(JumpReLUSAE(32, 64), tmp_path / "sae")
+    held = sum(len(w) for _, w in acts.open_split(tiny_acts, "heldout")[1])
+    (record,) = evaluate.evaluate([tmp_path / "sae"], tiny_acts, lm=True, lm_windows=held + 1, device="cpu", progress=False)
+    assert record["lm_tokens"] == held * (acts.read_manifest(tiny_acts)["context"] - 2)
+    lm_warnings = lambda: [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning: --lm")]
+    assert lm_warnings() == [f"warning: --lm-windows {held + 1} asked for more windows than {tiny_acts}'s held-out split "
+                             f"holds; the LM metrics use its {held}."]
+    evaluate.evaluate([tmp_path / "sae"], tiny_acts, lm=True, lm_windows=held, device="cpu", progress=False)
+    assert lm_warnings() == []
+
+
 def test_evaluate_runs_a_bfloat16_checkpoint_in_float32_on_a_cpu(tiny_model, tiny_acts, tmp_path):
     """Most checkpoints on the hub are bfloat16; on a CPU evaluate runs the model in float32 (bfloat16
     is for a GPU), so its LM metrics are lm_metrics' on the float32 model, to the last digits."""
@@ -483,10 +505,14 @@ def test_plot_draws_each_architecture_against_l0_and_each_histogram_of_firing_fr
                         lambda fig, *a, **k: (saved.append(fig), savefig(fig, *a, **k)))
     rng = np.random.default_rng(0)
     freq = [np.concatenate([[0.0, 0.0, 1.0], 10 ** rng.uniform(-5, 0, 200)]), np.r_[0.0, 10 ** rng.uniform(-3, -1, 50)]]
-    rows = [("j40", "jumprelu", 40, 0.10, 0.05), ("t8", "topk", 8, 0.30, 0.20), ("j10", "jumprelu", 10, 0.25, 0.15),
-            ("t32", "topk", 32, 0.12, 0.08)]
-    records = [{"name": n, "architecture": a, "l0": l0, "fvu": fvu, "delta_lm_loss": d, "dead_fraction": i / 8,
-                "firing_frequency": freq[i % 2]} for i, (n, a, l0, fvu, d) in enumerate(rows)]
+    rows = [("j40", "jumprelu", 40, 0.10, 0.05, 4608), ("t8", "topk", 8, 0.30, 0.20, 2304),
+            ("j10", "jumprelu", 10, 0.25, 0.15, 4608), ("t32", "topk", 32, 0.12, 0.08, 2304),
+            ("w16", "topk", 16, 0.11, 0.07, 4608)]                   # wider: a line of its own
+    records = [{"name": n, "architecture": a, "d_sae": w, "trained_tokens": 1_228_800 if a == "jumprelu" else None,
+                "l0": l0, "fvu": fvu, "delta_lm_loss": d, "dead_fraction": i / 8, "firing_frequency": freq[i % 2]}
+               for i, (n, a, l0, fvu, d, w) in enumerate(rows)]
+    kinds = {"jumprelu, 4,608 latents, 1,228,800 tokens": ("j10", "j40"), "topk, 2,304 latents": ("t8", "t32"),
+             "topk, 4,608 latents": ("w16",)}
     folder = tmp_path / "new" / "plots"
     paths = evaluate.plot(records, folder)
     assert paths == [folder / "sparsity_fidelity.png", folder / "firing_frequency.png"] and plt.get_fignums() == []
@@ -496,15 +522,17 @@ def test_plot_draws_each_architecture_against_l0_and_each_histogram_of_firing_fr
     assert [ax.get_ylabel() for ax in frontier.axes] == ["FVU", "delta LM loss (nats)"]
     for ax, metric in zip(frontier.axes, ("fvu", "delta_lm_loss")):
         assert ax.get_xlabel() == "L0 (active latents per token)"
-        assert [t.get_text() for t in ax.get_legend().get_texts()] == ["jumprelu", "topk"]
-        for line, arch in zip(ax.get_lines(), ("jumprelu", "topk"), strict=True):
-            rs = sorted((r for r in records if r["architecture"] == arch), key=lambda r: r["l0"])
-            assert line.get_label() == arch and (line.get_marker(), line.get_linestyle()) == ("o", "-")
+        assert [t.get_text() for t in ax.get_legend().get_texts()] == list(kinds)
+        for line, (kind, names) in zip(ax.get_lines(), kinds.items(), strict=True):
+            rs = [next(r for r in records if r["name"] == n) for n in names]
+            assert line.get_label() == kind and (line.get_marker(), line.get_linestyle()) == ("o", "-")
             assert list(line.get_xdata()) == [r["l0"] for r in rs] and list(line.get_ydata()) == [r[metric] for r in rs]
     (ax,) = hist.axes
     assert (ax.get_xlabel(), ax.get_ylabel()) == ("log10 firing frequency", "latents")
-    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["j40 (dead 0.0%)", "t8 (dead 12.5%)",
-                                                                   "j10 (dead 25.0%)", "t32 (dead 37.5%)"]
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == [
+        "j40 (jumprelu, 4,608 latents, 1,228,800 tokens; dead 0.0%)", "t8 (topk, 2,304 latents; dead 12.5%)",
+        "j10 (jumprelu, 4,608 latents, 1,228,800 tokens; dead 25.0%)", "t32 (topk, 2,304 latents; dead 37.5%)",
+        "w16 (topk, 4,608 latents; dead 50.0%)"]
     assert len(ax.patches) == len(records)
     for step, r in zip(ax.patches, records):        # a step outline: (left edge, count) at every other vertex
         assert isinstance(step, matplotlib.patches.Polygon)
@@ -512,3 +540,27 @@ def test_plot_draws_each_architecture_against_l0_and_each_histogram_of_firing_fr
         np.testing.assert_allclose(step.get_xy()[1:-1:2], np.c_[edges[:-1], counts])
     evaluate.plot([{k: v for k, v in r.items() if k != "delta_lm_loss"} for r in records], folder)
     assert [ax.get_ylabel() for ax in saved[2].axes] == ["FVU"] and _png_size(paths[0]) == (600, 480)
+
+
+def test_the_readmes_python_snippet_runs_as_written(tiny_acts, tiny_model, tmp_path):
+    """README's "From Python" block, run as it is in a folder with runs/acts and runs/sae_l0_32: the
+    first token's top latents and the rows' L0 and FVU, as evaluate.py measures them."""
+    import train
+    snippet = re.search(r"## From Python.*?```python\n(.*?)```", (HERE / "README.md").read_text(), re.S).group(1)
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "acts").symlink_to(tiny_acts)
+    train.train(tiny_acts, tmp_path / "runs" / "sae_l0_32", d_sae=64, steps=6, target_l0=4, batch_size=128, quiet=True,
+                device="cpu")
+    run = subprocess.run([sys.executable, "-c", snippet], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "PYTHONPATH": str(HERE)})
+    assert run.returncode == 0, run.stderr
+    sae = sae_folder.load(tmp_path / "runs" / "sae_l0_32")
+    manifest, shards = acts.open_split(tiny_acts, "heldout")
+    assert len(shards) == 1 and len(shards[0][0]) < 1024                 # the snippet's rows are the whole split
+    m = evaluate.activation_metrics(sae, shards)
+    top, summary = run.stdout.splitlines()
+    assert summary == f"{m['tokens']} rows: L0 {m['l0']:.1f}, FVU {m['fvu']:.3f}"
+    token = harvest.load_tokenizer(str(tiny_model)).decode(int(shards[0][1][0, 1]))
+    f0 = sae.encode(torch.from_numpy(np.array(shards[0][0][:1], dtype=np.float32)))[0].detach()
+    assert top.startswith(f"{token!r}: ") and [int(p.split(":")[0]) for p in top.split(": ", 1)[1].split(", ")] == \
+        f0.topk(5).indices.tolist()

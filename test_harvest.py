@@ -118,6 +118,27 @@ def test_every_nth_document_is_held_out():
     assert [harvest.split_of(i, 5) for i in range(10)] == ["train"] * 4 + ["heldout"] + ["train"] * 4 + ["heldout"]
 
 
+@pytest.mark.parametrize("heldout_every, tokens, small", [(5, 3000, True), (2, 6000, False)])
+def test_a_held_out_split_too_small_to_trust_is_said_with_its_windows_and_documents(tiny_model, corpus, tmp_path, capsys,
+                                                                                    heldout_every, tokens, small):
+    """The warning counts the held-out windows written and the documents they hold tokens of,
+    counted here from the text alone: a document whose first token lies before the end of the
+    last window taken."""
+    m = _harvest(tiny_model, corpus, tmp_path / "acts", heldout_every=heldout_every, tokens=tokens)
+    windows = m["splits"]["heldout"]["rows"] // 15
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    separator = harvest.special_tokens(tokenizer)[1]
+    starts = np.cumsum([0] + [len(tokenizer(d, add_special_tokens=False)["input_ids"]) + 1 for i, d in
+                              enumerate(harvest.text_files([str(corpus)])) if harvest.split_of(i, heldout_every) == "heldout"])
+    documents = int((starts[:-1] < windows * 16).sum())              # 16-token windows: this tokenizer adds no BOS
+    assert separator is not None and 0 < documents < len(starts) - 1 or not small
+    warned = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning: ")]
+    assert warned == ([f"warning: the held-out split is {windows} windows from {documents} documents, too few to trust its "
+                       "figures (at least 64 windows from 10 documents are wanted); pass more --tokens or text, or a "
+                       "lower --heldout-every."] if small else [])
+    assert small == (windows < 64 or documents < 10)
+
+
 def test_read_batch_drops_the_first_position_and_refuses_nan():
     batch = [(0, "train", [7, 8, 9, 10], [0]), (1, "train", [11, 12, 13, 14], [0])]
     rows, tenfold = harvest.read_batch(_FakeReader(), batch, np.float16)
