@@ -3,9 +3,10 @@
     python infer_onnx.py runs/sae.onnx activations.npy        # a [rows, d_in] float array
     python infer_onnx.py runs/sae.onnx activations.npy --top 5
 
-Prints, for the first rows, the most active latents and their values, and the mean L0. This is
-the code a production pipeline copies: read the SAE's config from the ONNX metadata, check the
-input's width and dtype, run the session.
+Prints, for the first rows, the most active latents and their values, and the mean L0. A --topk K
+export gives each row's K largest features only: a row with fewer than K of them active shows its
+L0, one with all K active an L0 of K or more. This is the code a production pipeline copies: read
+the SAE's config from the ONNX metadata, check the input's width and dtype, run the session.
 """
 
 import json
@@ -80,17 +81,23 @@ def main(argv=None):
         sys.exit(f"error: {e}")
     if "features" in out:
         f = out["features"]
-        l0 = (f != 0).sum(1)
+        l0, k = (f != 0).sum(1), None
         top = np.argsort(-f, axis=1)[:, :args.top]
         pairs = lambda r: [(int(i), float(f[r, i])) for i in top[r] if f[r, i] > 0]
-    else:
-        l0 = (out["values"] > 0).sum(1)
+    else:                        # --topk K: the K largest; a row with all K active has an L0 of K or more
+        l0, k = (out["values"] > 0).sum(1), out["values"].shape[1]
         pairs = lambda r: [(int(i), float(v)) for i, v in zip(out["indices"][r, :args.top], out["values"][r, :args.top]) if v > 0]
     print(f"{meta.get('architecture')} SAE, d_in {meta['d_in']}, d_sae {meta['d_sae']}, "
           f"{meta.get('model')} layer {meta.get('layer')} {meta.get('site')}; providers {sess.get_providers()}")
+    shown = lambda n: f"{n}" if n != k else f">= {k} (all of the top {k} active)"
     for r in range(min(args.rows, len(l0))):
-        print(f"row {r}: L0 {int(l0[r])}, top latents " + ", ".join(f"{i}:{v:.3f}" for i, v in pairs(r)))
-    print(f"mean L0 over {len(l0)} rows: {l0.mean():.1f}")
+        print(f"row {r}: L0 {shown(int(l0[r]))}, top latents " + ", ".join(f"{i}:{v:.3f}" for i, v in pairs(r)))
+    full = int((l0 == k).sum()) if k else 0
+    if full:
+        print(f"mean L0 over {len(l0)} rows: at least {l0.mean():.1f}, since {full} rows have all of the top {k} active; "
+              "export without --topk for the exact L0.")
+    else:
+        print(f"mean L0 over {len(l0)} rows: {l0.mean():.1f}")
 
 
 if __name__ == "__main__":

@@ -251,6 +251,30 @@ def test_node_example_prints_the_latents_of_a_float64_numpy_reference(tmp_path):
     assert np.abs(got - want)[both].max() <= 1e-6 * np.abs(want).max()
 
 
+@pytest.mark.skipif(NO_NODE is not None, reason=str(NO_NODE))
+def test_node_example_reads_a_top_k_export(tmp_path):
+    """On a --topk 5 export, examples/node/encode.js prints each row's active latents among the top 5,
+    as a float64 NumPy encoder finds them, and an L0 of ">=5" where all five are active."""
+    sae = _random_sae("jumprelu")
+    sae_folder.save(sae, tmp_path / "sae")
+    export.export(sae, tmp_path / "top.onnx", topk=5)
+    x = (np.random.default_rng(1).normal(size=(64, 24)) * 0.3).astype(np.float32)   # 0 to 5 or more latents fire
+    np.save(tmp_path / "x.npy", x)
+    run = subprocess.run(["node", str(NODE_EXAMPLE / "encode.js"), str(tmp_path / "top.onnx"), str(tmp_path / "x.npy"),
+                          "64"], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert "64 rows, d_in 24, the top 5 latents, provider " in run.stdout
+    f_ref, _, margin = numpy_sae(tmp_path / "sae", x.astype(np.float64))
+    want, clear = _top(f_ref, 5), (margin > 1e-4).all(1)
+    assert clear.mean() > 0.5 and {len(w) for w, c in zip(want, clear) if c} == {0, 1, 2, 3, 4, 5}
+    for line in run.stdout.splitlines()[1:]:
+        row, l0, pairs = line.split(": ", 2)
+        r, got = int(row.removeprefix("row ")), {int(i): float(v) for i, v in (p.split(":") for p in pairs.split())}
+        if clear[r]:
+            assert l0 == ("L0 >=5" if len(want[r]) == 5 else f"L0 {len(want[r])}") and got.keys() == want[r].keys()
+            np.testing.assert_allclose([got[i] for i in want[r]], list(want[r].values()), rtol=1e-5, atol=1e-6)
+
+
 # --- Every graph against NumPy computed from the saved files alone ------------------------------
 
 ARCHS = ["jumprelu", "relu", "gated", "topk", "batchtopk"]
@@ -337,9 +361,14 @@ def test_every_graph_matches_numpy_from_the_saved_files(tmp_path, arch, capsys):
     np.testing.assert_array_equal((got["values"][rows] > 0).sum(1), l0[rows])
     np.save(tmp_path / "x.npy", x)
     infer_onnx.main([str(tmp_path / "top.onnx"), str(tmp_path / "x.npy"), "--rows", "256"])
-    printed = [int(line.split(": L0 ")[1].split(",")[0]) for line in capsys.readouterr().out.splitlines()
-               if line.startswith("row ")]
-    np.testing.assert_array_equal(np.array(printed)[rows], l0[rows])
+    printed = capsys.readouterr().out.splitlines()
+    shown = [line.split(": L0 ")[1].split(", top")[0] for line in printed if line.startswith("row ")]
+    np.testing.assert_array_equal(np.array(shown)[rows], [f"{n}" if n < 5 else ">= 5 (all of the top 5 active)"
+                                                          for n in l0[rows]])
+    active = (got["values"] > 0).sum(1)        # a top-5 export cannot know an L0 above 5: it says "at least"
+    assert (active == 5).any() and printed[-1] == (f"mean L0 over 256 rows: at least {active.mean():.1f}, since "
+                                                   f"{(active == 5).sum()} rows have all of the top 5 active; export "
+                                                   "without --topk for the exact L0.")
     # fp16: float16 weights and products, so decisions within 1e-2 of a boundary may go either way.
     export.export(sae, tmp_path / "half.onnx", fp16=True)
     (f16,) = _run(tmp_path / "half.onnx", x)

@@ -4,8 +4,9 @@
 //   node examples/node/encode.js runs/encoder.onnx acts.npy [rows]
 //
 // acts.npy: raw activations, float32 [rows, d_in], as np.save(path, x.astype(np.float32)) writes them.
-// A latent is active when its pre-activation is strictly above its threshold; the encoder outputs 0
-// for every other latent, so the active latents are the non-zero entries of "features".
+// A latent is active when its pre-activation is strictly above its threshold. The dense export
+// outputs "features", 0 for every inactive latent; a --topk K export outputs each row's K largest
+// as "values" and "indices", so a row with all K active has an L0 of K or more.
 'use strict';
 process.env.NVIDIA_TF32_OVERRIDE = '0';   // float32 matmuls on a GPU, not TF32 (the Node API has no use_tf32)
 const fs = require('fs');
@@ -33,16 +34,25 @@ async function open(model) {   // the CUDA provider where this runtime has one (
   }
 }
 
+function activeLatents(out, r) {   // row r's active latents as "index:value", from either export
+  const [values, indices] = out.features ? [out.features, null] : [out.values, out.indices];
+  const width = values.dims[1], active = [];
+  values.data.subarray(r * width, (r + 1) * width).forEach((v, j) => {
+    if (v !== 0) active.push(`${indices ? indices.data[r * width + j] : j}:${v}`);
+  });
+  return active;
+}
+
 async function main([model, npy, rows = '3']) {
   const x = readNpy(npy);
   const [session, provider] = await open(model);
-  const {features} = await session.run({x});
-  const [n, dSae] = features.dims;
-  console.log(`${model}: ${n} rows, d_in ${x.dims[1]}, d_sae ${dSae}, provider ${provider}`);
+  const out = await session.run({x});
+  const [n, width] = (out.features || out.values).dims, k = out.features ? null : width;
+  const size = k ? `the top ${k} latents` : `d_sae ${width}`;
+  console.log(`${model}: ${n} rows, d_in ${x.dims[1]}, ${size}, provider ${provider}`);
   for (let r = 0; r < Math.min(Number(rows), n); r++) {
-    const active = [];
-    features.data.subarray(r * dSae, (r + 1) * dSae).forEach((v, i) => v !== 0 && active.push(`${i}:${v}`));
-    console.log(`row ${r}: L0 ${active.length}: ${active.join(' ')}`);
+    const active = activeLatents(out, r);
+    console.log(`row ${r}: L0 ${active.length === k ? `>=${k}` : active.length}: ${active.join(' ')}`);
   }
 }
 
