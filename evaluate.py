@@ -3,6 +3,7 @@
     python evaluate.py runs/sae --acts runs/acts                    # L0, MSE, FVU, dead and dense latents
     python evaluate.py runs/sae_* --acts runs/acts --lm --json runs/eval.json --plot runs/plots
     python evaluate.py runs/sae --acts runs/acts --latents 12,345   # what those latents fire on
+    python evaluate.py runs/sae --acts runs/acts --dashboard runs/dash   # an offline site of every latent
 
 Every number is computed on held-out rows, never on training rows. MSE is ||x - x_hat||^2 summed
 over d_in and averaged over tokens, on the raw activations (train.py's log gives the same on inputs
@@ -255,6 +256,19 @@ def table(records):
     return "\n".join([line(header[c] for c in cols)] + [line(row) for row in rows])
 
 
+def write_dashboard(folder, acts_dir, out):
+    """dashboard.write for the SAE in `folder` on the held-out split of `acts_dir`, with the tokenizer
+    and unembedding of the manifest's model (no output-token panel where its width is not d_in)."""
+    import dashboard
+    sae = load_sae(folder, "cpu")
+    manifest, shards = acts.open_split(acts_dir, "heldout")
+    model, tokenizer = harvest.load_model(manifest["model"], "cpu", torch.float32, manifest.get("gguf_file"))
+    embedding = model.get_output_embeddings()
+    unembedding = embedding.weight.detach() if embedding is not None and embedding.weight.shape[1] == sae.d_in else None
+    return dashboard.write(sae, shards, tokenizer, out, context_rows=manifest["context"] - 1, unembedding_VD=unembedding,
+                           title=f"{Path(folder).name} on {manifest['model']} layer {manifest.get('layer')} {manifest.get('site')}")
+
+
 latent_list = cli.check(lambda t: [int(i) for i in t.split(",")], lambda v: min(v) >= 0,
                         "latent indices separated by commas, such as 12,345")
 
@@ -268,6 +282,9 @@ def main(argv=None):
     p.add_argument("--json", type=cli.out_file, help="write one record per SAE to this file (its folder must exist)")
     p.add_argument("--plot", type=cli.out_folder, help="write the sparsity-fidelity plot and firing histogram to this folder (created)")
     p.add_argument("--latents", type=latent_list, help="comma-separated latent indices: print their top held-out contexts")
+    p.add_argument("--dashboard", type=cli.out_folder,
+                   help="write a static HTML dashboard of every latent to this folder (one subfolder an SAE with several); "
+                        "open its index.html in a browser, offline")
     p.add_argument("--allow-mismatch", action="store_true",
                    help="evaluate an SAE on activations of another model, layer or site than its own, on purpose")
     p.add_argument("--device", type=cli.device, default=None)
@@ -281,6 +298,10 @@ def main(argv=None):
             print(f"wrote {args.json}")
         if args.plot:
             print("wrote " + ", ".join(map(str, plot(records, args.plot))))
+        if args.dashboard:
+            for folder in args.sae_dirs:
+                out = Path(args.dashboard) / (Path(folder).name if len(args.sae_dirs) > 1 else "")
+                print(f"wrote {write_dashboard(folder, args.acts, out)}")
         if args.latents:
             latents = args.latents
             manifest, shards = acts.open_split(args.acts, "heldout")
