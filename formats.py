@@ -221,8 +221,8 @@ def load_saelens(folder, device=None):
     (b_enc - b_dec @ W_enc); an uncentred TopK / Gated / BatchTopK SAE, which ours always centre,
     into b_enc + b_dec @ W_enc (b_gate, and b_mag with exp(r_mag)); the decoder-norm rescale into
     W_enc * n, b_enc * n, W_dec / n. metadata gets "model" from SAELens's model_name, "layer" and
-    "site" from a TransformerLens hook_name (else "hook" is the hook_name), and SAELens's other
-    metadata entries.
+    "site" from a TransformerLens hook_name (else "hook" is the hook_name), "context" from
+    context_size, and SAELens's other metadata entries.
     """
     folder = Path(folder)
     sae_folder.check_files(folder, (SAELENS_CONFIG, SAELENS_WEIGHTS), "a SAELens SAE folder")
@@ -236,6 +236,12 @@ def load_saelens(folder, device=None):
                     if k not in SAELENS_FORMAT_KEYS and k not in RESERVED and v is not None}
     if meta.get("model_name") is not None:
         sae.metadata["model"] = meta["model_name"]
+    if meta.get("context_size") is not None:
+        sae.metadata["context"] = sae.metadata.pop("context_size")
+    if sae.metadata.get("prepend_bos") is False:
+        sae.metadata["bos"] = None                # no BOS first
+    if "bos" in sae.metadata:                     # then prepend_bos says no more than bos does
+        sae.metadata.pop("prepend_bos", None)
     site = harvest.tl_site(meta.get("hook_name"))
     if site:                      # a TransformerLens name: our layer and site, and our module path if we wrote it
         sae.metadata.update(layer=site[0], site=site[1])
@@ -372,8 +378,9 @@ def save_saelens(sae, folder):
     Our metadata goes into SAELens's, with the names its tools look things up by: model ->
     model_name as a hub id (harvest.hub_id: "smollm2" is HuggingFaceTB/SmolLM2-135M-Instruct), layer
     and site -> hook_name as TransformerLens names it (blocks.6.hook_resid_post, hook_mlp_out,
-    hook_attn_out), our module path (hook) -> hook_module; the rest as it is. load_saelens maps
-    them back. Both files are written to a
+    hook_attn_out), our module path (hook) -> hook_module, the harvest's context -> context_size and
+    whether it put a BOS first -> prepend_bos (both required by SAELens's evaluations); the rest as
+    it is. load_saelens maps them back. Both files are written to a
     temporary name and renamed (atomic_write), the weights first.
     """
     arch = sae.architecture
@@ -385,7 +392,9 @@ def save_saelens(sae, folder):
              "batchtopk": ("W_enc", "W_dec", "b_enc", "b_dec")}[arch]
     tensors = {name: getattr(sae, name).detach().float().cpu().contiguous() for name in names}
     md = dict(sae.metadata)
-    meta = {k: v for k, v in md.items() if k not in ("model", "hook")}
+    meta = {k: v for k, v in md.items() if k not in ("model", "hook", "context")}
+    if md.get("context") is not None:          # what SAELens's ActivationsStore.from_sae, and so its evals, require
+        meta.update(context_size=md["context"], prepend_bos=md.get("bos") is not None)
     named = isinstance(md.get("layer"), int) and md.get("site") in harvest.SITES
     meta.update(sae_lens_version=SAELENS_FORMAT_VERSION, sae_lens_training_version=SAELENS_FORMAT_VERSION,
                 model_name=harvest.hub_id(md["model"]) if md.get("model") else None,

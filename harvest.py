@@ -50,11 +50,14 @@ HELDOUT_TRUSTED = (64, 10)          # fewer held-out windows or documents than t
 # Names the ecosystem (SAELens, TransformerLens, Neuronpedia) looks sites and models up by.
 TL_HOOKS = {"resid": "hook_resid_post", "mlp": "hook_mlp_out", "attn": "hook_attn_out"}
 HUB_IDS = {DEFAULT_MODEL: "HuggingFaceTB/SmolLM2-135M-Instruct"}     # our name of the offline GGUF -> the hub's
+TL_ALIASES = json.loads((Path(__file__).parent / "transformerlens_aliases.json").read_text())["aliases"]
 
 
 def hub_id(model):
-    """The hub id of a model as harvest.py names it: "smollm2" is SmolLM2-135M-Instruct (its GGUF)."""
-    return HUB_IDS.get(model, model)
+    """The hub id of a model as harvest.py or SAELens names it: "smollm2" is SmolLM2-135M-Instruct (its
+    GGUF), and a TransformerLens alias, as SAELens names most of its models (gpt2-small, gemma-2-2b),
+    its model's hub id (transformerlens_aliases.json, TransformerLens's own table)."""
+    return HUB_IDS.get(model) or TL_ALIASES.get(model, model)
 
 
 def tl_hook_name(layer, site):

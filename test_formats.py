@@ -620,6 +620,50 @@ def test_saelens_names_the_site_as_transformerlens_and_reads_it_back(tmp_path, s
     assert (md["model"], md["layer"], md["site"]) == ("gpt2", 1, site) and "hook" not in md
 
 
+@pytest.mark.parametrize("alias, hub, layer", [("gpt2-small", "gpt2", 6), ("gemma-2-2b", "google/gemma-2-2b", 12),
+                                               ("pythia-70m-deduped", "EleutherAI/pythia-70m-deduped", 3)])
+def test_a_saelens_folder_named_by_its_transformerlens_alias_pairs_with_that_models_activations(tmp_path, alias, hub,
+                                                                                                layer):
+    """SAELens names its registry's models by TransformerLens's aliases: gpt2-small is --model gpt2.
+    Its hook_name gives the layer and site, which must match too: layer - 1 is refused."""
+    write_saelens(tmp_path, "standard", {"W_enc": np.ones((3, 5)), "W_dec": np.ones((5, 3)), "b_enc": np.zeros(5),
+                                         "b_dec": np.zeros(3)},
+                  metadata={"model_name": alias, "hook_name": f"blocks.{layer}.hook_resid_post"})
+    sae = formats.load_sae(tmp_path)
+    manifest = {"d_in": 3, "model": hub, "layer": layer, "site": "resid", "hook": f"model.layers.{layer}"}
+    evaluate.check_pairing(sae, manifest, tmp_path, "acts")
+    with pytest.raises(ValueError, match=f"was trained on layer {layer} but acts holds layer {layer - 1}; pass the "
+                                         "activations it was trained on, or --allow-mismatch"):
+        evaluate.check_pairing(sae, {**manifest, "layer": layer - 1}, tmp_path, "acts")
+    with pytest.raises(ValueError, match="was trained on model"):
+        evaluate.check_pairing(sae, {**manifest, "model": "gpt2-medium"}, tmp_path, "acts")
+    evaluate.check_pairing(sae, {**manifest, "layer": layer - 1}, tmp_path, "acts", allow_mismatch=True)
+
+
+@pytest.mark.parametrize("bos", [1, None])
+def test_the_saelens_export_carries_the_context_and_whether_a_bos_comes_first(tmp_path, bos):
+    """SAELens's evaluations build their activation store with ActivationsStore.from_sae, which
+    requires context_size and prepend_bos: the harvest's context, and whether it put a BOS first."""
+    sae = baselines.make_sae("jumprelu", 4, 12)
+    sae.metadata = {"model": "smollm2", "layer": 6, "site": "resid", "context": 128, "bos": bos, "separator": 2}
+    formats.save_saelens(sae, tmp_path)
+    meta = json.loads((tmp_path / "cfg.json").read_text())["metadata"]
+    assert (meta["context_size"], meta["prepend_bos"], meta["hook_name"]) == (128, bos is not None, "blocks.6.hook_resid_post")
+    assert "context" not in meta and formats.load_saelens(tmp_path).metadata == {**sae.metadata,
+                                                                               "model": harvest.hub_id("smollm2")}
+
+
+def test_saelens_reads_the_exports_context_as_its_activation_store_requires(tmp_path):
+    """Where sae-lens is installed: the metadata ActivationsStore.from_sae checks before it builds a
+    store (sae_lens/training/activations_store.py: hook_name, context_size, prepend_bos) is there."""
+    sae_lens = pytest.importorskip("sae_lens")
+    sae = baselines.make_sae("jumprelu", 4, 12)
+    sae.metadata = {"model": "smollm2", "layer": 6, "site": "resid", "context": 128, "bos": 1}
+    formats.save_saelens(sae, tmp_path)
+    md = sae_lens.SAE.load_from_disk(str(tmp_path)).cfg.metadata
+    assert (md.hook_name, md.context_size, md.prepend_bos) == ("blocks.6.hook_resid_post", 128, True)
+
+
 # --- Dispatch, the command line, and the rest of the project --------------------------------
 
 

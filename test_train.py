@@ -628,6 +628,8 @@ def test_every_baseline_trains_resumes_and_loads(tiny_acts, tmp_path, arch):
     record = _train(tiny_acts, tmp_path / "whole", arch=arch, steps=12, lr_warmup_steps=2)
     sae = formats.load_sae(tmp_path / "whole")
     assert sae.architecture == arch and sae.metadata["target_l0"] == 4 and sae.metadata["input_scale"] > 0
+    manifest = acts.read_manifest(tiny_acts)                 # the harvest's windows, for SAELens's evaluations
+    assert all(sae.metadata[k] == manifest[k] for k in ("context", "bos", "separator")) and manifest["separator"] is not None
     assert sae.metadata["sparsity"] is None and (sae.metadata["l0_coefficient"] is None) == (arch in train.TOPK)
     _, heldout = acts.open_split(tiny_acts, "heldout")
     metrics = evaluate.activation_metrics(sae, heldout)

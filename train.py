@@ -188,7 +188,7 @@ def train(acts_dir, out, hp=None, *, resume=False, quiet=False, dtype=torch.floa
         if rank == 0:
             batches = (next_batch(stream, scale, device, dtype, ckpt) for _ in range(CALIBRATION_BATCHES))
             record = finish(out, sae, scale, log, record, batches, {
-                **{k: manifest.get(k) for k in ("model", "gguf_file", "layer", "site", "hook", "context")},
+                **{k: manifest.get(k) for k in ("model", "gguf_file", "layer", "site", "hook", "context", "bos", "separator")},
                 "acts": str(acts_dir), "recipe": hp["recipe"], "steps": steps, "tokens": steps * B, "seed": hp["seed"],
                 "lr": hp["lr"], "target_l0": hp["target_l0"],
                 "l0_coefficient": None if hp["arch"] in TOPK else l0_coefficient,
