@@ -17,7 +17,9 @@ import torch
 from safetensors.numpy import load_file
 
 import acts
+import baselines
 import dashboard
+import formats
 import evaluate
 import harvest
 import train
@@ -125,3 +127,30 @@ def test_output_tokens_are_the_decoder_rows_through_the_unembedding():
         assert [t for t, _ in up] == [f"t{j}" for j in np.argsort(-logits[i])[:dashboard.LOGITS]]
         assert [t for t, _ in down] == [f"t{j}" for j in np.argsort(logits[i])[:dashboard.LOGITS]]
         np.testing.assert_allclose([v for _, v in up], np.sort(logits[i])[::-1][:dashboard.LOGITS], atol=1e-4)
+
+
+@pytest.mark.parametrize("arch", [*baselines.ARCHITECTURES, "gemma_scope"])
+def test_every_architecture_and_an_imported_sae_gets_its_site(tiny_acts, tmp_path, arch):
+    """dashboard.write takes any SAE load_sae gives (a Gemma Scope params.npz here): every latent in
+    the index, and each latent's top context marked at its largest held-out activation."""
+    torch.manual_seed(0)
+    sae = baselines.make_sae("jumprelu" if arch == "gemma_scope" else arch, 32, 40, k=3)
+    with torch.no_grad():
+        for name, q in sae.named_parameters():
+            q.copy_(torch.randn(q.shape) * 0.3 - (2.0 if name == "log_threshold" else 0.0))
+    if arch == "gemma_scope":
+        w = {k: v.detach().numpy() for k, v in sae.state_dict().items() if k != "log_threshold"}
+        np.savez(tmp_path / "params.npz", **w, threshold=sae.threshold.detach().numpy())
+        sae = formats.load_sae(tmp_path / "params.npz")
+    manifest, shards = acts.open_split(tiny_acts, "heldout")
+    dashboard.write(sae, shards, harvest.load_tokenizer(manifest["model"]), tmp_path / "site",
+                    context_rows=manifest["context"] - 1)
+    data = lambda name, target: json.loads(re.search(target + r" = (.*);", (tmp_path / "site" / "data" / name).read_text())[1])
+    index, chunk = data("index.js", "DASH.index"), data("latents_0000.js", r"DASH.chunks\[0\]")
+    with torch.no_grad():
+        f = sae.encode(np.concatenate([a for a, _ in shards])).numpy()
+    assert [row[0] for row in index["latents"]] == list(range(40)) and (f != 0).any()
+    for i, record in enumerate(chunk):
+        assert record["freq"] == pytest.approx((f[:, i] != 0).mean())
+        if record["top"]:
+            assert record["top"][0]["tokens"][record["top"][0]["at"]][1] == pytest.approx(f[:, i].max(), abs=1e-4)
