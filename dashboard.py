@@ -111,14 +111,19 @@ def write(sae, shards, tokenizer, out, *, context_rows, unembedding_VD=None, max
             if logits:
                 record["promoted"], record["suppressed"] = logits[i]
             chunk.append(record)
-            top_tokens = dict.fromkeys(c["tokens"][c["at"]][0].strip() for c in record["top"])   # by activation, once each
-            index.append([i, round(record["freq"], 7), round(record["mean"], 4), " ".join(t for t in top_tokens if t)])
+            top_tokens = dict.fromkeys(_visible(c["tokens"][c["at"]][0]) for c in record["top"])   # by activation, once each
+            index.append([i, round(record["freq"], 7), round(record["mean"], 4), " ".join(top_tokens)])
         _script(out / "data" / f"latents_{c0 // CHUNK:04d}.js", f"DASH.chunks[{c0 // CHUNK}]", chunk)
     meta = {"d_sae": sae.d_sae, "chunk": CHUNK, "rows": n, "title": title, "architecture": sae.architecture}
     _script(out / "data" / "index.js", "DASH.index", {"meta": meta, "latents": index})
     for name, page in (("index.html", INDEX_HTML), ("latent.html", LATENT_HTML)):
         atomic_write(out / name, lambda f, page=page: f.write(page.replace("/*STYLE*/", STYLE).encode()))
     return out / "index.html"
+
+
+def _visible(token):
+    """A token as the index shows it: without its spaces, or, if it is only white space, drawn."""
+    return token.strip() or token.replace("\n", "\u21b5").replace("\t", "\u21e5").replace(" ", "\u2423") or "\u2205"
 
 
 def _script(path, target, data):
