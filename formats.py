@@ -5,7 +5,7 @@
 
     import sae_folder
     from formats import load_sae, save_saelens
-    sae = load_sae("path")                  # our folder, a Gemma Scope params.npz, or a SAELens folder
+    sae = load_sae("path")                  # our folder, Gemma Scope's params.npz or 2's folder, or SAELens's
     sae_folder.save(sae, "runs/imported")   # then evaluate.py and export.py as for our own SAEs
     save_saelens(sae, "for_saelens")        # sae_lens.SAE.load_from_disk("for_saelens") reads it
 
@@ -38,6 +38,7 @@ from jumprelu import JumpReLUSAE
 from sae_folder import CONFIG_NAME, WEIGHTS_NAME, assemble, atomic_write, exact_log
 
 GEMMA_SCOPE_FILE = "params.npz"
+GEMMA_SCOPE_FILES = (GEMMA_SCOPE_FILE, "params.safetensors")     # Gemma Scope's, Gemma Scope 2's
 SAELENS_CONFIG = "cfg.json"
 SAELENS_WEIGHTS = "sae_weights.safetensors"
 # SAELens reads a cfg.json whose sae_lens_version is 6.0.0 or later in the layout written here
@@ -78,35 +79,34 @@ def relu_gate_threshold(threshold_F):
 
 
 def load_gemma_scope(path, device=None):
-    """A JumpReLUSAE from Gemma Scope's `params.npz` (or a folder holding it).
+    """A JumpReLUSAE from Gemma Scope's `params.npz`, Gemma Scope 2's `params.safetensors`, or the
+    folder that holds either.
 
-    Gemma Scope's own definition of the forward pass (its tutorial, raw activations in):
+    Gemma Scope's own definition of the forward pass (its tutorial, raw activations in), which
+    Gemma Scope 2 keeps (SAELens reads its folders as "jumprelu" without apply_b_dec_to_input):
         pre = x @ W_enc + b_enc;  f = (pre > threshold) * ReLU(pre);  x_hat = f @ W_dec + b_dec
     That is our JumpReLUSAE without the pre-encoder bias, with thresholds below 0 read as 0
     (relu_gate_threshold). Arrays: W_enc [d_in, d_sae], W_dec [d_sae, d_in], b_enc [d_sae],
-    b_dec [d_in], threshold [d_sae] (SAELens also accepts w_enc / w_dec, and so do we). The
-    thresholds become log_threshold through exact_log: exact where exp of a float32 reaches
-    them, else a few float32 steps away (about 92% exact for thresholds in [0.01, 3], at most 4
-    steps off), so a latent can decide differently only within those steps of its threshold.
+    b_dec [d_in], threshold [d_sae]; Gemma Scope 2 names the weights w_enc and w_dec (so may
+    the first, as SAELens accepts). A Gemma Scope 2 folder is named like resid_post/layer_12_width_16k_l0_small
+    and may hold a config.json (model_name, hf_hook_point_in): the metadata takes the model, and
+    the layer and site where the folder is a residual stream (resid_post) or MLP output (mlp_out).
+    Transcoders (a decoder to another site, an affine skip) are refused. The thresholds become
+    log_threshold through exact_log: exact where exp of a float32 reaches them, else a few
+    float32 steps away (about 92% exact for thresholds in [0.01, 3], at most 4 steps off), so a
+    latent can decide differently only within those steps of its threshold.
     """
     path = Path(path)
-    file = path / GEMMA_SCOPE_FILE if path.is_dir() else path
-    if not file.is_file():
-        raise ValueError(f"{path} has no {GEMMA_SCOPE_FILE}; pass a Gemma Scope params.npz or the folder that holds it.")
-    try:
-        npz = np.load(file, allow_pickle=False)
-    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
-        raise ValueError(f"{file} cannot be read as a .npz archive ({str(e)[:80]}); it is truncated or damaged.") from None
-    if not isinstance(npz, np.lib.npyio.NpzFile):
-        raise ValueError(f"{file} holds a single array, not the arrays of an SAE; pass Gemma Scope's params.npz.")
-    try:
-        with npz:
-            arrays = {re.sub(r"^w_", "W_", key): npz[key] for key in npz.files}
-    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
-        raise ValueError(f"{file} cannot be read ({str(e)[:80]}); it is truncated or damaged.") from None
+    file = next((path / f for f in GEMMA_SCOPE_FILES if (path / f).is_file()), None) if path.is_dir() else path
+    if file is None or not file.is_file():
+        raise ValueError(f"{path} has no {' or '.join(GEMMA_SCOPE_FILES)}; pass a Gemma Scope params.npz, a Gemma Scope 2 "
+                         "params.safetensors, or the folder that holds one.")
+    arrays = {re.sub(r"^w_", "W_", key): a for key, a in _gemma_scope_arrays(file).items()}
+    if "affine_skip_connection" in arrays:
+        raise ValueError(f"{file} is a transcoder (it has an affine skip connection), not an SAE; pass an SAE's params.")
     for name in ("W_enc", "W_dec", "b_enc", "b_dec", "threshold"):
         if name not in arrays:
-            raise ValueError(f"{file} has no array {name!r}; a Gemma Scope params.npz holds W_enc, W_dec, b_enc, "
+            raise ValueError(f"{file} has no array {name!r}; a Gemma Scope params file holds W_enc, W_dec, b_enc, "
                              "b_dec and threshold.")
         if arrays[name].dtype.kind != "f":
             raise ValueError(f"{file} holds {name} as {arrays[name].dtype}, not floating point; it is not a "
@@ -125,8 +125,41 @@ def load_gemma_scope(path, device=None):
             raise ValueError(f"{file} holds NaN or Inf in {name}; the file is damaged.")
     sae = _jumprelu_sae(tensors["W_enc"], tensors["b_enc"], tensors["W_dec"], tensors["b_dec"],
                         threshold=relu_gate_threshold(tensors["threshold"]), pre_encoder_bias=False, device=device)
-    sae.metadata = {"source": "gemma-scope", "source_path": str(file)}
+    sae.metadata = {"source": "gemma-scope" if file.suffix == ".npz" else "gemma-scope-2", "source_path": str(file),
+                    **_gemma_scope_2_site(file.parent)}
     return sae
+
+
+def _gemma_scope_arrays(file):
+    """The named arrays of a params.npz or params.safetensors, as NumPy; a one-sentence ValueError
+    for a file that cannot be read."""
+    kind = "a safetensors file" if file.suffix == ".safetensors" else "a .npz archive"
+    try:
+        if file.suffix == ".safetensors":
+            return {k: (v.float() if v.dtype == torch.bfloat16 else v).numpy()      # NumPy has no bfloat16
+                    for k, v in load_safetensors(file.read_bytes()).items()}
+        npz = np.load(file, allow_pickle=False)
+        if isinstance(npz, np.lib.npyio.NpzFile):
+            with npz:
+                return {key: npz[key] for key in npz.files}
+    except Exception as e:            # numpy's, zipfile's and safetensors' errors alike
+        raise ValueError(f"{file} cannot be read as {kind} ({str(e)[:80]}); it is truncated or damaged.") from None
+    raise ValueError(f"{file} holds a single array, not the arrays of an SAE; pass Gemma Scope's params.npz.")
+
+
+def _gemma_scope_2_site(folder):
+    """Our metadata from a Gemma Scope 2 folder: "model" from its config.json, "layer" and "site" from
+    its name (resid_post/layer_12_width_16k_l0_small: layer 12, resid); {} where it says neither."""
+    md, config = {}, folder / "config.json"
+    if config.is_file():
+        cfg = sae_folder.read_json_object(config, "restore the Gemma Scope 2 folder's config.json")
+        if isinstance(cfg.get("model_name"), str):
+            md["model"] = cfg["model_name"] if "/" in cfg["model_name"] else "google/" + cfg["model_name"]
+    layer = re.search(r"layer_(\d+)", folder.name)
+    site = {"resid_post": "resid", "mlp_out": "mlp"}.get(folder.parent.name)
+    if layer and site:
+        md.update(layer=int(layer.group(1)), site=site)
+    return md
 
 
 # --- SAELens -------------------------------------------------------------------------------
@@ -425,13 +458,15 @@ def save_saelens(sae, folder):
 
 
 def layout(path):
-    """Which SAE `path` holds, told by its files: "ours" (config.json or sae.safetensors), "gemma_scope"
-    (a params.npz or its folder), "saelens" (cfg.json + sae_weights.safetensors) or None."""
+    """Which SAE `path` holds, told by its files: "gemma_scope" (a params.npz, a Gemma Scope 2
+    params.safetensors, or the folder of either), "ours" (config.json or sae.safetensors), "saelens"
+    (cfg.json + sae_weights.safetensors) or None."""
     path = Path(path)
+    if (path.is_file() and path.name in GEMMA_SCOPE_FILES or path.suffix == ".npz") or \
+            (path.is_dir() and any((path / f).is_file() for f in GEMMA_SCOPE_FILES)):
+        return "gemma_scope"                  # a Gemma Scope 2 folder may hold a config.json of its own
     if path.is_dir() and ((path / CONFIG_NAME).is_file() or (path / WEIGHTS_NAME).is_file()):
         return "ours"
-    if (path.is_file() and path.suffix == ".npz") or (path.is_dir() and (path / GEMMA_SCOPE_FILE).is_file()):
-        return "gemma_scope"
     if path.is_dir() and (path / SAELENS_CONFIG).is_file() and (path / SAELENS_WEIGHTS).is_file():
         return "saelens"
     return None

@@ -12,6 +12,7 @@ binary grids make every float32 sum exact, so most comparisons are exact equalit
 """
 
 import json
+import re
 import tempfile
 from pathlib import Path
 
@@ -263,6 +264,36 @@ def test_gemma_scope_unreadable_files(tmp_path):
         formats.load_gemma_scope(tmp_path / "one.npz")
     with pytest.raises(ValueError, match="has no params.npz"):
         formats.load_gemma_scope(tmp_path / "nowhere")
+
+
+GEMMA_SCOPE_2 = Path(__file__).parent / "fixtures" / "gemma_scope_2" / "resid_post" / "layer_3_width_64_l0_small"
+
+
+def test_a_gemma_scope_2_folder_loads_and_encodes_as_gemma_scope_defines_it(tmp_path):
+    """fixtures/gemma_scope_2 (made to Gemma Scope 2's layout by fixtures/make_gemma_scope_2_fixture.py):
+    its folder, with a config.json of its own, reads as Gemma Scope 2, gives the features and
+    reconstruction of the definition in float64 NumPy (a threshold below 0 as 0), and says its
+    model, layer and site; a transcoder's params are refused."""
+    assert formats.layout(GEMMA_SCOPE_2) == formats.layout(GEMMA_SCOPE_2 / "params.safetensors") == "gemma_scope"
+    sae = formats.load_sae(GEMMA_SCOPE_2)
+    p = {re.sub(r"^w_", "W_", k): v.astype(np.float64) for k, v in load_file(GEMMA_SCOPE_2 / "params.safetensors").items()}
+    assert p["threshold"].min() < 0 and isinstance(sae, JumpReLUSAE) and not sae.pre_encoder_bias
+    x = np.random.default_rng(0).normal(0, 1.0, (500, 16))
+    f_ref, x_hat_ref = ref_gemma_scope(p, x)
+    assert 0 < (f_ref != 0).mean() < 0.5
+    with torch.no_grad():
+        f, x_hat = sae.encode(torch.from_numpy(x)), sae(torch.from_numpy(x))
+    np.testing.assert_allclose(f.numpy(), f_ref, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(x_hat.numpy(), x_hat_ref, rtol=1e-5, atol=1e-4)
+    assert {k: sae.metadata[k] for k in ("source", "model", "layer", "site")} == \
+        {"source": "gemma-scope-2", "model": "google/gemma-3-1b-pt", "layer": 3, "site": "resid"}
+    save_file({**{k: v.astype(np.float32) for k, v in load_file(GEMMA_SCOPE_2 / "params.safetensors").items()},
+               "affine_skip_connection": np.zeros((16, 16), np.float32)}, tmp_path / "params.safetensors")
+    with pytest.raises(ValueError, match="is a transcoder"):
+        formats.load_sae(tmp_path)
+    (tmp_path / "params.safetensors").write_bytes(b"damaged")
+    with pytest.raises(ValueError, match="cannot be read as a safetensors file"):
+        formats.load_sae(tmp_path)
 
 
 # --- SAELens -------------------------------------------------------------------------------
