@@ -67,7 +67,8 @@ def new_manifest(settings, hook, d_in, rank=0, world=1):
     manifest = {"format": 2, "model": s["model"], "gguf_file": s["gguf_file"], "layer": s["layer"], "site": s["site"],
                 "hook": hook, "d_in": int(d_in), "dtype": s["dtype"], "context": s["context"], "text": s["source"],
                 "bos": s.get("bos"), "separator": s.get("separator"),
-                "split": f"by document: every {s['heldout_every']}th document of the text is held out",
+                "split": f"by document: every {s['heldout_every']}th document of the text is held out, and a "
+                         "document whose text the other split already has is dropped",
                 "settings": settings, "complete": False, "rows_per_window": s["context"] - 1, "tokens": 0,
                 "splits": {split: {"rows": 0, "windows": 0, "shards": []} for split in SPLITS}}
     if world > 1:

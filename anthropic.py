@@ -5,7 +5,8 @@ The same model as the paper's, trained differently:
 - a pre-activation loss lambda_P * sum_i ReLU(theta_i - pre_i) ||W_dec,i|| over the latents
   marked dead pulls their pre-activations up to their thresholds;
 - the threshold estimator's gradient reaches the pre-activations as well (`jumprelu_to_input`);
-- the bandwidth is wide: 2.0 on inputs scaled to E||x|| = sqrt(d_in).
+- the bandwidth is wide: 2.0 on inputs scaled to E||x|| = sqrt(d_in);
+- the decoder norms are free: unit rows at initialisation only, so the ||W_dec,i|| factors are live.
 Their constants (DEFAULTS) are given on inputs scaled to E||x|| = sqrt(d_in); `in_our_units`
 converts them to this project's E||x||^2 = 1. Trained, it saves and loads as a JumpReLUSAE:
 inference is the paper's.
@@ -24,6 +25,9 @@ from jumprelu import JumpReLUSAE, _JumpReLU, rectangle, step
 # On inputs scaled to E||x|| = sqrt(d_in) (SAELens's jumprelu_sparsity_loss_mode "tanh" with its
 # jumprelu_tanh_scale, pre_act_loss_coefficient and jumprelu_ste_to_input).
 DEFAULTS = dict(bandwidth=2.0, tanh_scale=4.0, pre_act_coefficient=3e-6)
+# The settings' bandwidth that stands for DEFAULTS' 2.0, to be converted to our units by in_our_units
+# (a number given by the user is in our units already, and is used as given).
+THEIR_BANDWIDTH = "anthropic"
 
 
 class _JumpReLUToInput(_JumpReLU):
@@ -46,8 +50,11 @@ def jumprelu_to_input(z, threshold, bandwidth):
 
 
 class AnthropicJumpReLUSAE(JumpReLUSAE):
-    """A JumpReLUSAE with Anthropic's training loss. Its decoder constraint is still the paper's
-    (unit-norm rows, held every step by train.py), so the ||W_dec,i|| factors are 1 here."""
+    """A JumpReLUSAE with Anthropic's training loss and free decoder norms: the rows start at unit
+    norm (the paper's initialisation) and then train freely, so that the ||W_dec,i|| factors in the
+    loss are live. Weighting each latent's penalties by its decoder norm is what stops the model from
+    shrinking f and growing W_dec, as for the ReLU baseline: the decoder-row projection and
+    renormalisation that train.py calls every step are no-ops here."""
 
     def loss(self, x_BD, l0_coefficient, dead_F=None, *, tanh_scale=DEFAULTS["tanh_scale"],
              pre_act_coefficient=DEFAULTS["pre_act_coefficient"]):
@@ -67,12 +74,21 @@ class AnthropicJumpReLUSAE(JumpReLUSAE):
         return {"loss": total, "mse": mse, "l0": l0, "pre": pre_BF, "f": f_BF, "x_hat": x_hat_BD,
                 "fired": (f_BF != 0).flatten(0, -2).any(0)}
 
+    def remove_parallel_decoder_grad_(self):
+        """No-op: the decoder norms are free (the norm-weighted penalties replace the constraint)."""
+
+    def normalize_decoder_(self):
+        """No-op: the decoder norms are free (the norm-weighted penalties replace the constraint)."""
+
 
 def in_our_units(settings, x_ND):
-    """`settings` with DEFAULTS' bandwidth, tanh scale and pre-activation coefficient converted to
-    inputs x_ND scaled to E||x||^2 = 1: Anthropic's inputs are r x, with r = sqrt(d_in) / E||x||,
-    which scales pre-activations, thresholds and f by r and the MSE by r^2, so the bandwidth
-    becomes 2.0 / r, the tanh scale 4 r and the pre-activation coefficient 3e-6 / r."""
+    """`settings` with Anthropic's constants converted to inputs x_ND scaled to E||x||^2 = 1
+    (docs/maths.md section 3.3): their inputs are r x, r = sqrt(d_in) / E||x||. The SAE that maps
+    our x to theirs keeps W_enc and W_dec, hence the decoder norms, and scales b_enc, b_dec,
+    thresholds, pre-activations and f by r, the squared error by r^2: the tanh scale becomes c r
+    and the pre-activation coefficient lambda_P / r; the bandwidth, where it is THEIR_BANDWIDTH
+    (the recipe's own), 2.0 / r. A bandwidth given as a number is already in our units and stays."""
     r = math.sqrt(x_ND.shape[1]) / x_ND.norm(dim=1).mean().item()
-    return {**settings, "bandwidth": settings["bandwidth"] / r, "tanh_scale": settings["tanh_scale"] * r,
+    bandwidth = DEFAULTS["bandwidth"] / r if settings["bandwidth"] == THEIR_BANDWIDTH else settings["bandwidth"]
+    return {**settings, "bandwidth": bandwidth, "tanh_scale": settings["tanh_scale"] * r,
             "pre_act_coefficient": settings["pre_act_coefficient"] / r}

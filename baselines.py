@@ -180,11 +180,15 @@ def rows_mean(t_N):
 
 
 def auxk(sae, x_BD, x_hat_BD, pre_BF, dead_F, batch_mean=rows_mean):
-    """AuxK (Gao et al., 2024), normalised as in their code: ||e - e_hat||^2 / ||e - mean(e)||^2,
-    each averaged over the batch's rows by `batch_mean`, where e = x - x_hat.detach() and e_hat =
-    f_aux @ W_dec (no bias) from the k_aux = min(d_in // 2, #dead) largest pre-activations (ReLU'd)
-    among the dead latents of each row. 0 when no latent is dead, or when the residual has no
-    variance to normalise by."""
+    """AuxK (Gao et al., 2024): ||e - e_hat||^2 / ||e - mean(e)||^2, each averaged over the batch's
+    rows by `batch_mean`, where e = x - x_hat.detach() and e_hat = f_aux @ W_dec from the k_aux =
+    min(d_in // 2, #dead) largest pre-activations (ReLU'd) among the dead latents of each row. 0 when
+    no latent is dead, or when the residual has no variance to normalise by.
+
+    The normalisation by the residual's variance is their code's. e_hat has no bias, as in their
+    paper, so AuxK reaches b_dec only through the encoder's input x - b_dec. Their code differs
+    there: it decodes the dead latents with the bias, which keeps its gradient, against e plus the
+    detached bias; the value is the same, but the gradient also pulls b_dec towards mean(e - e_hat)."""
     zero = pre_BF.new_zeros(())
     if dead_F is None:
         return zero
@@ -251,10 +255,11 @@ class BatchTopKSAE(TopKSAE):
     `calibrate_threshold_` sets it from the final weights, the mean of that minimum over
     training batches (train.py does so after the last step). During training every `loss` call
     moves a running estimate there unless `update_threshold=False`: the batch's minimum on the
-    first call, then threshold <- 0.99 threshold + 0.01 min_kept (dictionary_learning's trainer).
-    It lags behind the weights and came out biased high (held-out L0 19.5 for k = 25), so it is
-    only a value to log. It starts at -1, meaning "not estimated yet": until then, `encode` is
-    a plain ReLU.
+    first call, then threshold <- 0.99 threshold + 0.01 min_kept, SAELens's rate (its
+    topk_threshold_lr 0.01, from a start at 0). dictionary_learning's trainer starts from the
+    minimum as here, but only after step 1,000, and then keeps 0.999 of the old value. The estimate
+    lags behind the weights and came out biased high (held-out L0 19.5 for k = 25), so it is only a
+    value to log. It starts at -1, meaning "not estimated yet": until then, `encode` is a plain ReLU.
     """
 
     architecture = "batchtopk"

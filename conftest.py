@@ -78,6 +78,21 @@ def bos_tokenizer(tiny_model, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def defined_bos_tokenizer(tiny_model, tmp_path_factory):
+    """A folder with a BPE tokenizer that defines <bos> as its BOS but does not prepend it, as
+    SmolLM2's defines <|im_start|> (id 1) and does not add it; it fits tiny_model's vocabulary."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import AutoConfig, PreTrainedTokenizerFast
+    folder = tmp_path_factory.mktemp("defined_bos_tokenizer")
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel()
+    vocab_size = AutoConfig.from_pretrained(tiny_model).vocab_size
+    tok.train_from_iterator([TEXT], trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>", "<bos>", "<eos>"]))
+    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", unk_token="<unk>").save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
 def corpus(tmp_path_factory):
     folder = tmp_path_factory.mktemp("corpus")
     (folder / "a.txt").write_text(TEXT * 4)

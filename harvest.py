@@ -10,11 +10,12 @@ The text is packed into windows of --context tokens as the model was trained: ea
 with BOS where the tokenizer adds one of its own accord (Gemma, Llama; not SmolLM2), and
 documents are joined by the pretraining end-of-text token (SmolLM2-Instruct's <|endoftext|>, not
 its chat-turn EOS <|im_end|>), both recorded in the manifest. Every --heldout-every-th document
-goes wholly to the held-out split, which no training step ever sees. Each window runs through
-the model only up to the last hooked layer (later layers are wasted work), and every position
-but the first (BOS, or an attention sink) becomes one row. acts.py holds the folder's format
-(manifest, shards and their sha256); a killed run leaves a consistent folder and --resume
-carries on from it.
+goes wholly to the held-out split, which no training step ever sees, and no text is in both
+splits: a document whose text the other split already has is dropped (counted in the manifest).
+Each window runs through the model only up to the last hooked layer (later layers are wasted
+work), and every position but the first (BOS, or an attention sink) becomes one row. acts.py
+holds the folder's format (manifest, shards and their sha256); a killed run leaves a consistent
+folder and --resume carries on from it.
 
 Under torchrun, N processes (one per GPU, cuda:LOCAL_RANK) each read the whole text but run only
 the windows i with i % N == RANK; the split depends on the document, so both splits hold the same
@@ -26,6 +27,7 @@ from one process, but each split holds the same windows and rows. --resume needs
 
 import ast
 import datetime
+import hashlib
 import importlib.util
 import itertools
 import json
@@ -163,23 +165,33 @@ def split_of(index, heldout_every):
     return "heldout" if index % heldout_every == heldout_every - 1 else "train"
 
 
-def token_windows(docs, tokenizer, context, heldout_every, documents=None):
+def token_windows(docs, tokenizer, context, heldout_every, documents=None, dropped=None):
     """Yield (split, window): each document, followed by the separator, goes wholly to one split,
     and each split's tokens are packed into consecutive windows of `context` ids, each starting
-    with BOS where the tokenizer adds one (special_tokens). No document has windows in both splits.
-    `documents`, a dict, is kept at each split's number of documents in the windows taken so far."""
+    with BOS where the tokenizer adds one (special_tokens). No document has windows in both splits,
+    and no text is in both: a document whose text an earlier document of the other split has is
+    dropped (docs/maths.md section 6). `documents` and `dropped`, dicts, are kept at each split's
+    number of documents in the windows taken so far, and of documents dropped before them."""
     bos, separator = special_tokens(tokenizer)
     start, size = ([bos], context - 1) if bos is not None else ([], context)
     buffers, added = {split: [] for split in acts.SPLITS}, dict.fromkeys(acts.SPLITS, 0)
+    seen, skipped = {split: set() for split in acts.SPLITS}, dict.fromkeys(acts.SPLITS, 0)
     documents = {} if documents is None else documents
+    dropped = {} if dropped is None else dropped
     for i, doc in enumerate(docs):
         split = split_of(i, heldout_every)
+        digest = hashlib.blake2b(doc.encode("utf-8", "surrogatepass"), digest_size=16).digest()
+        if any(digest in seen[other] for other in acts.SPLITS if other != split):
+            skipped[split] += 1
+            continue
+        seen[split].add(digest)
         buffer, added[split] = buffers[split], added[split] + 1
         buffer += tokenizer(doc, add_special_tokens=False)["input_ids"] + ([separator] if separator is not None else [])
         full = len(buffer) // size
         for k in range(full):
             yield split, start + buffer[k * size:(k + 1) * size]
             documents[split] = added[split]           # only once the window was taken: the next one is asked for
+            dropped.update(skipped)
         del buffer[:full * size]
 
 
@@ -429,14 +441,16 @@ def _on_disk(sink, split):
     return False
 
 
-def finish(sinks, seen, target_windows, rank, world):
-    """Mark each sink's manifest complete; under torchrun, rank 0 then merges the processes' manifests.
-    Returns the folders' manifests."""
+def finish(sinks, seen, target_windows, rank, world, dropped):
+    """Mark each sink's manifest complete, with the number of documents of each split `dropped` as
+    copies of the other's text ("duplicates_dropped"; older folders have none); under torchrun, rank 0
+    then merges the processes' manifests. Returns the folders' manifests."""
     for sink in sinks:
         manifest = sink["manifest"]
         if world == 1 and manifest["splits"]["train"]["rows"] == 0:      # merge_ranks checks the whole
             raise ValueError("the text gave no complete training window; pass more text or a smaller --context.")
         manifest["text_exhausted"] = seen < target_windows
+        manifest["duplicates_dropped"] = dropped
         manifest["complete"] = True
         acts.write_manifest(sink["folder"], manifest, sink["name"])
     manifests = [sink["manifest"] for sink in sinks]
@@ -471,7 +485,7 @@ def harvest(out, *, model_name=DEFAULT_MODEL, gguf_file=None, layer=None, site="
     source = ({"text": [str(p) for p in text]} if text else {"text": "python-docs"} if not dataset
               else {"dataset": dataset} if dataset_column == "text" else {"dataset": dataset, "column": dataset_column})
     settings = dict(model=model_name, gguf_file=gguf_file, context=context, dtype=dtype, heldout_every=heldout_every,
-                    split="document", source=source)
+                    split="document, deduplicated", source=source)
     requested, name = [(l, s) for l in layers for s in sites], acts.rank_manifest(rank, world)
     named = None not in layers or not several          # the folders are known before the model loads
     done = resume and named and complete(folders(out, requested), requested, settings, tokens)
@@ -490,8 +504,8 @@ def harvest(out, *, model_name=DEFAULT_MODEL, gguf_file=None, layer=None, site="
     for folder in targets if not named else []:
         check_folder(folder, resume, world, name)
     bos, separator = special_tokens(tokenizer)
-    documents = {}
-    windows = token_windows(docs, tokenizer, context, heldout_every, documents)
+    documents, dropped = {}, dict.fromkeys(acts.SPLITS, 0)
+    windows = token_windows(docs, tokenizer, context, heldout_every, documents, dropped)
     first = next(windows, None)                          # before anything is written
     if first is None:
         raise ValueError(f"the text source {source} holds fewer than --context {context} tokens; pass more text.")
@@ -509,7 +523,7 @@ def harvest(out, *, model_name=DEFAULT_MODEL, gguf_file=None, layer=None, site="
                                np_dtype={"float16": np.float16, "float32": np.float32}[dtype], bar=bar)
     if seen < target_windows and rank == 0:
         print(f"note: the text ran out after {seen * rows_per_window:,} tokens (asked for {int(tokens):,}).")
-    manifests = finish(sinks, seen, target_windows, rank, world)
+    manifests = finish(sinks, seen, target_windows, rank, world, dropped)
     if rank == 0:
         warn_small_heldout(manifests[0]["splits"]["heldout"]["rows"] // rows_per_window, documents.get("heldout", 0))
     return manifests if several else manifests[0]
@@ -575,8 +589,11 @@ def main(argv=None):
         return
     manifests = m if isinstance(m, list) else [m]
     for m, folder in zip(manifests, folders(args.out, [(m["layer"], m["site"]) for m in manifests])):
+        dropped = m.get("duplicates_dropped", {})
         print(f"wrote {m['splits']['train']['rows']:,} training and {m['splits']['heldout']['rows']:,} held-out rows "
-              f"of {m['hook']} ({m['site']}, d_in {m['d_in']}) to {folder}")
+              f"of {m['hook']} ({m['site']}, d_in {m['d_in']}) to {folder}"
+              + (f"; {dropped.get('heldout', 0)} held-out and {dropped.get('train', 0)} training documents were dropped "
+                 "as copies of the other split's text" if any(dropped.values()) else ""))
 
 
 if __name__ == "__main__":

@@ -49,7 +49,8 @@ def test_a_process_of_several_names_its_shards_and_manifest_by_rank(tmp_path):
 def test_a_new_manifest_records_the_harvest_and_a_rank_only_under_torchrun():
     want = {"format": 2, "model": "m", "gguf_file": None, "layer": 1, "site": "resid", "hook": "model.layers.1",
             "d_in": 3, "dtype": "float32", "context": 4, "text": {"text": "t"}, "bos": None, "separator": None,
-            "split": "by document: every 5th document of the text is held out", "settings": SETTINGS,
+            "split": "by document: every 5th document of the text is held out, and a document whose text the other "
+                     "split already has is dropped", "settings": SETTINGS,
             "complete": False, "rows_per_window": 3, "tokens": 0,
             "splits": {s: {"rows": 0, "windows": 0, "shards": []} for s in ("train", "heldout")}}
     assert acts.new_manifest(SETTINGS, "model.layers.1", np.int64(3)) == want           # one process

@@ -489,6 +489,20 @@ def test_loss_reports_the_pre_activations_and_the_latents_that_fired(arch):
     assert not out["fired"][0] and out["fired"][1] and (out["f"][:, 1] != 0).all()
 
 
+def test_auxk_reaches_b_dec_only_through_the_encoder():
+    """e_hat has no bias, as in Gao et al.'s paper (their code decodes it with a live bias, which also
+    pulls b_dec; docs/maths.md section 4): AuxK's gradient on b_dec is the encoder input's alone,
+    -(d AuxK / d b_enc) @ W_enc^T."""
+    torch.manual_seed(0)
+    sae = make_sae("topk", 8, 32, k=2, dtype=torch.float64)
+    with torch.no_grad():
+        sae.b_dec.copy_(torch.randn(8) * 0.3)
+    aux = sae.loss(torch.randn(64, 8, dtype=torch.float64), dead_F=torch.ones(32, dtype=torch.bool))["aux"]
+    g_b_dec, g_b_enc = torch.autograd.grad(aux, (sae.b_dec, sae.b_enc))
+    assert aux > 0 and g_b_enc.abs().max() > 0
+    torch.testing.assert_close(g_b_dec, -(g_b_enc @ sae.W_enc.T), rtol=1e-10, atol=1e-12)
+
+
 def test_auxk_is_zero_without_dead_latents_and_positive_with_them():
     torch.manual_seed(0)
     sae, x = TopKSAE(8, 32, k=2), torch.randn(16, 8)

@@ -62,40 +62,108 @@ def test_forward_stops_at_the_hooked_layer(tiny_model):
     assert out.shape == (2, 8, 32) and later == []
 
 
-def _packed(tokenizer, docs, heldout_every, context, bos=None, separator=None):
-    """The windows each split should hold, built here from the definition: every heldout_every-th
-    document's tokens (and a separator after each) to the held-out stream, the others to the
-    training stream; each stream cut into chunks, each after BOS when there is one."""
-    streams = {"train": [], "heldout": []}
+def _kept(docs, heldout_every):
+    """(split, text) of the documents each split keeps, by the definition: every heldout_every-th
+    document is held out, the others train, and a document whose text the other split has kept
+    already is left out. Also returns how many each split left out."""
+    kept, dropped = {"train": [], "heldout": []}, {"train": 0, "heldout": 0}
     for i, doc in enumerate(docs):
         split = "heldout" if i % heldout_every == heldout_every - 1 else "train"
+        if doc in kept["heldout" if split == "train" else "train"]:
+            dropped[split] += 1
+        else:
+            kept[split].append(doc)
+    return [(split, doc) for split in kept for doc in kept[split]], dropped
+
+
+def _packed(tokenizer, docs, heldout_every, context, bos=None, separator=None):
+    """The windows each split should hold, built here from the definition: the tokens of the
+    documents each split keeps (_kept), each followed by a separator, cut into chunks, each after
+    BOS when there is one."""
+    streams = {"train": [], "heldout": []}
+    for split, doc in _kept(docs, heldout_every)[0]:
         streams[split] += tokenizer(doc, add_special_tokens=False)["input_ids"] + [separator]
     size = context - (bos is not None)
     return {split: np.array([([bos] if bos is not None else []) + t[k:k + size]
                              for k in range(0, len(t) - size + 1, size)]) for split, t in streams.items()}
 
 
-@pytest.mark.parametrize("bos", [False, True])
+@pytest.mark.parametrize("bos", ["none", "added", "defined"])
 def test_a_document_goes_wholly_to_one_split_and_windows_start_as_the_model_was_trained(
-        tiny_model, bos_tokenizer, corpus, tmp_path, bos):
+        tiny_model, bos_tokenizer, defined_bos_tokenizer, corpus, tmp_path, bos):
     """Every 5th document is held out whole; with a tokenizer that adds BOS (Gemma, Llama) every
-    window starts with it; documents are separated by the end-of-text token (here the only one, EOS)."""
+    window starts with it, and with one that defines a BOS but does not add it (SmolLM2) none does;
+    documents are separated by the end-of-text token (here the only one, EOS)."""
     model_dir = tmp_path / "model"
     model, tokenizer = harvest.load_model(str(tiny_model), "cpu", torch.float32)
     model.save_pretrained(model_dir)
-    tokenizer = AutoTokenizer.from_pretrained(bos_tokenizer if bos else tiny_model)
+    folder = {"none": tiny_model, "added": bos_tokenizer, "defined": defined_bos_tokenizer}[bos]
+    tokenizer = AutoTokenizer.from_pretrained(folder)
     tokenizer.save_pretrained(model_dir)
+    assert (tokenizer.bos_token_id is not None) == (bos != "none")
     m = _harvest(model_dir, corpus, tmp_path / "acts", heldout_every=5, tokens=20_000)
-    bos_id, sep_id = (tokenizer.bos_token_id if bos else None), tokenizer.eos_token_id
+    bos_id, sep_id = (tokenizer.bos_token_id if bos == "added" else None), tokenizer.eos_token_id
     assert (m["bos"], m["separator"]) == (bos_id, sep_id) and m["split"].startswith("by document: every 5th")
     want = _packed(tokenizer, list(harvest.text_files([str(corpus)])), 5, 16, bos_id, sep_id)
     for split in acts.SPLITS:
         rows, windows = _split(tmp_path / "acts", split)
         np.testing.assert_array_equal(windows, want[split])          # the whole text: m["text_exhausted"]
         assert len(rows) == len(windows) * 15
-        if bos:
+        if bos == "added":
             assert (windows[:, 0] == bos_id).all()
     assert m["text_exhausted"] and m["splits"]["heldout"]["windows"] > 0
+
+
+def test_no_text_is_in_both_splits_and_the_harvest_counts_what_it_dropped(tiny_model, tmp_path):
+    """A corpus with duplicates, every 3rd document held out: a held-out copy of a training document
+    is dropped, and so is a training copy of a held-out document that came first; copies within a
+    split stay. The windows are the packing of what each split keeps, and the manifest counts the
+    documents dropped."""
+    texts = [f"Document {i}. The quick brown fox jumps over the lazy dog. " * 3 for i in range(8)]
+    docs = [texts[0], texts[1], texts[0],          # 2, held out: a copy of training document 0
+            texts[2], texts[2], texts[3],          # 3 and 4 train, alike; 5 held out
+            texts[4], texts[3], texts[5],          # 7 trains: a copy of held-out document 5, which came first
+            texts[6], texts[7], texts[5]]          # 11 held out, as 8 is
+    (tmp_path / "text").mkdir()
+    (tmp_path / "text" / "docs.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    m = _harvest(tiny_model, tmp_path / "text", tmp_path / "acts", heldout_every=3, tokens=20_000)
+    kept, dropped = _kept(docs, 3)
+    assert m["text_exhausted"] and m["duplicates_dropped"] == dropped == {"train": 1, "heldout": 1}
+    assert not {d for s, d in kept if s == "train"} & {d for s, d in kept if s == "heldout"}
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    want = _packed(tokenizer, docs, 3, 16, None, tokenizer.eos_token_id)
+    for split in acts.SPLITS:
+        np.testing.assert_array_equal(_split(tmp_path / "acts", split)[1], want[split])
+
+
+class _OneTokenADocument:
+    """Stands in for a tokenizer: each distinct text is one token (ids from 1), EOS is 0 and there is
+    no BOS, so that windows of 2 tokens are one document each, with its separator."""
+    bos_token_id, eos_token_id = None, 0
+
+    def __init__(self):
+        self.ids = {}
+
+    def get_vocab(self):
+        return {}
+
+    def __call__(self, text, add_special_tokens=True):
+        return {"input_ids": [self.ids.setdefault(text, len(self.ids) + 1)]}
+
+
+def test_the_offline_texts_held_out_split_shares_no_document_text_with_its_training_split():
+    """The offline Python docs, split as the default harvest splits them (every 20th document held
+    out): each text it holds in both splits (2 on Python 3.11) is left out of the split where it came
+    second, and the held-out texts and the training texts are then disjoint."""
+    docs = harvest.python_docs()
+    tokenizer, dropped = _OneTokenADocument(), {}
+    windows = list(harvest.token_windows(docs, tokenizer, 2, 20, dropped=dropped))
+    text_of = {i: text for text, i in tokenizer.ids.items()}
+    texts = {split: {text_of[w[0]] for s, w in windows if s == split} for split in acts.SPLITS}
+    in_both = {split: {d for i, d in enumerate(docs) if harvest.split_of(i, 20) == split} for split in acts.SPLITS}
+    assert len(in_both["train"] & in_both["heldout"]) == sum(dropped.values()) > 0
+    assert dropped == _kept(docs, 20)[1] and not texts["train"] & texts["heldout"]
+    assert len(windows) == len(docs) - sum(dropped.values())                  # every other document is there
 
 
 class _FakeReader:

@@ -281,7 +281,8 @@ def _killed_at_step_6(monkeypatch, run):
     monkeypatch.setattr(train, "lr_at", real_lr_at)
 
 
-@pytest.mark.parametrize("extra", [{"dead_window_tokens": 256}, {"sparsity": "l0"}])   # pull active; PI controller
+@pytest.mark.parametrize("extra", [{"dead_window_tokens": 256}, {"sparsity": "l0"},   # pull active; PI controller
+                                   {"sparsity": "tanh"}])             # Anthropic's bandwidth, converted again
 def test_resume_after_a_kill_ends_with_identical_weights(tiny_acts, tmp_path, monkeypatch, extra):
     _train(tiny_acts, tmp_path / "whole", **extra)
     _killed_at_step_6(monkeypatch, lambda: _train(tiny_acts, tmp_path / "killed", **extra))
@@ -570,6 +571,47 @@ def test_paper_recipe_runs_anthropics_loss_and_topk(tiny_acts, tmp_path, kw):
         assert sae.bandwidth == pytest.approx(2.0 * x.norm(dim=1).mean().item() / math.sqrt(32), rel=1e-5)
         assert record["l0_coefficient"] == pytest.approx(1e-3 * 7 / 10_000)        # warmed up: step 7 of 10,000
         assert sae.metadata["sparsity"] == "tanh"
+
+
+def test_anthropics_jumprelu_trains_free_decoder_norms_and_saves_exports_and_converts_as_any_jumprelu(tiny_acts, tmp_path):
+    """Under --sparsity tanh the decoder rows start at unit norm and move (the paper's JumpReLU keeps
+    them at 1); the saved SAE is a plain JumpReLUSAE whose rows are those norms over the input scale,
+    its ONNX export matches PyTorch, and it comes back from a SAELens folder computing the same."""
+    import export
+    _train(tiny_acts, tmp_path / "jumprelu")
+    _train(tiny_acts, tmp_path / "tanh", sparsity="tanh")
+    paper_norms = _checkpoint_sae(tmp_path / "jumprelu")[0].W_dec.norm(dim=1)
+    trained, state = _checkpoint_sae(tmp_path / "tanh")
+    norms = trained.W_dec.norm(dim=1)
+    torch.testing.assert_close(paper_norms, torch.ones(64), rtol=0, atol=1e-6)
+    assert (norms - 1).abs().max() > 5e-4 and norms.std() > 1e-5, norms       # moved (by up to 2e-3), not all alike
+    saved = sae_folder.load(tmp_path / "tanh")
+    assert type(saved) is JumpReLUSAE and saved.bandwidth == state["bandwidth"]
+    torch.testing.assert_close(saved.W_dec.norm(dim=1), norms / state["scale"])
+    module = export.export(saved, tmp_path / "sae.onnx", what="sae")
+    ok, reports, _, _ = export.verify(tmp_path / "sae.onnx", module, saved, acts_dir=tiny_acts)
+    assert ok, reports
+    formats.save_saelens(saved, tmp_path / "saelens")
+    back = formats.load_saelens(tmp_path / "saelens")
+    x = acts.sample_rows(acts.open_split(tiny_acts, "heldout")[1], 200)
+    with torch.no_grad():
+        assert torch.equal(back.encode(x), saved.encode(x)) and torch.equal(back(x), saved(x))
+
+
+@pytest.mark.parametrize("given", [[], ["--bandwidth", "0.05"]])
+def test_a_given_bandwidth_trains_and_is_recorded_as_given_under_tanh(tiny_acts, tmp_path, given):
+    """--bandwidth is in our units (inputs scaled to E||x||^2 = 1) under every sparsity: with --sparsity
+    tanh, 0.05 trains with 0.05 and config.json and the checkpoint say 0.05. Only the recipe's own,
+    Anthropic's 2.0 on inputs of norm sqrt(d_in), is converted, to 2.0 E||x|| / sqrt(d_in)."""
+    train.main(["--acts", str(tiny_acts), "--out", str(tmp_path / "sae"), "--sparsity", "tanh", "--l0-coefficient", "1e-3",
+                "--steps", "2", "--d-sae", "64", "--batch-size", "128", "--device", "cpu", *given])
+    config = json.loads((tmp_path / "sae" / "config.json").read_text())
+    trained, state = _checkpoint_sae(tmp_path / "sae")
+    x = acts.sample_rows(acts.open_split(tiny_acts, "train")[1], 16_384, 0)
+    x = x * train.input_scale(x)
+    want = 0.05 if given else 2.0 * x.norm(dim=1).mean().item() / math.sqrt(32)
+    assert config["bandwidth"] == state["bandwidth"] == pytest.approx(want, rel=1e-6)
+    assert state["hp"]["bandwidth"] == (0.05 if given else anthropic.THEIR_BANDWIDTH)      # what --resume reads
 
 
 def test_no_latent_is_dead_before_it_has_had_the_window_to_fire():

@@ -72,8 +72,8 @@ SETTINGS = {
     "sparsity": Setting("l0", "target_batch",
                         "JumpReLU's sparsity term: the paper's lambda*L0 (l0), lambda (2/K)(L0-K)^2 on the batch mean "
                         "(target_batch) or per row (target_row, Gemma Scope 2), both with --target-l0 K, or Anthropic's "
-                        "JumpReLU (tanh: its tanh penalty, pre-activation loss, bandwidth and estimator); l0 and tanh "
-                        "take --l0-coefficient LAMBDA, or --target-l0 K for a controller on lambda",
+                        "JumpReLU (tanh: its tanh penalty, pre-activation loss, bandwidth, estimator and free decoder "
+                        "norms); l0 and tanh take --l0-coefficient LAMBDA, or --target-l0 K for a controller on lambda",
                         dict(choices=("l0", "target_batch", "target_row", "tanh"))),
     "target_l0_coefficient": Setting(None, 5e-3, "lambda of the target_batch and target_row penalties"),
     # Adam and its schedules.
@@ -85,8 +85,11 @@ SETTINGS = {
                                  "linearly to 0", dict(type=cli.fraction)),
     "l0_warmup_steps": Setting(10_000, 0, "steps of lambda's linear warm-up from 0", dict(type=cli.count)),
     # JumpReLU's thresholds, and the initialisation from a sample of the data.
-    "bandwidth": Setting(0.001, "auto", "the kernel width epsilon (auto: 0.3 x the median pre-activation std; the "
-                         "paper's 0.001 is about 4% of it)", dict(type=cli.positive)),
+    "bandwidth": Setting(0.001, "auto", "the kernel width epsilon, in the units of the training inputs (scaled so "
+                         "that E||x||^2 = 1) and used as given under every --sparsity (auto: 0.3 x the median "
+                         "pre-activation std, the paper's 0.001 being about 4% of it; with --sparsity tanh the default "
+                         "is Anthropic's 2.0 on inputs of norm sqrt(d_in), converted to these units)",
+                         dict(type=cli.positive)),
     "threshold_init": Setting(0.001, "quantile", "each theta at the start (quantile: where its latent fires on "
                               "K/d_sae of the sample, so L0 starts at the target and no latent starts dead)"),
     "threshold_lr_scale": Setting(1.0, 20.0, "the log-thresholds' learning rate over lr (20: they move ~2% a step, "
@@ -138,7 +141,7 @@ def train(acts_dir, out, hp=None, *, resume=False, quiet=False, dtype=torch.floa
     autocast = device_type == "cuda" if hp["autocast"] is None else hp["autocast"]
     manifest, shards, scale, sample_ND, x_eval_BD = open_data(acts_dir, B, hp["seed"], device, dtype, verify=local_rank == 0)
     recorded = hp                                  # the settings as given, which the checkpoint keeps for --resume
-    if hp["sparsity"] == "tanh":
+    if hp["sparsity"] == "tanh":                   # Anthropic's constants, from their units to ours
         hp = anthropic.in_our_units(hp, sample_ND)
     own_group = join_group(world, device_type)
     torch.manual_seed(hp["seed"])
@@ -198,9 +201,11 @@ def train(acts_dir, out, hp=None, *, resume=False, quiet=False, dtype=torch.floa
 
 
 def settings(acts_dir, recipe="small", target_l0=None, l0_coefficient=None, **given):
-    """The run's settings: the recipe's (SETTINGS), Anthropic's constants under sparsity "tanh", then
-    those `given` (None: the recipe's), with the sparsity resolved and everything checked (a
-    one-sentence ValueError for what cannot train). d_sae defaults to 8 x the folder's d_in.
+    """The run's settings: the recipe's (SETTINGS), Anthropic's constants under sparsity "tanh" (in
+    their units, which train() converts; the bandwidth as THEIR_BANDWIDTH), then those `given` (None:
+    the recipe's; a given bandwidth is in our units, under every sparsity), with the sparsity resolved
+    and everything checked (a one-sentence ValueError for what cannot train). d_sae defaults to 8 x
+    the folder's d_in.
 
     The sparsity: "l0" is the paper's lambda * L0 and "tanh" Anthropic's penalty, lambda fixed or,
     with a target K, set by the PI controller; "target_row" and "target_batch" push L0 towards K
@@ -210,7 +215,8 @@ def settings(acts_dir, recipe="small", target_l0=None, l0_coefficient=None, **gi
     if unknown:
         raise TypeError(f"unknown settings {unknown}; the settings are those of train.SETTINGS.")
     given = {k: v for k, v in given.items() if v is not None}
-    hp = {**RECIPES[recipe], **(anthropic.DEFAULTS if given.get("sparsity") == "tanh" else {}), **given,
+    tanh = {**anthropic.DEFAULTS, "bandwidth": anthropic.THEIR_BANDWIDTH} if given.get("sparsity") == "tanh" else {}
+    hp = {**RECIPES[recipe], **tanh, **given,
           "recipe": recipe, "target_l0": target_l0, "l0_coefficient": l0_coefficient}
     hp["d_sae"] = hp["d_sae"] or 8 * acts.read_manifest(acts_dir)["d_in"]
     check_settings(hp, given, int(os.environ.get("WORLD_SIZE", 1)))
@@ -685,8 +691,8 @@ def train_step(sae, opt, loss_fn, x_BD, l0_coefficient, fired_at, step, *, dead_
     """One optimiser step of any architecture, train.py's and bench.py's: the loss, given the
     sparsity coefficient and the latents that have not fired in the last `dead_steps` steps;
     backward; the gradients averaged over the ranks (torchrun); the decoder-gradient projection,
-    Adam and the decoder renormalised (docs/maths.md section 3.1); and each latent's last firing
-    step in fired_at. Returns the loss's dict, its "l0" the mean over the global batch, detached.
+    Adam and the decoder renormalised (docs/maths.md section 3.1; no-ops for the SAEs whose decoder
+    norms are free, ReLU and Anthropic's); and each latent's last firing step in fired_at. Returns the loss's dict, its "l0" the mean over the global batch, detached.
 
     fired_at[i] is the number of steps done when latent i last fired, and starts at 0: before step
     `step` a latent is dead when it has not fired in the last dead_steps batches, so no latent is
