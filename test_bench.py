@@ -26,7 +26,8 @@ def test_quick_mode_runs_every_path_and_they_agree(tmp_path, capsys):
     float32_sparse = [r for r in train if r["dtype"] == "float32" and r["path"] == "sparse"]
     assert all(r["max_rel_diff"] < 1e-5 for r in float32_sparse)
     assert result["harvest"][0]["max_abs_diff"] == 0 and result["harvest"][0]["speedup"] > 0
-    assert result["onnx"] and all(r["max_rel_diff"] <= 1e-4 for r in result["onnx"])
+    assert [r["graph"] for r in result["onnx"] if r["device"] == "cpu"] == ["float32", "fp16", "top-k"]
+    assert all(r["max_rel_diff"] <= (2e-2 if r["graph"] == "fp16" else 1e-5) for r in result["onnx"])
     out = capsys.readouterr().out
     assert "| 32 | 512 | float32 | eager | sparse |" in out and "stopped at layer" in out
 
