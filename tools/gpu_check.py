@@ -265,11 +265,11 @@ def mutants(ctx):
     (ctx.out / "by_gpu.json").write_text(json.dumps(codes, indent=1))
     expected = control is not None and (control == 0) == ctx.rehearse
     status = "stopped" if code == "stopped" else "passed" if code == 0 and expected else "failed"
+    control_text = "not run" if control is None else "survived" if control == 0 else "killed"
+    given = (f"{sum(c != 0 for c in codes.values())} of {len(codes)} run killed, {len(todo) - 1 - len(codes)} not run"
+             if ctx.mutants else "none given")
     return {"status": status, "control": control, "codes": codes,
-            "detail": (f"control {'not run' if control is None else 'survived' if control == 0 else 'killed'}"
-                       f"{'' if expected else ' (unexpected)'}; --mutants: "
-                       + (f"{sum(c != 0 for c in codes.values())} of {len(codes)} run killed, {len(todo) - 1 - len(codes)} "
-                          f"not run" if ctx.mutants else "none given") + f"; exit {code}")}
+            "detail": f"control {control_text}{'' if expected else ' (unexpected)'}; --mutants: {given}; exit {code}"}
 
 
 def report(args, stages, seconds):
