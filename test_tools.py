@@ -4,9 +4,9 @@ of an edited function."""
 
 import argparse
 import json
+import math
 import subprocess
 import sys
-import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -72,15 +72,20 @@ def test_gpu_check_leaves_out_tests_that_exist():
 
 
 def test_gpu_check_names_the_tests_of_a_pytest_it_stops_at_the_cap(tmp_path):
-    """A pytest stage stopped at its cap (SIGINT) still writes its JUnit XML: what passed, and which failed."""
+    """A pytest stage stopped at its cap (SIGINT) still writes its JUnit XML: what passed, and which failed.
+    The cap here falls once the third test has begun, and that test would hang for a minute."""
     sys.path.insert(0, str(HERE / "tools"))
     import gpu_check
-    (tmp_path / "test_t.py").write_text("import time\n\ndef test_fails():\n    assert False\n\n"
-                                        "def test_passes():\n    pass\n\ndef test_hangs():\n    time.sleep(60)\n")
+    (tmp_path / "test_t.py").write_text(f"import time\n\ndef test_fails():\n    assert False\n\n"
+                                        f"def test_passes():\n    pass\n\ndef test_hangs():\n"
+                                        f"    open({str(tmp_path / 'began')!r}, 'w').close()\n    time.sleep(60)\n")
     (tmp_path / "junit").mkdir()
+
+    class Stage(argparse.Namespace):
+        deadline = property(lambda self: 0 if (tmp_path / "began").exists() else math.inf)
+
     with open(tmp_path / "log.txt", "w") as log:
-        ctx = argparse.Namespace(out=tmp_path, lacks=[], log=log, deadline=time.monotonic() + 8)
-        result = gpu_check.pytest(ctx, "suite", [str(tmp_path / "test_t.py")])
+        result = gpu_check.pytest(Stage(out=tmp_path, lacks=[], log=log), "suite", [str(tmp_path / "test_t.py")])
     assert result["status"] == "stopped" and (result["passed"], result["failed"]) == (1, 1)
     assert result["failed_tests"] == ["test_t.py::test_fails"] and "stopped at the cap" in result["detail"]
 
