@@ -174,7 +174,7 @@ def suite(ctx):
     env = {name: threads for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")}
     args = ["-n", str(workers), "--dist", "load"] if workers > 1 else []
     result = pytest(ctx, "suite", ["-k", "not cuda", *args, *(REHEARSAL["suite"] if ctx.rehearse else [])], env)
-    result["detail"] += f"; {workers} processes of {threads} threads"
+    result["detail"] += f"; pytest processes x threads: {workers} x {threads}"
     return result
 
 
