@@ -93,8 +93,10 @@ def run(cmd, ctx, env=None, kill_when=None):
     (SIGINT, so that pytest still writes its JUnit XML; SIGKILL 10 s later), or with SIGKILL once
     kill_when() holds. Returns (exit code, or "stopped" or "killed"; its output)."""
     with tempfile.TemporaryFile("w+") as out:
+        # SIGINT restored: run in the background by a shell, this process ignores it, and so would pytest.
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, text=True,
-                                env={**os.environ, **(env or {})}, start_new_session=True)
+                                env={**os.environ, **(env or {})}, start_new_session=True,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         code = None
         while code is None:
             time.sleep(0.005)
