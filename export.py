@@ -199,10 +199,15 @@ def near_boundary(sae, x, tie_tol):
     return np.abs(pre - theta) <= bound, bound
 
 
+def tolerances(fp16):
+    """(relative tolerance of a check against float32 PyTorch, tie zone: 8 unit roundoffs of the dtype)."""
+    return (2e-2, 8 * 2.0**-11) if fp16 else (1e-5, 8 * 2.0**-24)
+
+
 def verify(path, module, sae, acts_dir=None, tol=None, rows=512, seed=0):
     """Parity of the ONNX file with PyTorch on random and (if available) real activations."""
-    tol = tol or (2e-2 if module.fp16 else 1e-5)
-    tie_tol = 8 * (2.0**-11 if module.fp16 else 2.0**-24)     # 8 unit roundoffs of the dtype
+    default_tol, tie_tol = tolerances(module.fp16)
+    tol = tol or default_tol
     sess = session(path)
     rng = np.random.default_rng(seed)
     scale = 1.0 / sae.metadata.get("input_scale", 1.0) / np.sqrt(sae.d_in)   # raw-space magnitude

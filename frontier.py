@@ -47,7 +47,7 @@ def run_name(variant, target, seed, lr):
     return f"{variant}_l0_{target:g}_seed{seed}_lr{lr:g}"
 
 
-def train_all(acts_dir, out, runs, d_sae, steps):
+def train_all(acts_dir, out, runs, d_sae, steps, device):
     """Train (or resume, or skip) each (variant, target, seed, lr) run; return the SAE folders in order."""
     folders = []
     for i, (variant, target, seed, lr) in enumerate(runs):
@@ -61,7 +61,7 @@ def train_all(acts_dir, out, runs, d_sae, steps):
             kw["l0_warmup_steps"] = round(L0_WARMUP * steps)
         t0 = time.perf_counter()
         r = train.train(acts_dir, folder, d_sae=d_sae, steps=steps, target_l0=target, seed=seed, lr=lr, quiet=True,
-                        resume=(folder / "checkpoint.safetensors").is_file(), **kw)
+                        device=device, resume=(folder / "checkpoint.safetensors").is_file(), **kw)
         print(f"[{i + 1}/{len(runs)}] {folder.name}: held-out L0 {r['heldout_l0']:.1f}, FVU {r['heldout_fvu']:.4f}, "
               f"dead {r['dead_fraction']:.1%} ({time.perf_counter() - t0:.0f} s)", flush=True)
     return folders
@@ -146,17 +146,18 @@ def run(args):
     """The sweep, the frontier, their evaluation and the seed comparison; returns (sweep, records, lr)."""
     variants, lrs = args.archs, sorted(set(args.lrs))
     sweep_runs = [(v, args.sweep_at, 0, lr) for v in variants for lr in lrs]
-    sweep_folders = train_all(args.acts, args.out, sweep_runs, args.d_sae, args.steps) if len(lrs) > 1 else []
-    sweep = evaluate.evaluate(sweep_folders, args.acts, progress=False)
+    sweep_folders = train_all(args.acts, args.out, sweep_runs, args.d_sae, args.steps, args.device) if len(lrs) > 1 else []
+    sweep = evaluate.evaluate(sweep_folders, args.acts, device=args.device, progress=False)
     for r, (variant, target, seed, lr) in zip(sweep, sweep_runs):
         r.update(variant=variant, target=target, seed=seed, lr=lr)
     lr = best_lrs(sweep, args.sweep_at) if sweep else {v: lrs[0] for v in variants}
     seeds_at = set(args.seeds_at or args.targets)
     runs = [(v, t, s, lr[v]) for v in variants for t in args.targets for s in range(args.seeds if t in seeds_at else 1)]
     runs.sort(key=lambda r: (r[2], r[1] != args.sweep_at))      # seed 0 first, then the other seeds at --sweep-at
-    folders = train_all(args.acts, args.out, runs, args.d_sae, args.steps)
+    folders = train_all(args.acts, args.out, runs, args.d_sae, args.steps, args.device)
     everything = list(dict.fromkeys(folders + sweep_folders))         # each SAE spliced into the model once
-    by_folder = dict(zip(everything, evaluate.evaluate(everything, args.acts, lm=True, lm_windows=args.lm_windows)))
+    by_folder = dict(zip(everything, evaluate.evaluate(everything, args.acts, lm=True, lm_windows=args.lm_windows,
+                                                          device=args.device)))
     records, sweep = [by_folder[f] for f in folders], [{**by_folder[f], **s} for f, s in zip(sweep_folders, sweep)]
     for r, (variant, target, seed, lr_) in zip(records, runs):
         r.update(variant=variant, target=target, seed=seed, lr=lr_)
@@ -184,8 +185,10 @@ def main(argv=None):
     p.add_argument("--d-sae", type=cli.positive_int, default=2304, help="latents (default 2,304: 4 x SmolLM2's d_in)")
     p.add_argument("--steps", type=cli.positive_int, default=250, help="training steps of 2,048 tokens (default 250)")
     p.add_argument("--lm-windows", type=cli.positive_int, default=32, help="held-out windows for delta LM loss (default 32)")
+    p.add_argument("--device", type=cli.device, default=None, help="cuda or cpu (default: cuda when present)")
     p.add_argument("--machine", default=None, help="a description of the machine for the table's caption")
     args = p.parse_args(argv)
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if not set(args.seeds_at or []) <= set(args.targets):
         p.error(f"--seeds-at {' '.join(map(str, args.seeds_at))} must be among --targets {' '.join(map(str, args.targets))}")
     if max(args.targets + [args.sweep_at]) > args.d_sae:
@@ -198,7 +201,7 @@ def main(argv=None):
     except OSError as e:     # a full disk: the SAEs written are whole, and the next run resumes
         sys.exit(f"error: writing under {args.out} failed ({e.strerror or e}); free space, then run again.")
     manifest = json.loads((Path(args.acts) / "manifest.json").read_text())
-    machine = args.machine or (torch.cuda.get_device_name() if torch.cuda.is_available() else
+    machine = args.machine or (torch.cuda.get_device_name(args.device) if args.device != "cpu" else
                                f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads")
     settings = {"d_sae": args.d_sae, "steps": args.steps, "batch_size": train.RECIPES["small"]["batch_size"], "acts": args.acts,
                 "model": manifest["model"], "layer": manifest["layer"], "site": manifest["site"], "machine": machine,

@@ -199,7 +199,8 @@ def script(w, name):
                 "--archs": Arg(*several(*choice(list(train.ARCHITECTURES)))),
                 "--targets": Arg(st.just(["25"]), several(*positive)[1]), "--seeds-at": Arg(st.just(["25"]), several(*positive)[1]),
                 "--seeds": Arg(*positive), "--d-sae": Arg(*positive), "--steps": Arg(*positive),
-                "--lm-windows": Arg(*positive), "--lrs": Arg(*several(GOOD_POSITIVE, BAD_POSITIVE)), "--sweep-at": Arg(*positive)}
+                "--lm-windows": Arg(*positive), "--lrs": Arg(*several(GOOD_POSITIVE, BAD_POSITIVE)), "--sweep-at": Arg(*positive),
+                "--device": DEVICE}
         combos = [{"--targets": ["5"], "--seeds-at": ["6"]}, {"--targets": ["3000"], "--seeds-at": ["3000"], "--d-sae": ["100"]},
                   {"--targets": ["5"], "--sweep-at": ["3000"], "--d-sae": ["100"]}]
         return frontier.main, [(frontier, "train_all")], args, combos

@@ -256,12 +256,16 @@ def test_evaluate_takes_every_architecture_side_by_side(tiny_model, tiny_acts, t
     assert len({r["ce_spliced"] for r in records}) == len(records)      # each SAE spliced in, not one
 
 
-def test_frontier_sweeps_then_trains_every_run_once_and_writes_table_json_and_plot(tiny_acts, tmp_path, capsys):
+def test_frontier_sweeps_then_trains_every_run_once_and_writes_table_json_and_plot(tiny_acts, tmp_path, capsys,
+                                                                                    monkeypatch):
+    """On the CPU asked for, also where torch sees a GPU (faked: CUDA would fail here), where each SAE
+    would compile its loss anew."""
     import frontier
     (tmp_path / "res").mkdir()                      # an output file's folder must exist (cli.out_file)
     args = ["--acts", str(tiny_acts), "--out", str(tmp_path / "runs"), "--results", str(tmp_path / "res" / "f"),
             "--archs", "jumprelu_tanh", "topk", "--targets", "4", "8", "--seeds-at", "4", "--d-sae", "64", "--steps", "3",
-            "--lm-windows", "2", "--lrs", "1e-3", "3e-3", "--sweep-at", "4"]
+            "--lm-windows", "2", "--lrs", "1e-3", "3e-3", "--sweep-at", "4", "--device", "cpu"]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     frontier.main(args)
     table = (tmp_path / "res" / "f.md").read_text()
     rows = [line for line in table.splitlines() if line.startswith(("| jumprelu_tanh", "| topk"))]
@@ -278,7 +282,7 @@ def test_frontier_sweeps_then_trains_every_run_once_and_writes_table_json_and_pl
     assert not any("decoder_match" in r for r in records if r["target"] == 8)
     assert formats_sparsity(records, "jumprelu_tanh") == "tanh"
     assert all(r["l0"] <= 4 for r in records if r["variant"] == "topk" and r["target"] == 4)
-    assert (tmp_path / "res" / "f.png").stat().st_size > 10_000
+    assert (tmp_path / "res" / "f.png").stat().st_size > 10_000 and results["settings"]["machine"].endswith("threads")
     capsys.readouterr()
     frontier.main(args)                             # run again: every SAE is there already
     assert capsys.readouterr().out.count("done already") == 4 + 6
@@ -290,7 +294,7 @@ def formats_sparsity(records, variant):
     return load_sae(next(r["path"] for r in records if r["variant"] == variant)).metadata["sparsity"]
 
 
-def test_evaluate_main_prints_and_writes_the_metrics_of_the_held_out_rows(tiny_acts, tmp_path, capsys):
+def test_evaluate_main_prints_and_writes_the_metrics_of_the_held_out_rows(tiny_acts, tmp_path, capsys, monkeypatch):
     """evaluate.main, in-process, on an SAE whose thresholds let some latents fire and keep others
     silent: the table and the --json record hold L0, MSE, FVU, the dead and dense fractions and each
     latent's firing frequency over every held-out row, as NumPy computes them from the saved files
@@ -316,8 +320,9 @@ def test_evaluate_main_prints_and_writes_the_metrics_of_the_held_out_rows(tiny_a
     x_hat = f @ w["W_dec"].astype(np.float64) + w["b_dec"]
     freq = (f != 0).mean(0)
     busiest = int(freq.argmax())
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)     # a GPU machine (faked): the CPU asked for
     evaluate.main([str(tmp_path / "sae"), "--acts", str(tiny_acts), "--json", str(tmp_path / "e.json"),
-                   "--latents", f"0,{busiest}"])
+                   "--latents", f"0,{busiest}", "--device", "cpu"])
     printed = capsys.readouterr().out
     (record,) = json.loads((tmp_path / "e.json").read_text())
     want = {"tokens": len(x), "l0": (f != 0).sum(1).mean(), "mse": ((x - x_hat) ** 2).sum(1).mean(),
@@ -426,12 +431,14 @@ def test_evaluate_picks_the_gpu_by_default_and_keeps_the_device_asked_for(tiny_a
     assert asked == ["cpu", "cpu", "cuda", "cpu"]
 
 
-def test_evaluate_main_with_lm_splices_the_windows_asked_for(tiny_acts, tmp_path, capsys):
+def test_evaluate_main_with_lm_splices_the_windows_asked_for(tiny_acts, tmp_path, capsys, monkeypatch):
     """--lm --lm-windows 3: the record and the table hold the LM metrics over 3 windows' predictions
-    (positions 1 to context-2), the numbers evaluate() gives; the splice shows its progress."""
+    (positions 1 to context-2), the numbers evaluate() gives on the CPU (with --device cpu, also where
+    torch sees a GPU, faked here); the splice shows its progress."""
     sae_folder.save(JumpReLUSAE(32, 64), tmp_path / "sae")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     evaluate.main([str(tmp_path / "sae"), "--acts", str(tiny_acts), "--lm", "--lm-windows", "3",
-                   "--json", str(tmp_path / "e.json")])
+                   "--json", str(tmp_path / "e.json"), "--device", "cpu"])
     printed = capsys.readouterr()
     (record,) = json.loads((tmp_path / "e.json").read_text())
     assert record["lm_tokens"] == 3 * (acts.read_manifest(tiny_acts)["context"] - 2)

@@ -174,7 +174,8 @@ def test_onnx_benchmark_quick_mode_runs_and_the_runtimes_agree(tmp_path, capsys)
     import bench
     bench.main(["onnx", "--quick", "--json", str(tmp_path / "b.json")])
     rows = json.loads((tmp_path / "b.json").read_text())["onnx"]
-    assert rows and all(r["max_rel_diff"] <= 1e-4 and r["onnxruntime_tokens_per_s"] > 0 for r in rows)
+    assert {r["graph"] for r in rows} == {"float32", "fp16", "top-k"} and all(r["onnxruntime_tokens_per_s"] > 0 for r in rows)
+    assert all(r["max_rel_diff"] <= (2e-2 if r["graph"] == "fp16" else 1e-5) for r in rows)
     assert "ORT / PyTorch" in capsys.readouterr().out
 
 

@@ -518,9 +518,10 @@ def _acts_folder(folder, rows_ND):
 
 
 @pytest.mark.parametrize("name", ["jumprelu", "jumprelu_at_zero", "topk", "standard"])
-def test_folders_sae_lens_wrote_load_with_its_features_evaluate_and_export(tmp_path, name, capsys):
+def test_folders_sae_lens_wrote_load_with_its_features_evaluate_and_export(tmp_path, name, capsys, monkeypatch):
     """sae-lens 6.54.12 trained and saved these; without sae-lens, they load with the features of
-    SAELens's forward pass computed in NumPy from the files, evaluate, and export with ONNX parity.
+    SAELens's forward pass computed in NumPy from the files, evaluate (on the CPU asked for, also where
+    torch sees a GPU: faked below), and export with ONNX parity.
     SAELens leaves thresholds just below 0 (jumprelu) or at 0 (jumprelu_at_zero); either way
     f = ReLU(pre) * (pre > theta), which our JumpReLU computes with theta = 0."""
     folder = FIXTURES / name
@@ -539,7 +540,10 @@ def test_folders_sae_lens_wrote_load_with_its_features_evaluate_and_export(tmp_p
     np.testing.assert_array_equal(f != 0, f_ref != 0)
     np.testing.assert_allclose(f, f_ref, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(x_hat, x_hat_ref, rtol=1e-4, atol=1e-4)
-    evaluate.main([str(folder), "--acts", str(_acts_folder(tmp_path / "acts", x)), "--json", str(tmp_path / "e.json")])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    evaluate.main([str(folder), "--acts", str(_acts_folder(tmp_path / "acts", x)), "--json", str(tmp_path / "e.json"),
+                   "--device", "cpu"])
+    monkeypatch.undo()
     (record,) = json.loads((tmp_path / "e.json").read_text())
     assert record["l0"] == pytest.approx((f_ref != 0).sum(1).mean(), rel=1e-6)
     err = ((x - x_hat_ref) ** 2).sum(1)

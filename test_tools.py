@@ -1,11 +1,16 @@
-"""Tests for tools/: gpu_check.py's dry run takes every step on the CPU, and it names what a GPU run lacks;
-mutation.py reads mutmut's diffs and forgets the verdicts of an edited function."""
+"""Tests for tools/: gpu_check.py's rehearsal runs every stage on the CPU and writes a GPU run's files, a GPU
+run on a machine without one skips what needs it; mutation.py reads mutmut's diffs and forgets the verdicts
+of an edited function."""
 
+import argparse
 import json
+import math
 import subprocess
 import sys
+import xml.etree.ElementTree as ET
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -13,26 +18,93 @@ HERE = Path(__file__).parent
 CHECK = HERE / "tools" / "gpu_check.py"
 
 
-def test_gpu_check_dry_run_passes_every_step_and_writes_its_table(tmp_path):
-    run = subprocess.run([sys.executable, str(CHECK), "--dry-run", "--out", str(tmp_path / "check.md")],
+def test_gpu_check_rehearsal_runs_every_stage_and_writes_the_gpu_runs_files(tmp_path):
+    """--rehearse: every stage on the CPU, small, and the files a GPU run writes, under 8 and at most two
+    folders deep (what comes back from the GPU machine): the summary's table holds check.json's numbers."""
+    run = subprocess.run([sys.executable, str(CHECK), "--rehearse", "--out", str(tmp_path / "out")],
                          capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    table = (tmp_path / "check.md").read_text()
-    assert table.startswith("# GPU check: a dry run on the CPU, not a GPU result")
-    for step in ("the test suite", "train, kill, resume", "bench.py --quick", "ONNX float32 encoder", "ONNX fp16 encoder",
-                 "ONNX top-k encoder"):
-        assert f"| {step}" in table, step
-    assert table.count("| passed |") == 6 and "bit-identical weights and logged losses" in table
-    assert "fused Adam True, compiled loss" in table
+    out = tmp_path / "out"
+    assert sorted(str(f.relative_to(out)) for f in out.rglob("*") if f.is_file()) == [
+        "by_gpu.json", "check.json", "junit/cuda.xml", "junit/suite.xml", "log.txt", "summary.md"]
+    check = json.loads((out / "check.json").read_text())
+    assert list(check["stages"]) == ["probe", "cuda", "train", "suite", "mutants"] and check["rehearsal"]
+    assert {s["status"] for s in check["stages"].values()} == {"passed"}
+    cuda, train, suite = check["stages"]["cuda"], check["stages"]["train"], check["stages"]["suite"]
+    assert cuda["skipped"] > 0 and cuda["passed"] == 0          # no GPU: test_cuda.py's tests skip, each named
+    assert suite["passed"] > 0 and suite["failed"] == 0 and not suite["failed_tests"]
+    assert [(r["run"], r["d_sae"]) for r in train["runs"]] == [(run, d) for d in (256, 1024)
+                                                               for run in ("defaults", "eager dense")]
+    assert all(len(r["paths"]) == len(r["tokens_per_s"]) == 64 // 8 and r["exit"] == 0 for r in train["runs"])
+    assert {r["recompiles"] for r in train["runs"]} == {0} and train["kill_and_resume"]["identical"]
+    assert check["stages"]["mutants"]["control"] == 0 and json.loads((out / "by_gpu.json").read_text()) == {}
+    summary = (out / "summary.md").read_text()
+    assert summary.startswith("# GPU check: a rehearsal on the CPU, small, not a GPU result")
+    for name, stage in check["stages"].items():
+        assert f"| {name} | passed | {stage['seconds']:.0f} |" in summary
+    cases = [c.get("name") for c in ET.parse(out / "junit" / "cuda.xml").getroot().iter("testcase")]
+    assert len(cases) == cuda["skipped"] and "test_matmul_ceiling_times_the_gpus_work_not_its_launch" in cases
+    assert "killed" in (out / "log.txt").read_text()
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
-def test_gpu_check_without_a_gpu_says_what_is_missing(tmp_path):
-    run = subprocess.run([sys.executable, str(CHECK), "--out", str(tmp_path / "check.md")], capture_output=True, text=True,
-                         timeout=120)
-    assert run.returncode != 0 and not (tmp_path / "check.md").exists()
-    assert "lacks a CUDA device that torch sees (or pass --dry-run)" in run.stderr
-    assert len(run.stderr.strip().splitlines()) == 1
+def test_gpu_check_without_a_gpu_fails_its_probe_skips_the_gpu_stages_and_runs_the_rest(tmp_path, monkeypatch):
+    """Run for a GPU on a machine without one: each stage that needs it is skipped with the reason, and the
+    script goes on to the others (the suite, replaced here) before it exits non-zero."""
+    sys.path.insert(0, str(HERE / "tools"))
+    import gpu_check
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(gpu_check, "suite", lambda ctx: {"status": "passed", "detail": "ran"})
+    assert gpu_check.main(["--out", str(tmp_path)]) == 1
+    stages = json.loads((tmp_path / "check.json").read_text())["stages"]
+    assert stages["probe"]["status"] == "failed" and stages["probe"]["detail"].endswith("torch sees no GPU")
+    assert all(stages[s] | {"seconds": 0} == {"status": "skipped", "detail": "torch sees no CUDA device", "seconds": 0,
+                                                "cap_s": gpu_check.CAPS[s]} for s in ("cuda", "train", "mutants"))
+    assert stages["suite"]["detail"] == "ran" and "FAILED (probe)" in (tmp_path / "summary.md").read_text()
+
+
+def test_gpu_check_leaves_out_tests_that_exist():
+    """The tests it leaves out where a package is missing are named as they are (a rename would run them)."""
+    sys.path.insert(0, str(HERE / "tools"))
+    import gpu_check
+    for test in (t for tests in gpu_check.NEEDS.values() for t in tests):
+        path, name = test.split("::")
+        assert f"\ndef {name}(" in (HERE / path).read_text(), test
+
+
+def test_gpu_check_names_the_tests_of_a_pytest_it_stops_at_the_cap(tmp_path):
+    """A pytest stage stopped at its cap (SIGINT) still writes its JUnit XML: what passed, and which failed.
+    The cap here falls once the third test has begun, and that test would hang for a minute."""
+    sys.path.insert(0, str(HERE / "tools"))
+    import gpu_check
+    (tmp_path / "test_t.py").write_text(f"import time\n\ndef test_fails():\n    assert False\n\n"
+                                        f"def test_passes():\n    pass\n\ndef test_hangs():\n"
+                                        f"    open({str(tmp_path / 'began')!r}, 'w').close()\n    time.sleep(60)\n")
+    (tmp_path / "junit").mkdir()
+
+    class Stage(argparse.Namespace):
+        deadline = property(lambda self: 0 if (tmp_path / "began").exists() else math.inf)
+
+    with open(tmp_path / "log.txt", "w") as log:
+        result = gpu_check.pytest(Stage(out=tmp_path, lacks=[], log=log), "suite", [str(tmp_path / "test_t.py")])
+    assert result["status"] == "stopped" and (result["passed"], result["failed"]) == (1, 1)
+    assert result["failed_tests"] == ["test_t.py::test_fails"] and "stopped at the cap" in result["detail"]
+
+
+def test_gpu_check_tells_a_resumed_run_that_differs_by_one_bit(tmp_path):
+    """identical(): the same weights bit for bit and the same logged losses, or not."""
+    sys.path.insert(0, str(HERE / "tools"))
+    import gpu_check
+    from safetensors.numpy import save_file
+    w = {"W_enc": np.linspace(-1, 1, 12, dtype=np.float32).reshape(3, 4)}
+    for name, weights, loss in (("a", w, 0.5), ("b", w, 0.5), ("c", {"W_enc": w["W_enc"].copy()}, 0.5), ("d", w, 0.25)):
+        (tmp_path / name).mkdir()
+        save_file(weights, str(tmp_path / name / "sae.safetensors"))
+        (tmp_path / name / "log.jsonl").write_text(json.dumps({"step": 1, "loss": loss}) + "\n")
+    save_file({"W_enc": np.nextafter(w["W_enc"], 2, dtype=np.float32) * (np.arange(12) == 5).reshape(3, 4)
+               + w["W_enc"] * (np.arange(12) != 5).reshape(3, 4)}, str(tmp_path / "c" / "sae.safetensors"))
+    assert gpu_check.identical(tmp_path / "a", tmp_path / "b")
+    assert not gpu_check.identical(tmp_path / "a", tmp_path / "c") and not gpu_check.identical(tmp_path / "a", tmp_path / "d")
+    assert not gpu_check.identical(tmp_path / "a", tmp_path / "missing")
 
 
 def test_mutation_tool_reads_a_mutants_function_and_edit_from_mutmuts_diff():
@@ -68,23 +140,11 @@ def test_mutation_tool_adds_a_gpu_runs_verdicts_and_forgets_those_of_an_edited_f
     assert json.loads((tmp_path / "by_subprocess.json").read_text()) == {"train.xǁLogǁg__mutmut_2": 1,
                                                                          "train.x_f2__mutmut_3": 0}
     assert json.loads((tmp_path / "by_gpu.json").read_text()) == {}
-    (tmp_path / "run" / "train").mkdir(parents=True)
-    (tmp_path / "run" / "train" / "by_gpu.json").write_text('{"train.x_g__mutmut_2": 1}')
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "by_gpu.json").write_text('{"train.x_g__mutmut_2": 1, "export.x_session__mutmut_1": 0}')
     (tmp_path / "out" / "train").mkdir(parents=True)
     (tmp_path / "out" / "train" / "by_gpu.json").write_text('{"train.x_g__mutmut_1": 1}')
     mutation.main(["--gpu-in", str(tmp_path / "run"), "--out", str(tmp_path / "out")])
     assert json.loads((tmp_path / "out" / "train" / "by_gpu.json").read_text()) == {"train.x_g__mutmut_1": 1,
                                                                                     "train.x_g__mutmut_2": 1}
-
-
-def test_gpu_check_names_the_failed_tests_of_a_suite_it_stops(tmp_path, monkeypatch):
-    """A suite stopped at gpu_check's limit still says what passed and which tests failed so far."""
-    sys.path.insert(0, str(HERE / "tools"))
-    import gpu_check
-    (tmp_path / "test_t.py").write_text("import time\n\ndef test_fails():\n    assert False\n\n"
-                                        "def test_passes():\n    pass\n\ndef test_hangs():\n    time.sleep(60)\n")
-    monkeypatch.setattr(gpu_check, "DRY_TESTS", [str(tmp_path / "test_t.py")])
-    monkeypatch.setattr(gpu_check, "SUITE_S", 6)
-    ok, detail = gpu_check.run_suite(dry=True)
-    assert not ok and detail.startswith("stopped after 6 s: 1 passed, 1 failed so far; ")
-    assert detail.endswith("/test_t.py::test_fails") and "test_passes" not in detail and "test_hangs" not in detail
+    assert json.loads((tmp_path / "out" / "export" / "by_gpu.json").read_text()) == {"export.x_session__mutmut_1": 0}

@@ -227,9 +227,9 @@ def gpu_out(out, dest):
 
 def gpu_run(todo_file, out, workers=8):
     """On a GPU machine, without mutmut: each mutant of `todo_file` applied to its own copy of the
-    tree and run against its file's tests that run on CUDA; the exit codes go to
-    out/<file>/by_gpu.json, which results() lays over mutmut's. The unmutated tree first: each of
-    those tests must pass there."""
+    tree and run against its file's tests that run on CUDA; the exit codes go to out/by_gpu.json
+    ({mutant: code}), which --gpu-in adds to each file's. The unmutated tree first: each of those
+    tests must pass there."""
     from concurrent.futures import ThreadPoolExecutor, as_completed
     todo = json.loads(Path(todo_file).read_text())
     ignore = shutil.ignore_patterns(".git", ".venv", "runs", "__pycache__", "node_modules", ".*")
@@ -248,11 +248,11 @@ def gpu_run(todo_file, out, workers=8):
             return 36                                       # mutmut's code for a timeout
 
     codes = {}
+    out.mkdir(parents=True, exist_ok=True)
 
     def record(item, code):                             # written as they come: a run cut short keeps its codes
-        codes.setdefault(item["file"], {})[item["key"]] = code
-        (out / Path(item["file"]).stem).mkdir(parents=True, exist_ok=True)
-        (out / Path(item["file"]).stem / "by_gpu.json").write_text(json.dumps(codes[item["file"]], indent=1))
+        codes[item["key"]] = code
+        (out / "by_gpu.json").write_text(json.dumps(codes, indent=1))
         print(f"{item['key']}: {code}", flush=True)
 
     serial = [m for m in todo if function_of(m["key"]) in SERIAL]
@@ -268,16 +268,18 @@ def gpu_run(todo_file, out, workers=8):
                 record(jobs[job], job.result())
     for i, item in enumerate(serial):                   # alone: the pool shares the GPU's time
         record(item, run(f"serial{i}", item))
-    for path, by_key in codes.items():
-        print(f"{path}: {sum(c != 0 for c in by_key.values())} of {len(by_key)} killed on the GPU")
+    print(f"{sum(c != 0 for c in codes.values())} of {len(codes)} killed on the GPU: {out / 'by_gpu.json'}")
 
 
 def gpu_in(run_dir, out):
-    """A GPU run's codes added to the earlier ones (its file holds only the mutants it was given)."""
-    for new in sorted(Path(run_dir).glob("*/by_gpu.json")):
-        dest = out / new.parent.name / "by_gpu.json"
+    """A GPU run's codes (run_dir/by_gpu.json) added to the earlier ones of each file (its file holds
+    only the mutants it was given); a mutant's key starts with its module's name."""
+    new = json.loads((Path(run_dir) / "by_gpu.json").read_text())
+    for stem in sorted({k.split(".")[0] for k in new}):
+        dest = out / stem / "by_gpu.json"
         codes = json.loads(dest.read_text()) if dest.exists() else {}
-        merged = {**codes, **json.loads(new.read_text())}
+        merged = {**codes, **{k: c for k, c in new.items() if k.split(".")[0] == stem}}
+        dest.parent.mkdir(parents=True, exist_ok=True)
         dest.write_text(json.dumps(merged, indent=1))
         print(f"{dest}: {len(codes)} codes, now {len(merged)}")
 
@@ -331,9 +333,9 @@ def main(argv=None):
     p.add_argument("--gpu-out", type=Path, metavar="JSON",
                    help="write the GPU functions' mutants not killed here to JSON, for --gpu-run")
     p.add_argument("--gpu-run", type=Path, metavar="JSON",
-                   help="on a GPU machine (mutmut not needed): run JSON's mutants, codes to OUT/<file>/by_gpu.json")
+                   help="on a GPU machine (mutmut not needed): run JSON's mutants, codes to OUT/by_gpu.json")
     p.add_argument("--gpu-in", type=Path, metavar="DIR",
-                   help="add a --gpu-run's DIR/<file>/by_gpu.json to OUT/<file>/by_gpu.json")
+                   help="add a --gpu-run's DIR/by_gpu.json to OUT/<file>/by_gpu.json")
     a = p.parse_args(argv)
     if a.gpu_run:
         return gpu_run(a.gpu_run, a.out)
