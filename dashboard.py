@@ -91,12 +91,13 @@ def output_tokens(sae, unembedding_VD, text, batch=256):
 
 
 def write(sae, shards, tokenizer, out, *, context_rows, unembedding_VD=None, max_rows=2**16, seed=0, title=""):
-    """Write the dashboard of `sae` on the held-out `shards` to the folder `out`; returns its index.html.
-    `unembedding_VD`: the model's [vocab, d_in] output embedding (None: no output-token panel)."""
+    """Write the dashboard of `sae` on the first `max_rows` rows of the held-out `shards` to the folder
+    `out`; returns its index.html. `unembedding_VD`: the model's [vocab, d_in] output embedding
+    (None: no output-token panel)."""
     out = Path(out)
     (out / "data").mkdir(parents=True, exist_ok=True)
     rows, latents, values, n = firings(sae, shards, max_rows)
-    windows_WC = np.concatenate([w for _, w in shards])         # a shard holds whole windows: row r is in window r // context_rows
+    windows_WC = np.concatenate([w for _, w in shards])         # whole windows a shard: row r is in window r // context_rows
     decoded = {}
     text = lambda t: decoded.setdefault(int(t), tokenizer.decode([int(t)]))
     logits = output_tokens(sae, unembedding_VD, text) if unembedding_VD is not None else None
