@@ -256,17 +256,22 @@ def table(records):
     return "\n".join([line(header[c] for c in cols)] + [line(row) for row in rows])
 
 
-def write_dashboard(folder, acts_dir, out):
-    """dashboard.write for the SAE in `folder` on the held-out split of `acts_dir`, with the tokenizer
-    and unembedding of the manifest's model (no output-token panel where its width is not d_in)."""
+def write_dashboards(folders, acts_dir, out):
+    """dashboard.write for the SAE of each folder on the held-out split of `acts_dir` (to `out`, or
+    out/<folder name> for several), with the tokenizer and unembedding of the manifest's model, loaded
+    once (no output-token panel where its width is not d_in). Returns each site's index.html."""
     import dashboard
-    sae = load_sae(folder, "cpu")
     manifest, shards = acts.open_split(acts_dir, "heldout")
     model, tokenizer = harvest.load_model(manifest["model"], "cpu", torch.float32, manifest.get("gguf_file"))
     embedding = model.get_output_embeddings()
-    unembedding = embedding.weight.detach() if embedding is not None and embedding.weight.shape[1] == sae.d_in else None
-    return dashboard.write(sae, shards, tokenizer, out, context_rows=manifest["context"] - 1, unembedding_VD=unembedding,
-                           title=f"{Path(folder).name} on {manifest['model']} layer {manifest.get('layer')} {manifest.get('site')}")
+    written = []
+    for folder in folders:
+        sae = load_sae(folder, "cpu")
+        unembedding = embedding.weight.detach() if embedding is not None and embedding.weight.shape[1] == sae.d_in else None
+        title = f"{Path(folder).name} on {manifest['model']} layer {manifest.get('layer')} {manifest.get('site')}"
+        written.append(dashboard.write(sae, shards, tokenizer, Path(out) / (Path(folder).name if len(folders) > 1 else ""),
+                                       context_rows=manifest["context"] - 1, unembedding_VD=unembedding, title=title))
+    return written
 
 
 latent_list = cli.check(lambda t: [int(i) for i in t.split(",")], lambda v: min(v) >= 0,
@@ -299,9 +304,7 @@ def main(argv=None):
         if args.plot:
             print("wrote " + ", ".join(map(str, plot(records, args.plot))))
         if args.dashboard:
-            for folder in args.sae_dirs:
-                out = Path(args.dashboard) / (Path(folder).name if len(args.sae_dirs) > 1 else "")
-                print(f"wrote {write_dashboard(folder, args.acts, out)}")
+            print("wrote " + ", ".join(map(str, write_dashboards(args.sae_dirs, args.acts, args.dashboard))))
         if args.latents:
             latents = args.latents
             manifest, shards = acts.open_split(args.acts, "heldout")

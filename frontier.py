@@ -61,7 +61,7 @@ def train_all(acts_dir, out, runs, d_sae, steps, device):
             kw["l0_warmup_steps"] = round(L0_WARMUP * steps)
         t0 = time.perf_counter()
         r = train.train(acts_dir, folder, d_sae=d_sae, steps=steps, target_l0=target, seed=seed, lr=lr, quiet=True,
-                        device=device, resume=(folder / "checkpoint.safetensors").is_file(), **kw)
+                        device=device, resume=True, **kw)       # a killed run carries on; a new one starts
         print(f"[{i + 1}/{len(runs)}] {folder.name}: held-out L0 {r['heldout_l0']:.1f}, FVU {r['heldout_fvu']:.4f}, "
               f"dead {r['dead_fraction']:.1%} ({time.perf_counter() - t0:.0f} s)", flush=True)
     return folders

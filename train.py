@@ -115,6 +115,7 @@ SETTINGS = {
 }
 RECIPES = {recipe: {name: getattr(s, recipe) for name, s in SETTINGS.items()} for recipe in ("paper", "small")}
 TOPK = ("topk", "batchtopk")
+CHECKPOINT = "checkpoint.safetensors"   # in --out: weights, Adam state, step and the run's settings
 AUTO_BANDWIDTH = 0.3             # bandwidth "auto": this fraction of the median over latents of the pre-activation std
 GAO_WINDOW_TOKENS = 10_000_000   # Gao et al.'s dead window, for runs of billions of tokens
 DEAD_LOG_TOKENS = 2**20          # the log's dead fraction: latents that have not fired in this many tokens
@@ -133,7 +134,7 @@ def train(acts_dir, out, hp=None, *, resume=False, quiet=False, dtype=torch.floa
     out/checkpoint.safetensors, with the settings it records (run_settings); with no checkpoint
     there, the run starts. `dtype`: of the SAE and the batches during training (float64 for checks
     against a reference); the saved SAE is float32."""
-    ckpt = Path(out) / "checkpoint.safetensors"
+    ckpt = Path(out) / CHECKPOINT
     resume = resume and ckpt.is_file()             # --resume without a checkpoint starts the run
     hp = hp or run_settings(acts_dir, ckpt, resume, **given)
     rank, local_rank, world, device = processes(hp["device"])
@@ -692,7 +693,8 @@ def train_step(sae, opt, loss_fn, x_BD, l0_coefficient, fired_at, step, *, dead_
     sparsity coefficient and the latents that have not fired in the last `dead_steps` steps;
     backward; the gradients averaged over the ranks (torchrun); the decoder-gradient projection,
     Adam and the decoder renormalised (docs/maths.md section 3.1; no-ops for the SAEs whose decoder
-    norms are free, ReLU and Anthropic's); and each latent's last firing step in fired_at. Returns the loss's dict, its "l0" the mean over the global batch, detached.
+    norms are free, ReLU and Anthropic's); and each latent's last firing step in fired_at. Returns
+    the loss's dict, its "l0" the mean over the global batch, detached.
 
     fired_at[i] is the number of steps done when latent i last fired, and starts at 0: before step
     `step` a latent is dead when it has not fired in the last dead_steps batches, so no latent is
@@ -884,7 +886,7 @@ def main(argv=None):
     except ValueError as e:
         sys.exit(f"error: {e}")
     for out, hp in runs:
-        ckpt = out / "checkpoint.safetensors"
+        ckpt = out / CHECKPOINT
         if args.resume and ckpt.is_file() and read_checkpoint(ckpt, tensors=False)[0]["step"] >= hp["steps"]:
             if rank == 0:
                 print(f"{out} is already trained to step {hp['steps']}; pass a larger --steps to train on.")
@@ -917,7 +919,7 @@ def plan(args, given):
         out = Path(args.out)
         if len(values) > 1:
             out = out / f"{args.arch or 'jumprelu'}_{'l0' if key == 'target_l0' else 'lambda'}_{value:g}"
-        ckpt = out / "checkpoint.safetensors"
+        ckpt = out / CHECKPOINT
         sparsity = {key: value}
         if value is None and args.recipe in (None, "small") and not (args.resume and ckpt.is_file()):
             sparsity = {"target_l0": 32}
