@@ -2,11 +2,12 @@
 
     python harvest.py --out runs/acts           # once (demo.sh does it too): SmolLM2 layer 6, 425k tokens
     python frontier.py --acts runs/acts --out runs/frontier --results results/frontier_cpu
+    python frontier.py --acts runs/acts --out runs/frontier --steps 250 2000 --targets 25 60   # two budgets
 
 First a learning-rate sweep: every architecture at --sweep-at L0 (25) with each of --lrs, scored by
-held-out FVU; each then trains with its best learning rate at every --targets L0 and every seed
-(--seeds, at --seeds-at: all targets by default), with the same width, token budget and data
-order. All are evaluated on held-out tokens, with delta LM loss from splicing each into the model,
+held-out FVU, at the first of --steps; each then trains with its best learning rate at every
+--targets L0, every budget (--steps) and every seed (--seeds, at --seeds-at: all targets by
+default), with the same width and data order. All are evaluated on held-out tokens, with delta LM loss from splicing each into the model,
 and each pair of seeds is compared latent by latent (evaluate.seed_stability). Writes RESULTS.md
 (the sweep and the frontier as markdown tables), RESULTS.json and RESULTS.png (FVU and delta LM
 loss against L0). A finished run is skipped, a killed one resumed, so the command can be run again.
@@ -43,15 +44,15 @@ L0_WARMUP = 0.05
 WITHIN = 0.1     # the sweep scores only runs whose held-out L0 is within 10% of the target (if any is)
 
 
-def run_name(variant, target, seed, lr):
-    return f"{variant}_l0_{target:g}_seed{seed}_lr{lr:g}"
+def run_name(variant, target, seed, lr, steps):
+    return f"{variant}_l0_{target:g}_seed{seed}_lr{lr:g}_steps{steps}"
 
 
-def train_all(acts_dir, out, runs, d_sae, steps, device):
-    """Train (or resume, or skip) each (variant, target, seed, lr) run; return the SAE folders in order."""
+def train_all(acts_dir, out, runs, d_sae, device):
+    """Train (or resume, or skip) each (variant, target, seed, lr, steps) run; return the SAE folders in order."""
     folders = []
-    for i, (variant, target, seed, lr) in enumerate(runs):
-        folder = Path(out) / run_name(variant, target, seed, lr)
+    for i, (variant, target, seed, lr, steps) in enumerate(runs):
+        folder = Path(out) / run_name(variant, target, seed, lr, steps)
         folders.append(folder)
         if (folder / "config.json").is_file():
             print(f"[{i + 1}/{len(runs)}] {folder.name}: done already")
@@ -79,63 +80,100 @@ def best_lrs(records, target):
 
 
 def stability(records):
-    """evaluate.seed_stability of seed 0 against seed 1 for each (variant, target) trained with both;
-    written into both records as "decoder_match" and "encoder_match"."""
-    by_key = {(r["variant"], r["target"], r["seed"]): r for r in records}
-    for (variant, target, seed), r in by_key.items():
-        other = by_key.get((variant, target, 1))
+    """evaluate.seed_stability of seed 0 against seed 1 for each (variant, target, steps) trained with
+    both; written into both records as "decoder_match" and "encoder_match"."""
+    by_key = {(r["variant"], r["target"], r["steps"], r["seed"]): r for r in records}
+    for (variant, target, steps, seed), r in by_key.items():
+        other = by_key.get((variant, target, steps, 1))
         if seed == 0 and other:
             match = evaluate.seed_stability(load_sae(r["path"]), load_sae(other["path"]))
             for rec in (r, other):
                 rec.update(decoder_match=match["decoder"], encoder_match=match["encoder"])
 
 
+def tokens(r, batch_size):
+    """A run's training budget, as a short label: 512k, 4.1M."""
+    n = r["steps"] * batch_size
+    return f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n / 1e3:.0f}k"
+
+
+def spreads(records):
+    """One row per (variant, target, steps): the mean of each metric over its seeds and, where it has
+    several, their range (max - min), the seed spread the verdicts are held against."""
+    groups = {}
+    for r in records:
+        groups.setdefault((r["variant"], r["target"], r["steps"]), []).append(r)
+    rows = []
+    for (variant, target, steps), rs in groups.items():
+        row = {"variant": variant, "target": target, "steps": steps, "seeds": len(rs)}
+        for k in ("l0", "fvu", "delta_lm_loss", "kl", "dead_fraction"):
+            v = [r[k] for r in rs]
+            row[k], row[k + "_range"] = sum(v) / len(v), max(v) - min(v)
+        rows.append(row)
+    return rows
+
+
 def markdown(sweep, records, settings):
-    """The sweep table, then the frontier table, one row per run, sorted by variant, L0 and seed."""
-    order = lambda r: (list(VARIANTS).index(r["variant"]), r["target"], r["seed"], r["lr"])
+    """The sweep table, the frontier table (one row per run, sorted by variant, L0, budget and seed),
+    then each (variant, L0, budget)'s mean over seeds with the seed spread."""
+    order = lambda r: (list(VARIANTS).index(r["variant"]), r["target"], r["steps"], r.get("seed", 0), r.get("lr", 0))
     pct = lambda r, k: f"{r[k]:.1%}" if k in r else ""
-    lines = [f"Width {settings['d_sae']:,}, {settings['steps']} steps x {settings['batch_size']:,} tokens "
-             f"({settings['steps'] * settings['batch_size']:,} tokens) per SAE on `{settings['acts']}` "
-             f"({settings['model']} layer {settings['layer']} {settings['site']}); metrics on "
+    bs = settings["batch_size"]
+    budgets = ", ".join(f"{s} steps x {bs:,} tokens ({s * bs:,} tokens)" for s in settings["steps"])
+    lines = [f"Width {settings['d_sae']:,}, {budgets} per SAE on `{settings['acts']}` ({settings['model']} layer "
+             f"{settings['layer']} {settings['site']}, {settings['train_tokens']:,} training tokens); metrics on "
              f"{records[0]['tokens']:,} held-out tokens, LM metrics on {records[0].get('lm_tokens', 0):,} "
              f"predictions; {settings['machine']}, {settings['date']}, {settings['minutes']} min.", "",
-             f"Learning-rate sweep at target L0 {settings['sweep_at']:g}, seed 0 (chosen: the lowest FVU among runs "
-             f"within {WITHIN:.0%} of the target):", "",
+             f"Learning-rate sweep at target L0 {settings['sweep_at']:g}, seed 0, {tokens(sweep[0], bs) if sweep else ''} "
+             f"tokens (chosen: the lowest FVU among runs within {WITHIN:.0%} of the target):", "",
              "| architecture | lr | L0 | FVU | delta LM loss | dead | chosen |", "| --- | ---: | ---: | ---: | ---: | ---: | :---: |"]
     for r in sorted(sweep, key=order):
         lines.append(f"| {r['variant']} | {r['lr']:g} | {r['l0']:.1f} | {r['fvu']:.4f} | {r['delta_lm_loss']:.4f} | "
                      f"{r['dead_fraction']:.1%} | {'yes' if settings['lr'][r['variant']] == r['lr'] else ''} |")
     lines += ["", "The frontier, each architecture at its chosen learning rate; decoder and encoder match: the "
               "fraction of latents matched one-to-one across the two seeds with cosine > 0.7:", "",
-              "| architecture | target | seed | lr | L0 | FVU | delta LM loss | KL | CE recovered | dead | decoder match "
-              "| encoder match |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+              "| architecture | target | budget | seed | lr | L0 | FVU | delta LM loss | KL | CE recovered | dead "
+              "| decoder match | encoder match |",
+              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in sorted(records, key=order):
-        lines.append(f"| {r['variant']} | {r['target']:g} | {r['seed']} | {r['lr']:g} | {r['l0']:.1f} | {r['fvu']:.4f} | "
-                     f"{r['delta_lm_loss']:.4f} | {r['kl']:.4f} | {r['ce_loss_recovered']:.2%} | {r['dead_fraction']:.1%} "
-                     f"| {pct(r, 'decoder_match')} | {pct(r, 'encoder_match')} |")
+        lines.append(f"| {r['variant']} | {r['target']:g} | {tokens(r, bs)} | {r['seed']} | {r['lr']:g} | {r['l0']:.1f} | "
+                     f"{r['fvu']:.4f} | {r['delta_lm_loss']:.4f} | {r['kl']:.4f} | {r['ce_loss_recovered']:.2%} | "
+                     f"{r['dead_fraction']:.1%} | {pct(r, 'decoder_match')} | {pct(r, 'encoder_match')} |")
+    lines += ["", "Mean over seeds, with the seed spread (max - min) in brackets where there are several:", "",
+              "| architecture | target | budget | seeds | L0 | FVU | delta LM loss | KL | dead |",
+              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for r in sorted(spreads(records), key=order):
+        cell = lambda k, f: f"{r[k]:{f}}" + (f" ({r[k + '_range']:{f}})" if r["seeds"] > 1 else "")
+        lines.append(f"| {r['variant']} | {r['target']:g} | {tokens(r, bs)} | {r['seeds']} | {cell('l0', '.1f')} | "
+                     f"{cell('fvu', '.4f')} | {cell('delta_lm_loss', '.4f')} | {cell('kl', '.4f')} | {cell('dead_fraction', '.1%')} |")
     return "\n".join(lines) + "\n"
 
 
-def plot(records, path):
+def plot(records, path, batch_size):
+    """FVU and delta LM loss against L0: a colour per variant, a line style per budget (the largest solid)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    budgets = sorted({r["steps"] for r in records}, reverse=True)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2 + 0.8 * (len(budgets) - 1)))
     for ax, metric, label in zip(axes, ("fvu", "delta_lm_loss"), ("FVU", "delta LM loss (nats)")):
         for i, variant in enumerate(VARIANTS):
-            main = sorted((r for r in records if r["variant"] == variant and r["seed"] == 0), key=lambda r: r["l0"])
-            extra = [r for r in records if r["variant"] == variant and r["seed"] != 0]
-            if not main:
-                continue
-            line, = ax.plot([r["l0"] for r in main], [r[metric] for r in main], "o-", color=f"C{i}", label=variant)
-            ax.plot([r["l0"] for r in extra], [r[metric] for r in extra], "o", mfc="none", color=line.get_color())
+            for style, steps in zip(("o-", "s--", "^:"), budgets):
+                rs = [r for r in records if r["variant"] == variant and r["steps"] == steps]
+                main = sorted((r for r in rs if r["seed"] == 0), key=lambda r: r["l0"])
+                extra = [r for r in rs if r["seed"] != 0]
+                if not main:
+                    continue
+                name = variant if len(budgets) == 1 else f"{variant}, {tokens(main[0], batch_size)}"
+                ax.plot([r["l0"] for r in main], [r[metric] for r in main], style, color=f"C{i}", label=name)
+                ax.plot([r["l0"] for r in extra], [r[metric] for r in extra], style[0], mfc="none", color=f"C{i}")
         ax.set_xscale("log")
         if all(r[metric] > 0 for r in records):      # a delta LM loss can be <= 0 on a toy model
             ax.set_yscale("log")
         ax.set_xlabel("L0 (active latents per held-out token)")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3, which="both")
-        ax.legend()
+        ax.legend(fontsize="small" if len(budgets) > 1 else None)
     fig.suptitle("sparsity-fidelity frontier (hollow: other seeds)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -145,22 +183,23 @@ def plot(records, path):
 def run(args):
     """The sweep, the frontier, their evaluation and the seed comparison; returns (sweep, records, lr)."""
     variants, lrs = args.archs, sorted(set(args.lrs))
-    sweep_runs = [(v, args.sweep_at, 0, lr) for v in variants for lr in lrs]
-    sweep_folders = train_all(args.acts, args.out, sweep_runs, args.d_sae, args.steps, args.device) if len(lrs) > 1 else []
+    sweep_runs = [(v, args.sweep_at, 0, lr, args.steps[0]) for v in variants for lr in lrs]
+    sweep_folders = train_all(args.acts, args.out, sweep_runs, args.d_sae, args.device) if len(lrs) > 1 else []
     sweep = evaluate.evaluate(sweep_folders, args.acts, device=args.device, progress=False)
-    for r, (variant, target, seed, lr) in zip(sweep, sweep_runs):
-        r.update(variant=variant, target=target, seed=seed, lr=lr)
+    for r, (variant, target, seed, lr, steps) in zip(sweep, sweep_runs):
+        r.update(variant=variant, target=target, seed=seed, lr=lr, steps=steps)
     lr = best_lrs(sweep, args.sweep_at) if sweep else {v: lrs[0] for v in variants}
     seeds_at = set(args.seeds_at or args.targets)
-    runs = [(v, t, s, lr[v]) for v in variants for t in args.targets for s in range(args.seeds if t in seeds_at else 1)]
-    runs.sort(key=lambda r: (r[2], r[1] != args.sweep_at))      # seed 0 first, then the other seeds at --sweep-at
-    folders = train_all(args.acts, args.out, runs, args.d_sae, args.steps, args.device)
+    runs = [(v, t, s, lr[v], n) for v in variants for t in args.targets for n in args.steps
+            for s in range(args.seeds if t in seeds_at else 1)]
+    runs.sort(key=lambda r: (r[4], r[2], r[1] != args.sweep_at))   # per budget, smallest first: seed 0, then the others
+    folders = train_all(args.acts, args.out, runs, args.d_sae, args.device)
     everything = list(dict.fromkeys(folders + sweep_folders))         # each SAE spliced into the model once
     by_folder = dict(zip(everything, evaluate.evaluate(everything, args.acts, lm=True, lm_windows=args.lm_windows,
                                                           device=args.device)))
     records, sweep = [by_folder[f] for f in folders], [{**by_folder[f], **s} for f, s in zip(sweep_folders, sweep)]
-    for r, (variant, target, seed, lr_) in zip(records, runs):
-        r.update(variant=variant, target=target, seed=seed, lr=lr_)
+    for r, (variant, target, seed, lr_, steps) in zip(records, runs):
+        r.update(variant=variant, target=target, seed=seed, lr=lr_, steps=steps)
     stability(records)
     for r in records + sweep:
         r.pop("firing_frequency", None)
@@ -183,7 +222,9 @@ def main(argv=None):
                    help="learning rates of the sweep (default 3e-4 1e-3 3e-3 1e-2 3e-2; one value: no sweep)")
     p.add_argument("--sweep-at", type=cli.positive_int, default=25, help="the target L0 of the sweep (default 25)")
     p.add_argument("--d-sae", type=cli.positive_int, default=2304, help="latents (default 2,304: 4 x SmolLM2's d_in)")
-    p.add_argument("--steps", type=cli.positive_int, default=250, help="training steps of 2,048 tokens (default 250)")
+    p.add_argument("--steps", nargs="+", type=cli.positive_int, default=[250],
+                   help="training steps of 2,048 tokens (default 250); several train every run at each budget, "
+                        "the sweep at the first")
     p.add_argument("--lm-windows", type=cli.positive_int, default=32, help="held-out windows for delta LM loss (default 32)")
     p.add_argument("--device", type=cli.device, default=None, help="cuda or cpu (default: cuda when present)")
     p.add_argument("--machine", default=None, help="a description of the machine for the table's caption")
@@ -203,7 +244,8 @@ def main(argv=None):
     manifest = json.loads((Path(args.acts) / "manifest.json").read_text())
     machine = args.machine or (torch.cuda.get_device_name(args.device) if args.device != "cpu" else
                                f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads")
-    settings = {"d_sae": args.d_sae, "steps": args.steps, "batch_size": train.RECIPES["small"]["batch_size"], "acts": args.acts,
+    settings = {"d_sae": args.d_sae, "steps": args.steps, "train_tokens": manifest["splits"]["train"]["rows"],
+                "batch_size": train.RECIPES["small"]["batch_size"], "acts": args.acts,
                 "model": manifest["model"], "layer": manifest["layer"], "site": manifest["site"], "machine": machine,
                 "lrs": sorted(set(args.lrs)), "sweep_at": args.sweep_at, "lr": lr, "date": time.strftime("%Y-%m-%d"),
                 "minutes": round((time.perf_counter() - t0) / 60, 1)}
@@ -211,7 +253,7 @@ def main(argv=None):
     try:
         atomic_write(f"{results}.md", lambda f: f.write(table.encode()))
         acts.write_json(f"{results}.json", {"settings": settings, "sweep": sweep, "records": records})
-        plot(records, f"{results}.png")
+        plot(records, f"{results}.png", settings["batch_size"])
     except OSError as e:
         sys.exit(f"error: writing {results}.md, .json and .png failed ({e.strerror or e}); free space, then run again.")
     print(table)
