@@ -48,6 +48,7 @@ from tqdm import tqdm
 import acts
 import anthropic
 import cli
+import matryoshka
 import penalties
 import sae_folder
 from baselines import ARCHITECTURES, make_sae
@@ -76,6 +77,10 @@ SETTINGS = {
                         "norms); l0 and tanh take --l0-coefficient LAMBDA, or --target-l0 K for a controller on lambda",
                         dict(choices=("l0", "target_batch", "target_row", "tanh"))),
     "target_l0_coefficient": Setting(None, 5e-3, "lambda of the target_batch and target_row penalties"),
+    "matryoshka": Setting(None, None, "Matryoshka training of JumpReLU or BatchTopK: nested prefix sizes of the "
+                          "latents, such as 256 1024 4096, each of which decoded alone adds its reconstruction error "
+                          "to the loss (docs/maths.md section 3.4; d_sae is added last where missing)",
+                          dict(type=cli.positive_int, nargs="+", metavar="M")),
     # Adam and its schedules.
     "lr": Setting(7e-5, 1e-3, "Adam's learning rate", dict(type=cli.positive)),
     "betas": Setting((0.0, 0.999), (0.9, 0.999), "Adam's betas"),
@@ -196,7 +201,8 @@ def train(acts_dir, out, hp=None, *, resume=False, quiet=False, dtype=torch.floa
                 "acts": str(acts_dir), "recipe": hp["recipe"], "steps": steps, "tokens": steps * B, "seed": hp["seed"],
                 "lr": hp["lr"], "target_l0": hp["target_l0"],
                 "l0_coefficient": None if hp["arch"] in TOPK else l0_coefficient,
-                "sparsity": hp["sparsity"] if hp["arch"] == "jumprelu" else None})
+                "sparsity": hp["sparsity"] if hp["arch"] == "jumprelu" else None,
+                **({"matryoshka": hp["matryoshka"]} if hp["matryoshka"] else {})})
     leave_group(own_group)
     return record
 
@@ -221,6 +227,8 @@ def settings(acts_dir, recipe="small", target_l0=None, l0_coefficient=None, **gi
           "recipe": recipe, "target_l0": target_l0, "l0_coefficient": l0_coefficient}
     hp["d_sae"] = hp["d_sae"] or 8 * acts.read_manifest(acts_dir)["d_in"]
     check_settings(hp, given, int(os.environ.get("WORLD_SIZE", 1)))
+    if hp["matryoshka"]:
+        hp["matryoshka"] = matryoshka.prefixes(hp["matryoshka"], hp["d_sae"])
     if hp["arch"] != "jumprelu" or (not target_l0 and hp["sparsity"] != "tanh"):
         hp["sparsity"] = "l0"            # a fixed lambda (the paper's penalty), or a baseline's L1 term
     if hp["sparsity"] in ("target_row", "target_batch"):
@@ -261,6 +269,10 @@ def check_settings(hp, given, world):
         raise ValueError(f"--path must be auto, dense or sparse, not {hp['path']!r}.")
     if hp["path"] == "sparse" and arch != "jumprelu":
         raise ValueError(f"--path sparse is JumpReLU's; --arch {arch} trains on the dense path (leave --path at auto).")
+    if hp["matryoshka"] and arch not in ("jumprelu", "batchtopk"):
+        raise ValueError(f"--matryoshka trains JumpReLU and BatchTopK SAEs; drop it for --arch {arch}.")
+    if hp["path"] == "sparse" and hp["matryoshka"]:
+        raise ValueError("--matryoshka trains on the dense path (every prefix decodes its latents); leave --path at auto.")
     if hp["path"] == "sparse" and sparsity == "tanh":
         raise ValueError("--sparsity tanh trains on the dense path (its pre-activation loss needs every pre-activation); "
                          "leave --path at auto.")
@@ -419,7 +431,9 @@ def loss_functions(sae, hp, world, device_type):
         options = {"penalty": penalty, "dead_pull": hp["dead_threshold_pull"]}
     else:
         loss, options = type(sae).loss, {"batch_mean": batch_mean} if hp["arch"] == "topk" and world > 1 else {}
-    path = hp["path"] if hp["arch"] == "jumprelu" and hp["sparsity"] != "tanh" else "dense"
+    if hp["matryoshka"]:
+        loss = matryoshka.loss(loss, hp["matryoshka"])
+    path = hp["path"] if loss is penalties.loss else "dense"
     return {"dense": make_loss(loss, sae, compiled, **options), "compiled": compiled, "path": path,
             "sparse": make_loss(loss, sae, False, sparse=True, **options) if loss is penalties.loss else None}
 
@@ -553,6 +567,8 @@ class Log:
     def write(self, step, result, l0_coefficient, lr, path):
         B, (d_in, d_sae) = self.B, self.sae.W_enc.shape
         loss, mse = all_mean(torch.stack([result["loss"].detach(), result["mse"].detach()]).float(), self.world).tolist()
+        prefixes = {"prefix_mse": all_mean(result["prefix_mse"].detach().float(), self.world).tolist()} \
+            if "prefix_mse" in result else {}            # Matryoshka: each proper prefix's MSE
         if self.rank != 0:
             return {}
         device = self.x_eval_BD.device
@@ -568,7 +584,7 @@ class Log:
         dead = self.fired_at <= step - min(DEAD_LOG_TOKENS // B, step)     # never fired, in a run shorter than that
         r = {"step": step, "loss": loss, "mse": mse, "l0": result["l0"].item(), **heldout,
              "dead_fraction": dead.float().mean().item(), "l0_coefficient": l0_coefficient, "lr": lr, "path": path,
-             "tokens_per_s": tokens_per_s, "flops_per_s": flops, "vs_ceiling": flops / ceiling}
+             "tokens_per_s": tokens_per_s, "flops_per_s": flops, "vs_ceiling": flops / ceiling, **prefixes}
         if self.sae.architecture == "batchtopk":                   # the running estimate, logged only
             r["threshold_running"] = self.sae.threshold.item()
         self.append(r)
