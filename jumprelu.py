@@ -3,8 +3,8 @@
 Read it next to the paper and docs/maths.md, top to bottom: the rectangle kernel, the two
 straight-through estimators, the SAE and its loss (docs/maths.md sections 1-3). What came after
 the paper lives beside this file and reuses its pieces: the later recipes' penalties
-(penalties.py), Anthropic's variant (anthropic.py), the sparse path (sparse.py), the baselines
-(baselines.py) and the folder format (sae_folder.py).
+(penalties.py), Anthropic's variant (anthropic.py), Matryoshka training (matryoshka.py), the
+sparse path (sparse.py), the baselines (baselines.py) and the folder format (sae_folder.py).
 
     from jumprelu import JumpReLUSAE
     sae = JumpReLUSAE(d_in=576, d_sae=4608)

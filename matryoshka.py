@@ -1,4 +1,4 @@
-"""Matryoshka training (Bussmann et al., 2025; Nabeshima, 2024), beside the paper (docs/maths.md section 3.4).
+"""Matryoshka training (Bussmann et al., 2025; Nabeshima, 2024), beside the paper (docs/maths.md section 3.3).
 
 The latents are ordered, and nested prefixes of them, m_1 < m_2 < ... < m_n = d_sae, must each
 reconstruct x on their own: the loss adds the error of every prefix decoded alone to the SAE's own

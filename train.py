@@ -4,6 +4,7 @@
     python train.py --acts runs/acts --out runs/sweep --target-l0 16 32 64    # a sweep: runs/sweep/jumprelu_l0_16 ...
     python train.py --acts runs/acts --out runs/topk --arch topk --target-l0 32   # baselines: --arch
     python train.py --acts runs/acts --out runs/sae --l0-coefficient 1e-3 --steps 200000 --recipe paper
+    python train.py --acts runs/acts --out runs/sae --target-l0 32 --matryoshka 256 1024  # Matryoshka
     python train.py --acts runs/acts --out runs/sae --resume                  # carry on a killed run
     torchrun --nproc-per-node 8 train.py --acts runs/acts --out runs/sae --target-l0 32   # 8 GPUs, data parallel
 
@@ -79,7 +80,7 @@ SETTINGS = {
     "target_l0_coefficient": Setting(None, 5e-3, "lambda of the target_batch and target_row penalties"),
     "matryoshka": Setting(None, None, "Matryoshka training of JumpReLU or BatchTopK: nested prefix sizes of the "
                           "latents, such as 256 1024 4096, each of which decoded alone adds its reconstruction error "
-                          "to the loss (docs/maths.md section 3.4; d_sae is added last where missing)",
+                          "to the loss (docs/maths.md section 3.3; d_sae is added last where missing)",
                           dict(type=cli.positive_int, nargs="+", metavar="M")),
     # Adam and its schedules.
     "lr": Setting(7e-5, 1e-3, "Adam's learning rate", dict(type=cli.positive)),
