@@ -16,7 +16,9 @@ The architectures (VARIANTS) and how each reaches a target L0 K: JumpReLU by its
 target-L0 penalty (the small recipe of train.py), Anthropic's JumpReLU (jumprelu_tanh: train.py's
 --sparsity tanh) by the PI controller on its tanh penalty's lambda, TopK and BatchTopK with k = K,
 ReLU and Gated by the PI controller on their L1 coefficient, warmed up over the first 5% of the
-steps. The achieved, held-out L0 is what the table and the plot use.
+steps; jumprelu_matryoshka and batchtopk_matryoshka as JumpReLU and BatchTopK, with Matryoshka
+prefixes of 1/16 and 1/4 of the width (train.py's --matryoshka). The achieved, held-out L0 is what
+the table and the plot use.
 """
 
 import json
@@ -37,9 +39,12 @@ from sae_folder import atomic_write
 # The frontier's rows: train.train's arguments for each. ReLU and Gated warm their L1 coefficient
 # up linearly over the first L0_WARMUP of the steps (Anthropic's April 2024 update, which the Gated
 # paper's authors recommend for both); the others hold L0 from the start.
+# The Matryoshka variants' prefixes are these fractions of the width, then the width itself.
 VARIANTS = {"jumprelu": {"arch": "jumprelu"}, "jumprelu_tanh": {"arch": "jumprelu", "sparsity": "tanh"},
             "relu": {"arch": "relu"}, "gated": {"arch": "gated"}, "topk": {"arch": "topk"},
-            "batchtopk": {"arch": "batchtopk"}}
+            "batchtopk": {"arch": "batchtopk"},
+            "jumprelu_matryoshka": {"arch": "jumprelu", "matryoshka": (1 / 16, 1 / 4)},
+            "batchtopk_matryoshka": {"arch": "batchtopk", "matryoshka": (1 / 16, 1 / 4)}}
 L0_WARMUP = 0.05
 WITHIN = 0.1     # the sweep scores only runs whose held-out L0 is within 10% of the target (if any is)
 
@@ -60,6 +65,8 @@ def train_all(acts_dir, out, runs, d_sae, device):
         kw = dict(VARIANTS[variant])
         if kw["arch"] in ("relu", "gated"):
             kw["l0_warmup_steps"] = round(L0_WARMUP * steps)
+        if "matryoshka" in kw:
+            kw["matryoshka"] = [max(1, round(q * d_sae)) for q in kw["matryoshka"]]
         t0 = time.perf_counter()
         r = train.train(acts_dir, folder, d_sae=d_sae, steps=steps, target_l0=target, seed=seed, lr=lr, quiet=True,
                         device=device, resume=True, **kw)       # a killed run carries on; a new one starts

@@ -264,21 +264,24 @@ def test_frontier_sweeps_then_trains_every_run_once_and_writes_table_json_and_pl
     from formats import load_sae
     (tmp_path / "res").mkdir()                      # an output file's folder must exist (cli.out_file)
     args = ["--acts", str(tiny_acts), "--out", str(tmp_path / "runs"), "--results", str(tmp_path / "res" / "f"),
-            "--archs", "jumprelu_tanh", "topk", "--targets", "4", "8", "--seeds-at", "4", "--d-sae", "64", "--steps", "3", "5",
+            "--archs", "jumprelu_tanh", "topk", "batchtopk_matryoshka", "--targets", "4", "8", "--seeds-at", "4", "--d-sae", "64",
+            "--steps", "3", "5",
             "--lm-windows", "2", "--lrs", "1e-3", "3e-3", "--sweep-at", "4", "--device", "cpu"]
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     frontier.main(args)
     table = (tmp_path / "res" / "f.md").read_text()
-    rows = [line for line in table.splitlines() if line.startswith(("| jumprelu_tanh", "| topk"))]
-    assert len(rows) == 4 + 2 * 6 + 2 * 4          # the sweep: 2 x 2 rates; 2 x 2 targets x 2 budgets, a second seed at 4; means
+    variants = ("jumprelu_tanh", "topk", "batchtopk_matryoshka")
+    rows = [line for line in table.splitlines() if line.startswith(tuple(f"| {v} |" for v in variants))]
+    assert len(rows) == 3 * 2 + 3 * 6 + 3 * 4      # the sweep: 2 rates; 2 targets x 2 budgets, a second seed at 4; means
     results = json.loads((tmp_path / "res" / "f.json").read_text())
     records, lr = results["records"], results["settings"]["lr"]
     assert sorted((r["variant"], r["target"], r["steps"], r["seed"]) for r in records) == sorted(
-        [(a, t, n, 0) for a in ("jumprelu_tanh", "topk") for t in (4, 8) for n in (3, 5)]
-        + [(a, 4, n, 1) for a in ("jumprelu_tanh", "topk") for n in (3, 5)])
+        [(a, t, n, 0) for a in variants for t in (4, 8) for n in (3, 5)] + [(a, 4, n, 1) for a in variants for n in (3, 5)])
     assert all(load_sae(r["path"]).metadata["steps"] == r["steps"] for r in records)
+    assert {str(load_sae(r["path"]).metadata.get("matryoshka")) for r in records if r["variant"] == variants[2]} == {"[4, 16, 64]"}
+    assert not any("matryoshka" in load_sae(r["path"]).metadata for r in records if r["variant"] != variants[2])
     assert all(r["lr"] == lr[r["variant"]] for r in records) and set(lr.values()) <= {1e-3, 3e-3}
-    for variant in ("jumprelu_tanh", "topk"):      # the chosen rate has the lowest FVU of the sweep (all near 4 or none)
+    for variant in variants:                        # the chosen rate has the lowest FVU of the sweep (all near 4 or none)
         sweep = [r for r in results["sweep"] if r["variant"] == variant]
         assert len(sweep) == 2 and lr[variant] in [r["lr"] for r in sweep] and {r["steps"] for r in sweep} == {3}
     assert all(0 <= r["decoder_match"] <= 1 and 0 <= r["encoder_match"] <= 1 for r in records if r["target"] == 4)
@@ -292,7 +295,7 @@ def test_frontier_sweeps_then_trains_every_run_once_and_writes_table_json_and_pl
     assert (tmp_path / "res" / "f.png").stat().st_size > 10_000 and results["settings"]["machine"].endswith("threads")
     capsys.readouterr()
     frontier.main(args)                             # run again: every SAE is there already
-    assert capsys.readouterr().out.count("done already") == 4 + 12
+    assert capsys.readouterr().out.count("done already") == 3 * 2 + 3 * 6
 
 
 def formats_sparsity(records, variant):
