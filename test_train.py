@@ -323,6 +323,23 @@ def test_resume_with_just_acts_and_out_carries_the_run_on_to_its_own_end(tiny_ac
     assert "is already trained to step 8; pass a larger --steps to train on." in capsys.readouterr().out
 
 
+def test_a_checkpoint_made_before_a_setting_existed_resumes_with_the_recipes_value(tiny_acts, tmp_path, capsys):
+    """A checkpoint keeps the settings of its day: one made before --matryoshka existed carries on as
+    the plain run it was, to a larger --steps."""
+    from safetensors.torch import load_file, save_file
+    out = tmp_path / "sae"
+    settings = ["--acts", str(tiny_acts), "--out", str(out), "--d-sae", "48", "--target-l0", "4", "--batch-size", "128",
+                "--device", "cpu"]
+    train.main([*settings, "--steps", "4"])
+    ckpt = out / "checkpoint.safetensors"
+    state, _ = train.read_checkpoint(ckpt, tensors=False)
+    del state["hp"]["matryoshka"]
+    save_file(load_file(ckpt), ckpt, metadata={"state": json.dumps(state)})
+    train.main([*settings, "--steps", "6", "--resume"])
+    assert f"resuming {out} at step 4 of 6" in capsys.readouterr().out
+    assert json.loads((out / "config.json").read_text())["steps"] == 6
+
+
 def _raise(error):
     raise error
 

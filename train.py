@@ -249,7 +249,8 @@ def run_settings(acts_dir, ckpt, resume, **given):
     hp = read_checkpoint(ckpt, tensors=False)[0].get("hp") if resume and ckpt.is_file() else None
     if hp is None:                       # a new run, or a checkpoint from before they kept their settings
         return settings(acts_dir, **given)
-    hp["betas"] = tuple(hp["betas"])     # JSON made the tuple a list
+    # A setting added since the checkpoint was made takes the recipe's value; JSON made the tuple a list.
+    hp = {**RECIPES[hp["recipe"]], **hp, "betas": tuple(hp["betas"])}
     for name, value in given.items():
         if name not in RESUME_MAY_CHANGE and value != hp.get(name):
             raise ValueError(f"--{name.replace('_', '-')} {value} contradicts the {hp.get(name)} that {ckpt} was made "
