@@ -5,7 +5,8 @@
     python frontier.py --acts runs/acts --out runs/frontier --steps 250 2000 --targets 25 60   # two budgets
 
 First a learning-rate sweep: every architecture at --sweep-at L0 (25) with each of --lrs, scored by
-held-out FVU, at the first of --steps; each then trains with its best learning rate at every
+held-out FVU, at the first of --steps (a Matryoshka variant takes the rate of its architecture
+where that is swept); each then trains with its best learning rate at every
 --targets L0, every budget (--steps) and every seed (--seeds, at --seeds-at: all targets by
 default), with the same width and data order. All are evaluated on held-out tokens, with delta LM loss from splicing each into the model,
 and each pair of seeds is compared latent by latent (evaluate.seed_stability). Writes RESULTS.md
@@ -190,12 +191,15 @@ def plot(records, path, batch_size):
 def run(args):
     """The sweep, the frontier, their evaluation and the seed comparison; returns (sweep, records, lr)."""
     variants, lrs = args.archs, sorted(set(args.lrs))
-    sweep_runs = [(v, args.sweep_at, 0, lr, args.steps[0]) for v in variants for lr in lrs]
+    # A Matryoshka variant takes the rate swept for its architecture, where that is swept too.
+    inherits = {v: VARIANTS[v]["arch"] for v in variants if "matryoshka" in VARIANTS[v] and VARIANTS[v]["arch"] in variants}
+    sweep_runs = [(v, args.sweep_at, 0, lr, args.steps[0]) for v in variants if v not in inherits for lr in lrs]
     sweep_folders = train_all(args.acts, args.out, sweep_runs, args.d_sae, args.device) if len(lrs) > 1 else []
     sweep = evaluate.evaluate(sweep_folders, args.acts, device=args.device, progress=False)
     for r, (variant, target, seed, lr, steps) in zip(sweep, sweep_runs):
         r.update(variant=variant, target=target, seed=seed, lr=lr, steps=steps)
     lr = best_lrs(sweep, args.sweep_at) if sweep else {v: lrs[0] for v in variants}
+    lr.update({v: lr[arch] for v, arch in inherits.items()})
     seeds_at = set(args.seeds_at or args.targets)
     runs = [(v, t, s, lr[v], n) for v in variants for t in args.targets for n in args.steps
             for s in range(args.seeds if t in seeds_at else 1)]

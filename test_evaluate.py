@@ -264,15 +264,16 @@ def test_frontier_sweeps_then_trains_every_run_once_and_writes_table_json_and_pl
     from formats import load_sae
     (tmp_path / "res").mkdir()                      # an output file's folder must exist (cli.out_file)
     args = ["--acts", str(tiny_acts), "--out", str(tmp_path / "runs"), "--results", str(tmp_path / "res" / "f"),
-            "--archs", "jumprelu_tanh", "topk", "batchtopk_matryoshka", "--targets", "4", "8", "--seeds-at", "4", "--d-sae", "64",
+            "--archs", "jumprelu_tanh", "batchtopk", "batchtopk_matryoshka", "--targets", "4", "8", "--seeds-at", "4", "--d-sae", "64",
             "--steps", "3", "5",
             "--lm-windows", "2", "--lrs", "1e-3", "3e-3", "--sweep-at", "4", "--device", "cpu"]
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     frontier.main(args)
     table = (tmp_path / "res" / "f.md").read_text()
-    variants = ("jumprelu_tanh", "topk", "batchtopk_matryoshka")
+    variants = ("jumprelu_tanh", "batchtopk", "batchtopk_matryoshka")
     rows = [line for line in table.splitlines() if line.startswith(tuple(f"| {v} |" for v in variants))]
-    assert len(rows) == 3 * 2 + 3 * 6 + 3 * 4      # the sweep: 2 rates; 2 targets x 2 budgets, a second seed at 4; means
+    assert len(rows) == 2 * 2 + 3 * 6 + 3 * 4      # the sweep (not Matryoshka's): 2 rates; 2 targets x 2 budgets,
+                                                    # a second seed at 4; the means
     results = json.loads((tmp_path / "res" / "f.json").read_text())
     records, lr = results["records"], results["settings"]["lr"]
     assert sorted((r["variant"], r["target"], r["steps"], r["seed"]) for r in records) == sorted(
@@ -281,21 +282,22 @@ def test_frontier_sweeps_then_trains_every_run_once_and_writes_table_json_and_pl
     assert {str(load_sae(r["path"]).metadata.get("matryoshka")) for r in records if r["variant"] == variants[2]} == {"[4, 16, 64]"}
     assert not any("matryoshka" in load_sae(r["path"]).metadata for r in records if r["variant"] != variants[2])
     assert all(r["lr"] == lr[r["variant"]] for r in records) and set(lr.values()) <= {1e-3, 3e-3}
-    for variant in variants:                        # the chosen rate has the lowest FVU of the sweep (all near 4 or none)
+    for variant in variants[:2]:                    # the chosen rate has the lowest FVU of the sweep (all near 4 or none)
         sweep = [r for r in results["sweep"] if r["variant"] == variant]
         assert len(sweep) == 2 and lr[variant] in [r["lr"] for r in sweep] and {r["steps"] for r in sweep} == {3}
+        assert lr[variant] == min(sweep, key=lambda r: (abs(r["l0"] - 4) > 0.4, r["fvu"]))["lr"]
+    assert lr["batchtopk_matryoshka"] == lr["batchtopk"] and not any(r["variant"] == variants[2] for r in results["sweep"])
     assert all(0 <= r["decoder_match"] <= 1 and 0 <= r["encoder_match"] <= 1 for r in records if r["target"] == 4)
     assert not any("decoder_match" in r for r in records if r["target"] == 8)
-    seeds = [r for r in records if (r["variant"], r["target"], r["steps"]) == ("topk", 4, 5)]
+    seeds = [r for r in records if (r["variant"], r["target"], r["steps"]) == ("batchtopk", 4, 5)]
     fvu = [r["fvu"] for r in seeds]                 # the means table: the mean of the two seeds and their range
-    assert f"| topk | 4 | 10k | 2 | {sum(r['l0'] for r in seeds) / 2:.1f} " in table
+    assert f"| batchtopk | 4 | 10k | 2 | {sum(r['l0'] for r in seeds) / 2:.1f} " in table
     assert f"{sum(fvu) / 2:.4f} ({max(fvu) - min(fvu):.4f})" in table
     assert formats_sparsity(records, "jumprelu_tanh") == "tanh"
-    assert all(r["l0"] <= 4 for r in records if r["variant"] == "topk" and r["target"] == 4)
     assert (tmp_path / "res" / "f.png").stat().st_size > 10_000 and results["settings"]["machine"].endswith("threads")
     capsys.readouterr()
     frontier.main(args)                             # run again: every SAE is there already
-    assert capsys.readouterr().out.count("done already") == 3 * 2 + 3 * 6
+    assert capsys.readouterr().out.count("done already") == 2 * 2 + 3 * 6
 
 
 def formats_sparsity(records, variant):
