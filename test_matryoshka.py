@@ -170,6 +170,18 @@ def test_a_matryoshka_sae_trains_saves_evaluates_exports_and_round_trips_through
     capsys.readouterr()
 
 
+def test_the_same_command_with_resume_carries_a_matryoshka_run_on(tiny_acts, tmp_path, capsys):
+    """The prefixes given as they were (d_sae left out) do not contradict those recorded; others do."""
+    import train
+    argv = ["--acts", str(tiny_acts), "--out", str(tmp_path / "sae"), "--d-sae", "64", "--target-l0", "6",
+            "--batch-size", "128", "--device", "cpu", "--matryoshka", "8", "16"]
+    train.main([*argv, "--steps", "2"])
+    train.main([*argv, "--steps", "4", "--resume"])
+    assert f"resuming {tmp_path / 'sae'} at step 2 of 4" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match=r"--matryoshka \[8, 32, 64\] contradicts the \[8, 16, 64\]"):
+        train.main([*argv[:-1], "32", "--steps", "6", "--resume"])
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--arch", "topk"], "--matryoshka trains JumpReLU and BatchTopK SAEs"),
     (["--path", "sparse"], "--matryoshka trains on the dense path"),

@@ -251,6 +251,8 @@ def run_settings(acts_dir, ckpt, resume, **given):
         return settings(acts_dir, **given)
     # A setting added since the checkpoint was made takes the recipe's value; JSON made the tuple a list.
     hp = {**RECIPES[hp["recipe"]], **hp, "betas": tuple(hp["betas"])}
+    if given.get("matryoshka"):          # as recorded: with d_sae last
+        given["matryoshka"] = matryoshka.prefixes(given["matryoshka"], hp["d_sae"])
     for name, value in given.items():
         if name not in RESUME_MAY_CHANGE and value != hp.get(name):
             raise ValueError(f"--{name.replace('_', '-')} {value} contradicts the {hp.get(name)} that {ckpt} was made "
