@@ -125,7 +125,7 @@ def markdown(sweep, records, settings):
     """The sweep table, the frontier table (one row per run, sorted by variant, L0, budget and seed),
     then each (variant, L0, budget)'s mean over seeds with the seed spread."""
     order = lambda r: (list(VARIANTS).index(r["variant"]), r["target"], r["steps"], r.get("seed", 0), r.get("lr", 0))
-    pct = lambda r, k: f"{r[k]:.1%}" if k in r else ""
+    pct = lambda r, k: f"{r[k]:.1%}" if r.get(k) is not None else ""
     bs = settings["batch_size"]
     budgets = ", ".join(f"{s} steps x {bs:,} tokens ({s * bs:,} tokens)" for s in settings["steps"])
     lines = [f"Width {settings['d_sae']:,}, {budgets} per SAE on `{settings['acts']}` ({settings['model']} layer "
@@ -141,12 +141,13 @@ def markdown(sweep, records, settings):
     lines += ["", "The frontier, each architecture at its chosen learning rate; decoder and encoder match: the "
               "fraction of latents matched one-to-one across the two seeds with cosine > 0.7:", "",
               "| architecture | target | budget | seed | lr | L0 | FVU | delta LM loss | KL | CE recovered | dead "
-              "| decoder match | encoder match |",
-              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+              "| decoder match | encoder match | absorption | full absorption |",
+              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in sorted(records, key=order):
         lines.append(f"| {r['variant']} | {r['target']:g} | {tokens(r, bs)} | {r['seed']} | {r['lr']:g} | {r['l0']:.1f} | "
                      f"{r['fvu']:.4f} | {r['delta_lm_loss']:.4f} | {r['kl']:.4f} | {r['ce_loss_recovered']:.2%} | "
-                     f"{r['dead_fraction']:.1%} | {pct(r, 'decoder_match')} | {pct(r, 'encoder_match')} |")
+                     f"{r['dead_fraction']:.1%} | {pct(r, 'decoder_match')} | {pct(r, 'encoder_match')} | "
+                     f"{pct(r, 'absorption_fraction')} | {pct(r, 'full_absorption_rate')} |")
     lines += ["", "Mean over seeds, with the seed spread (max - min) in brackets where there are several:", "",
               "| architecture | target | budget | seeds | L0 | FVU | delta LM loss | KL | dead |",
               "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
@@ -207,13 +208,14 @@ def run(args):
     folders = train_all(args.acts, args.out, runs, args.d_sae, args.device)
     everything = list(dict.fromkeys(folders + sweep_folders))         # each SAE spliced into the model once
     by_folder = dict(zip(everything, evaluate.evaluate(everything, args.acts, lm=True, lm_windows=args.lm_windows,
-                                                          device=args.device)))
+                                                          absorption=args.absorption, device=args.device)))
     records, sweep = [by_folder[f] for f in folders], [{**by_folder[f], **s} for f, s in zip(sweep_folders, sweep)]
     for r, (variant, target, seed, lr_, steps) in zip(records, runs):
         r.update(variant=variant, target=target, seed=seed, lr=lr_, steps=steps)
     stability(records)
     for r in records + sweep:
         r.pop("firing_frequency", None)
+        r.pop("absorption_by_letter", None)                      # evaluate.py --absorption prints it
     return sweep, records, lr
 
 
@@ -237,6 +239,8 @@ def main(argv=None):
                    help="training steps of 2,048 tokens (default 250); several train every run at each budget, "
                         "the sweep at the first")
     p.add_argument("--lm-windows", type=cli.positive_int, default=32, help="held-out windows for delta LM loss (default 32)")
+    p.add_argument("--absorption", action="store_true",
+                   help="also measure each SAE's feature absorption (evaluate.py --absorption) for the tables")
     p.add_argument("--device", type=cli.device, default=None, help="cuda or cpu (default: cuda when present)")
     p.add_argument("--machine", default=None, help="a description of the machine for the table's caption")
     args = p.parse_args(argv)

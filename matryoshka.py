@@ -1,12 +1,13 @@
 """Matryoshka training (Bussmann et al., 2025; Nabeshima, 2024), beside the paper (docs/maths.md section 3.3).
 
 The latents are ordered, and nested prefixes of them, m_1 < m_2 < ... < m_n = d_sae, must each
-reconstruct x on their own: the loss adds the error of every prefix decoded alone to the SAE's own
-loss, whose reconstruction term is already the whole dictionary's, m_n:
+reconstruct x on their own: the SAE's reconstruction error, that of the whole dictionary m_n,
+becomes the mean of the errors of every prefix decoded alone:
 
-    L = sum_j ||x - (f[:m_j] @ W_dec[:m_j] + b_dec)||^2  +  the SAE's sparsity (and auxiliary) terms
+    L = (1/n) sum_j ||x - (f[:m_j] @ W_dec[:m_j] + b_dec)||^2  +  the SAE's sparsity (and auxiliary) terms
 
-each averaged over the rows, every prefix weighted 1, b_dec shared. The first latents then carry
+each averaged over the rows, b_dec shared. The mean, not Bussmann et al.'s sum, keeps the sparsity
+coefficient's meaning: under Adam the sum is the mean with lambda n times smaller. The first latents then carry
 the general features, which a later, more specific latent cannot absorb without the short prefixes
 losing them. Only the loss changes: encode, decode, the estimators and the sparsity terms are the
 SAE's own, so a Matryoshka JumpReLU SAE is a JumpReLU SAE at inference, saved, evaluated and
@@ -15,7 +16,7 @@ exported as one, with its prefixes recorded (metadata "matryoshka").
     import matryoshka, penalties
     loss = matryoshka.loss(penalties.loss, [256, 1024, 4096])       # d_sae 4096
     out = loss(sae, x_BD, 5e-3, dead_F, penalty=penalties.target_batch(32))
-    out["prefix_mse"]                                               # [256, 1024]'s errors
+    out["prefix_mse"]                                               # the errors of [256, 1024]
 """
 
 import torch
@@ -45,11 +46,12 @@ def prefix_errors(x_BD, f_BF, W_dec_FD, b_dec_D, sizes):
 
 
 def loss(sae_loss, sizes):
-    """`sae_loss(sae, x_BD, ...)`, any SAE's training loss that returns its activations "f" (the
-    paper's, penalties.loss on the dense path, Anthropic's, BatchTopK's), with the errors of the
-    proper prefixes sizes[:-1] added: the Matryoshka loss. Its dict gains "prefix_mse"."""
+    """`sae_loss(sae, x_BD, ...)`, any SAE's training loss that returns its activations "f" and its
+    reconstruction error "mse" (the paper's, penalties.loss on the dense path, Anthropic's,
+    BatchTopK's), with that error replaced by the mean of the errors of all the prefixes `sizes`:
+    the Matryoshka loss. Its dict gains "prefix_mse", the errors of the proper prefixes."""
     def matryoshka_loss(sae, x_BD, *args, **kwargs):
         out = sae_loss(sae, x_BD, *args, **kwargs)
-        errors = prefix_errors(x_BD, out["f"], sae.W_dec, sae.b_dec, sizes[:-1])
-        return {**out, "loss": out["loss"] + errors.sum(), "prefix_mse": errors}
+        errors = prefix_errors(x_BD, out["f"], sae.W_dec, sae.b_dec, sizes)
+        return {**out, "loss": out["loss"] - out["mse"] + errors.mean(), "prefix_mse": errors[:-1]}
     return matryoshka_loss

@@ -22,7 +22,7 @@ from test_jumprelu import DEVICES, assert_matches, dyadic_sae, ref_H, ref_K, sae
 def ref_matryoshka_jumprelu(p, x, lam, eps, pre_bias, sizes, target=None):
     """The Matryoshka JumpReLU loss and every parameter's gradient, by hand: each prefix m of `sizes`
     decoded on its own, x_hat_m = f[:, :m] @ W_dec[:m] + b_dec, its squared error averaged over the
-    rows, all of them summed, plus lam * S once, S the paper's mean L0 (target None) or the small
+    rows, the mean of them over the prefixes, plus lam * S once, S the paper's mean L0 (target None) or the small
     recipe's (2/K)(mean L0 - K)^2 for K = target. The estimators are the paper's: d f/d pre =
     H(pre - theta), d f/d theta = -(theta/eps) K((pre - theta)/eps), d L0/d theta = -(1/eps) K(...)."""
     B = x.shape[0]
@@ -36,7 +36,7 @@ def ref_matryoshka_jumprelu(p, x, lam, eps, pre_bias, sizes, target=None):
     for m in sizes:
         x_hat = f[:, :m] @ W_dec[:m] + p["b_dec"]
         errors.append(((x - x_hat) ** 2).sum(1).mean())
-        d_x_hat = 2.0 * (x_hat - x) / B                     # d(this prefix's error)/d x_hat_m
+        d_x_hat = 2.0 * (x_hat - x) / (B * len(sizes))      # d(this prefix's error / n)/d x_hat_m
         d_f[:, :m] += d_x_hat @ W_dec[:m].T
         d_W_dec[:m] += f[:, :m].T @ d_x_hat
         d_b_dec += d_x_hat.sum(0)
@@ -46,7 +46,7 @@ def ref_matryoshka_jumprelu(p, x, lam, eps, pre_bias, sizes, target=None):
     d_theta = (d_f * -(theta / eps) * kernel).sum(0) + (lam / B) * dS_dl0 * (-(1.0 / eps) * kernel).sum(0)
     grads = {"W_dec": d_W_dec, "b_dec": d_b_dec - (d_pre.sum(0) @ p["W_enc"].T if pre_bias else 0.0),
              "W_enc": x_in.T @ d_pre, "b_enc": d_pre.sum(0), "log_threshold": theta * d_theta}
-    out = {"f": f, "x_hat": x_hat, "mse": errors[-1], "l0": l0, "loss": sum(errors) + lam * S,
+    out = {"f": f, "x_hat": x_hat, "mse": errors[-1], "l0": l0, "loss": np.mean(errors) + lam * S,
            "prefix_mse": np.array(errors[:-1])}
     return out, grads
 
@@ -78,18 +78,20 @@ def test_matryoshka_jumprelu_loss_and_every_gradient(device, target, case, data)
 
 
 def test_hand_computed_two_prefixes():
-    """d_in 1, two latents both active; prefixes [1, 2]: errors (x - f1 w1 - b)^2 and (x - f1 w1 - f2 w2 - b)^2."""
+    """d_in 1, two latents both active; prefixes [1, 2]: errors (x - f1 w1 - b)^2 and (x - f1 w1 - f2 w2 - b)^2,
+    the loss their mean."""
     sae = sae_from(dict(W_enc=np.array([[1.0, 0.5]]), b_enc=np.zeros(2), W_dec=np.array([[1.0], [2.0]]),
                         b_dec=np.array([0.25]), theta=np.array([0.5, 0.25])), eps=0.125, pre_bias=False)
     out = matryoshka.loss(penalties.loss, [1, 2])(sae, torch.tensor([[2.0]], dtype=torch.float64), 0.0)
     # pre = (2, 1), both above threshold; prefix 1: 2 - 2*1 - 0.25; prefix 2: 2 - (2 + 2) - 0.25
     assert out["prefix_mse"].tolist() == [0.0625] and out["mse"].item() == 2.25 ** 2
-    assert out["loss"].item() == 0.0625 + 2.25 ** 2
+    assert out["loss"].item() == (0.0625 + 2.25 ** 2) / 2
 
 
 def ref_batchtopk(p, x, k, sizes):
     """BatchTopK's training forward (the k * B largest pre-activations of the batch, ReLU'd; the encoder
-    sees x - b_dec) and the Matryoshka loss with no dead latents, with every gradient by hand."""
+    sees x - b_dec) and the Matryoshka loss (the mean of the prefixes' errors) with no dead latents,
+    with every gradient by hand."""
     B = x.shape[0]
     W_dec = p["W_dec"]
     x_in = x - p["b_dec"]
@@ -102,14 +104,14 @@ def ref_batchtopk(p, x, k, sizes):
     for m in sizes:
         x_hat = f[:, :m] @ W_dec[:m] + p["b_dec"]
         errors.append(((x - x_hat) ** 2).sum(1).mean())
-        d_x_hat = 2.0 * (x_hat - x) / B
+        d_x_hat = 2.0 * (x_hat - x) / (B * len(sizes))
         d_f[:, :m] += d_x_hat @ W_dec[:m].T
         d_W_dec[:m] += f[:, :m].T @ d_x_hat
         d_b_dec += d_x_hat.sum(0)
     d_pre = d_f * mask
     grads = {"W_dec": d_W_dec, "b_dec": d_b_dec - d_pre.sum(0) @ p["W_enc"].T, "W_enc": x_in.T @ d_pre,
              "b_enc": d_pre.sum(0)}
-    return {"x_hat": x_hat, "mse": errors[-1], "loss": sum(errors), "prefix_mse": np.array(errors[:-1])}, grads
+    return {"x_hat": x_hat, "mse": errors[-1], "loss": np.mean(errors), "prefix_mse": np.array(errors[:-1])}, grads
 
 
 @given(seed=st.integers(0, 2**16), k=st.integers(1, 4), data=st.data())

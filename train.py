@@ -230,6 +230,10 @@ def settings(acts_dir, recipe="small", target_l0=None, l0_coefficient=None, **gi
     check_settings(hp, given, int(os.environ.get("WORLD_SIZE", 1)))
     if hp["matryoshka"]:
         hp["matryoshka"] = matryoshka.prefixes(hp["matryoshka"], hp["d_sae"])
+        # Matryoshka keeps its later latents rare by design; the dead pull, made to revive latents
+        # the estimators cannot reach, fought that: L0 36 for a target of 25 at 512k tokens, 28.6
+        # without it (docs/maths.md section 3.3).
+        hp["dead_threshold_pull"] = given.get("dead_threshold_pull", 0.0)
     if hp["arch"] != "jumprelu" or (not target_l0 and hp["sparsity"] != "tanh"):
         hp["sparsity"] = "l0"            # a fixed lambda (the paper's penalty), or a baseline's L1 term
     if hp["sparsity"] in ("target_row", "target_batch"):
