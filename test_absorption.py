@@ -1,6 +1,8 @@
 """Tests for absorption.py: a constructed SAE whose absorption is known, k-sparse probing on constructed
-latents, the probes against NumPy, the per-word scores against SAEBench's rules written out in NumPy."""
+latents, the probes against NumPy, the per-word scores against SAEBench's rules written out in NumPy,
+and evaluate.py --absorption on the tiny model."""
 
+import json
 import math
 
 import numpy as np
@@ -10,6 +12,8 @@ import torch.nn.functional as F
 from hypothesis import given, strategies as st
 
 import absorption
+import evaluate
+import sae_folder
 from jumprelu import JumpReLUSAE
 
 LETTERS, PER_LETTER, TRAIN = 4, 10, 6       # letters a-d, 10 words each, the first 6 of them train words
@@ -214,3 +218,20 @@ def test_the_scores_of_each_word_follow_saebenchs_rules(seed, n, f, d):
     np.testing.assert_allclose(fraction.numpy(), want_fraction, atol=1e-9)
     assert full.tolist() == want_full.tolist()
     assert (0 <= fraction).all() and (fraction <= 1).all()
+
+
+def test_evaluate_main_measures_absorption_on_the_tiny_model(tiny_acts, tmp_path, capsys):
+    """evaluate.py --absorption on the tiny model's own vocabulary: the table, a record with every letter's
+    figures in --json, and the bar plot in --plot's folder."""
+    sae_folder.save(JumpReLUSAE(32, 64, threshold_init=1e-3), tmp_path / "sae")
+    evaluate.main([str(tmp_path / "sae"), "--acts", str(tiny_acts), "--absorption", "--json", str(tmp_path / "e.json"),
+                   "--plot", str(tmp_path / "plots"), "--device", "cpu"])
+    printed = capsys.readouterr().out
+    (record,) = json.loads((tmp_path / "e.json").read_text())
+    assert [r["letter"] for r in record["absorption_by_letter"]] == list(absorption.LETTERS)
+    for r in record["absorption_by_letter"]:
+        assert set(r) == {"letter", "probe_f1", "probe_true_positives", "main_latents", "main_f1",
+                          "absorption_fraction", "full_absorption_rate", "fully_absorbed"}
+        assert 1 <= len(r["main_latents"]) <= absorption.MAX_K and 0 <= r["probe_f1"] <= 1
+    assert printed.splitlines()[0].split()[-2:] == ["absorption_fraction", "full_absorption_rate"]
+    assert "absorption of sae, mean over the" in printed and (tmp_path / "plots" / "absorption.png").stat().st_size > 0
