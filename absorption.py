@@ -183,7 +183,7 @@ def f1_scores(pred_NL, y_NL):
 # --- The words and their activations ---------------------------------------------------------
 
 
-def collect(model, tokenizer, layer, site, *, seed=0, batch_size=64):
+def collect(model, tokenizer, layer, site, *, seed=0, batch_size=256):
     """The words of the vocabulary, split into train and test words (TEST_FRACTION), their activations at
     (layer, site), and the first-letter probe fitted on the train words: what `measure` takes."""
     ids_N, texts, letter_N = vocabulary_words(tokenizer)
