@@ -220,6 +220,24 @@ def test_the_scores_of_each_word_follow_saebenchs_rules(seed, n, f, d):
     assert (0 <= fraction).all() and (fraction <= 1).all()
 
 
+def test_a_word_read_after_the_shared_prefix_is_the_word_read_after_it_in_one_sequence(tiny_model, monkeypatch):
+    """The cached prefix, repeated for each word of a batch, then the word: the same activation as the whole
+    sequence read at once (here with no examples, so the prefix is the newline), in batches of any size."""
+    import harvest
+    model, tokenizer = harvest.load_model(str(tiny_model), "cpu", torch.float32)
+    ids_N, words, letter_N = absorption.vocabulary_words(tokenizer)
+    reader = harvest.SiteReader(model, [(1, "resid")])
+    newline = tokenizer("\n", add_special_tokens=False)["input_ids"]
+    want_ND = reader(torch.tensor([newline + [int(i)] for i in ids_N]))[0][:, -1]
+    monkeypatch.setattr(absorption, "EXAMPLES", 0)
+    for batch_size in (4, 7, len(ids_N)):
+        got_ND = absorption.word_activations(reader, tokenizer, ids_N, letter_N, 0, batch_size)
+        torch.testing.assert_close(got_ND, want_ND, atol=1e-5, rtol=1e-5)
+    monkeypatch.undo()
+    with_examples_ND = absorption.word_activations(reader, tokenizer, ids_N, letter_N, 0, 8)
+    assert with_examples_ND.shape == want_ND.shape and (with_examples_ND - want_ND).norm(dim=1).min() > 1e-3
+
+
 def test_evaluate_main_measures_absorption_on_the_tiny_model(tiny_acts, tmp_path, capsys):
     """evaluate.py --absorption on the tiny model's own vocabulary: the table, a record with every letter's
     figures in --json, and the bar plot in --plot's folder."""
