@@ -4,6 +4,7 @@
     python evaluate.py runs/sae_* --acts runs/acts --lm --json runs/eval.json --plot runs/plots
     python evaluate.py runs/sae --acts runs/acts --latents 12,345   # what those latents fire on
     python evaluate.py runs/sae --acts runs/acts --dashboard runs/dash   # an offline site of every latent
+    python evaluate.py runs/sae --acts runs/acts --absorption        # feature absorption (absorption.py)
 
 Every number is computed on held-out rows, never on training rows. MSE is ||x - x_hat||^2 summed
 over d_in and averaged over tokens, on the raw activations (train.py's log gives the same on inputs
@@ -15,6 +16,9 @@ place of the activation at the hook site (every position but the first), and wit
     CE loss recovered  (CE(zero) - CE(spliced)) / (CE(zero) - CE(clean))
     KL                 KL(clean || spliced) of the next-token distributions
 The cross-entropies cover the predictions made at spliced positions (1 to context-2).
+With --absorption the model reads its vocabulary's single-token words, and absorption.py measures
+how often another latent takes a first letter over from the SAE's latents for it (per letter and
+their mean; --json and --plot carry them).
 """
 
 import sys
@@ -24,6 +28,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+import absorption as feature_absorption
 import acts
 import cli
 import harvest
@@ -216,7 +221,8 @@ def _kind(record):
     return f"{record['architecture']}, {record['d_sae']:,} latents" + (f", {tokens:,} tokens" if tokens else "")
 
 
-def evaluate(sae_dirs, acts_dir, *, lm=False, lm_windows=64, device=None, progress=True, allow_mismatch=False):
+def evaluate(sae_dirs, acts_dir, *, lm=False, lm_windows=64, absorption=False, device=None, progress=True,
+             allow_mismatch=False):
     """One record per SAE folder (without the per-latent frequencies' bulk in the printed table)."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     manifest, shards = acts.open_split(acts_dir, "heldout")
@@ -228,9 +234,10 @@ def evaluate(sae_dirs, acts_dir, *, lm=False, lm_windows=64, device=None, progre
         records.append({"name": Path(folder).name, "path": str(folder), "architecture": sae.architecture,
                         "d_sae": sae.d_sae, "trained_tokens": sae.metadata.get("tokens"), **metrics})
         saes.append(sae)
+    if lm or absorption:
+        model, tokenizer = harvest.load_model(manifest["model"], device, torch.bfloat16 if device == "cuda" else torch.float32,
+                                              manifest.get("gguf_file"))
     if lm:
-        model, _ = harvest.load_model(manifest["model"], device, torch.bfloat16 if device == "cuda" else torch.float32,
-                                      manifest.get("gguf_file"))
         module = harvest.hook_module(model, manifest["layer"], manifest["site"])
         windows = np.concatenate([w for _, w in shards])[:lm_windows]
         if len(windows) < lm_windows:
@@ -238,18 +245,22 @@ def evaluate(sae_dirs, acts_dir, *, lm=False, lm_windows=64, device=None, progre
                   f"the LM metrics use its {len(windows)}.", file=sys.stderr)
         for record, extra in zip(records, lm_metrics(model, module, windows, saes, device=device, progress=progress)):
             record.update(extra)
+    if absorption:
+        words = feature_absorption.collect(model, tokenizer, manifest["layer"], manifest["site"])
+        for record, sae in zip(records, saes):
+            record.update(feature_absorption.measure(sae, words))
     return records
 
 
 def table(records):
     """The records as a text table; its header names each column as the module's docstring defines it."""
     cols = ["name", "d_sae", "trained_tokens", "l0", "mse", "fvu", "dead_fraction", "dense_fraction", "delta_lm_loss",
-            "ce_loss_recovered", "kl"]
+            "ce_loss_recovered", "kl", "absorption_fraction", "full_absorption_rate"]
     cols = [c for c in cols if any(c in r for r in records)]
     header = {c: {"d_sae": "width", "trained_tokens": "tokens"}.get(c, c) for c in cols}
     fmt = {"d_sae": "{:,}", "trained_tokens": "{:,}", "l0": "{:.1f}", "mse": "{:.4g}", "fvu": "{:.4f}",
            "dead_fraction": "{:.1%}", "dense_fraction": "{:.1%}", "delta_lm_loss": "{:.4f}", "ce_loss_recovered": "{:.1%}",
-           "kl": "{:.4f}"}
+           "kl": "{:.4f}", "absorption_fraction": "{:.1%}", "full_absorption_rate": "{:.1%}"}
     rows = [[fmt.get(c, "{}").format(r[c]) if r.get(c) is not None else "" for c in cols] for r in records]
     widths = [max(len(header[c]), *(len(row[i]) for row in rows)) for i, c in enumerate(cols)]
     line = lambda cells: "  ".join(x.rjust(w) for x, w in zip(cells, widths))
@@ -284,8 +295,11 @@ def main(argv=None):
     p.add_argument("--acts", required=True, type=acts.folder, help="harvested folder whose held-out split is used")
     p.add_argument("--lm", action="store_true", help="also splice into the model: delta LM loss, CE recovered, KL")
     p.add_argument("--lm-windows", type=cli.positive_int, default=64, help="held-out windows for --lm (default 64)")
+    p.add_argument("--absorption", action="store_true",
+                   help="also measure feature absorption on the model's single-token words (absorption.py)")
     p.add_argument("--json", type=cli.out_file, help="write one record per SAE to this file (its folder must exist)")
-    p.add_argument("--plot", type=cli.out_folder, help="write the sparsity-fidelity plot and firing histogram to this folder (created)")
+    p.add_argument("--plot", type=cli.out_folder, help="write the sparsity-fidelity plot and firing histogram to this folder (created), "
+                                                   "and with --absorption its bars per letter")
     p.add_argument("--latents", type=latent_list, help="comma-separated latent indices: print their top held-out contexts")
     p.add_argument("--dashboard", type=cli.out_folder,
                    help="write a static HTML dashboard of every latent to this folder (one subfolder an SAE with several); "
@@ -295,14 +309,17 @@ def main(argv=None):
     p.add_argument("--device", type=cli.device, default=None)
     args = p.parse_args(argv)
     try:
-        records = evaluate(args.sae_dirs, args.acts, lm=args.lm, lm_windows=args.lm_windows, device=args.device,
-                           allow_mismatch=args.allow_mismatch)
+        records = evaluate(args.sae_dirs, args.acts, lm=args.lm, lm_windows=args.lm_windows, absorption=args.absorption,
+                           device=args.device, allow_mismatch=args.allow_mismatch)
         print(table(records))
+        if args.absorption:
+            print("\n".join(feature_absorption.table(r) for r in records))
         if args.json:
             acts.write_json(args.json, [{**r, "firing_frequency": r["firing_frequency"].tolist()} for r in records])
             print(f"wrote {args.json}")
         if args.plot:
-            print("wrote " + ", ".join(map(str, plot(records, args.plot))))
+            plots = plot(records, args.plot) + ([feature_absorption.plot(records, args.plot)] if args.absorption else [])
+            print("wrote " + ", ".join(map(str, plots)))
         if args.dashboard:
             print("wrote " + ", ".join(map(str, write_dashboards(args.sae_dirs, args.acts, args.dashboard))))
         if args.latents:

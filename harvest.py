@@ -272,13 +272,14 @@ class _Stop(Exception):
 
 class SiteReader:
     """Runs the model on token windows up to the last of the hooked modules and returns their
-    outputs [b, t, d], one per (layer, site) of `sites`, from one forward pass."""
+    outputs [b, t, d], one per (layer, site) of `sites`, from one forward pass (`model_kwargs`,
+    such as a key-value cache, go to the model)."""
 
     def __init__(self, model, sites):
         self.model, self.sites = model, list(sites)
         self.modules = [hook_module(model, layer, site) for layer, site in self.sites]
 
-    def __call__(self, ids_BT):
+    def __call__(self, ids_BT, **model_kwargs):
         captured = {}
 
         def hook(module, inputs, output):
@@ -289,7 +290,7 @@ class SiteReader:
         handles = [m.register_forward_hook(hook) for m in set(self.modules)]
         try:
             with torch.inference_mode():
-                self.model(ids_BT)
+                self.model(ids_BT, **model_kwargs)
         except _Stop:
             pass
         finally:
