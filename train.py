@@ -79,8 +79,9 @@ SETTINGS = {
                         dict(choices=("l0", "target_batch", "target_row", "tanh"))),
     "target_l0_coefficient": Setting(None, 5e-3, "lambda of the target_batch and target_row penalties"),
     "matryoshka": Setting(None, None, "Matryoshka training of JumpReLU or BatchTopK: nested prefix sizes of the "
-                          "latents, such as 256 1024 4096, each of which decoded alone adds its reconstruction error "
-                          "to the loss (docs/maths.md section 3.3; d_sae is added last where missing)",
+                          "latents, such as 256 1024 4096; the reconstruction error becomes the mean of those of the "
+                          "prefixes, each decoded alone, and the dead pull is off (docs/maths.md section 3.3; d_sae is "
+                          "added last where missing)",
                           dict(type=cli.positive_int, nargs="+", metavar="M")),
     # Adam and its schedules.
     "lr": Setting(7e-5, 1e-3, "Adam's learning rate", dict(type=cli.positive)),
