@@ -7,9 +7,9 @@ becomes the mean of the errors of every prefix decoded alone:
     L = (1/n) sum_j ||x - (f[:m_j] @ W_dec[:m_j] + b_dec)||^2  +  the SAE's sparsity (and auxiliary) terms
 
 each averaged over the rows, b_dec shared. The mean, not Bussmann et al.'s sum, keeps the sparsity
-coefficient's meaning: under Adam the sum is the mean with lambda n times smaller. The first latents then carry
-the general features, which a later, more specific latent cannot absorb without the short prefixes
-losing them. Only the loss changes: encode, decode, the estimators and the sparsity terms are the
+coefficient's meaning (under Adam, summing is averaging with lambda n times smaller). The first
+latents then carry the general features, which a later, more specific latent cannot absorb without
+the short prefixes losing them. Only the loss changes: encode, decode, the estimators and the sparsity terms are the
 SAE's own, so a Matryoshka JumpReLU SAE is a JumpReLU SAE at inference, saved, evaluated and
 exported as one, with its prefixes recorded (metadata "matryoshka").
 
@@ -26,7 +26,7 @@ def prefixes(sizes, d_sae):
     """The nested prefix sizes: `sizes` strictly increasing, from 1 to d_sae, with d_sae added last
     where it is missing; a one-sentence ValueError otherwise."""
     sizes = [int(m) for m in sizes]
-    if sizes != sorted(set(sizes)) or not 1 <= sizes[0] < d_sae or sizes[-1] > d_sae:
+    if not sizes or sizes != sorted(set(sizes)) or not 1 <= sizes[0] < d_sae or sizes[-1] > d_sae:
         raise ValueError(f"--matryoshka {' '.join(map(str, sizes))} must be prefix sizes in increasing order, each "
                          f"once, the first from 1 to d_sae-1={d_sae - 1}, the last at most d_sae: such as "
                          f"{d_sae // 16} {d_sae // 4} {d_sae}.")

@@ -137,7 +137,7 @@ def test_prefixes_end_at_d_sae(sizes, d_sae, expected):
     assert matryoshka.prefixes(sizes, d_sae) == expected
 
 
-@pytest.mark.parametrize("sizes", [[16, 4], [4, 4, 16], [0, 16], [64], [4, 65], [-1, 8]])
+@pytest.mark.parametrize("sizes", [[16, 4], [4, 4, 16], [0, 16], [64], [4, 65], [-1, 8], []])
 def test_prefixes_that_are_not_nested_in_the_latents_are_refused(sizes):
     with pytest.raises(ValueError, match=r"--matryoshka .* increasing order"):
         matryoshka.prefixes(sizes, 64)
