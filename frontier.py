@@ -6,12 +6,13 @@
 
 First a learning-rate sweep: every architecture at --sweep-at L0 (25) with each of --lrs, scored by
 held-out FVU, at the first of --steps (a Matryoshka variant takes the rate of its architecture
-where that is swept); each then trains with its best learning rate at every
---targets L0, every budget (--steps) and every seed (--seeds, at --seeds-at: all targets by
-default), with the same width and data order. All are evaluated on held-out tokens, with delta LM loss from splicing each into the model,
-and each pair of seeds is compared latent by latent (evaluate.seed_stability). Writes RESULTS.md
-(the sweep and the frontier as markdown tables), RESULTS.json and RESULTS.png (FVU and delta LM
-loss against L0). A finished run is skipped, a killed one resumed, so the command can be run again.
+where that is swept); each then trains with its best learning rate at every --targets L0, every
+budget (--steps) and every seed (--seeds, at --seeds-at: all targets by default), with the same
+width and data order. All are evaluated on held-out tokens, with delta LM loss from splicing each
+into the model (and feature absorption with --absorption), and each pair of seeds is compared
+latent by latent (evaluate.seed_stability). Writes RESULTS.md (the sweep, the frontier and the
+means over seeds as markdown tables), RESULTS.json and RESULTS.png (FVU and delta LM loss against
+L0). A finished run is skipped, a killed one resumed, so the command can be run again.
 
 The architectures (VARIANTS) and how each reaches a target L0 K: JumpReLU by its quadratic
 target-L0 penalty (the small recipe of train.py), Anthropic's JumpReLU (jumprelu_tanh: train.py's
