@@ -7,10 +7,10 @@
 First a learning-rate sweep: every architecture at --sweep-at L0 (25) with each of --lrs, scored by
 held-out FVU, at the first of --steps (a Matryoshka variant takes the rate of its architecture
 where that is swept); each then trains with its best learning rate at every --targets L0, every
-budget (--steps) and every seed (--seeds, at --seeds-at: all targets by default), with the same
-width and data order. All are evaluated on held-out tokens, with delta LM loss from splicing each
-into the model (and feature absorption with --absorption), and each pair of seeds is compared
-latent by latent (evaluate.seed_stability). Writes RESULTS.md (the sweep, the frontier and the
+budget (--steps) and every seed (--seeds, at the --seeds-at targets and --seeds-steps budgets:
+all by default), with the same width and data order. All are evaluated on held-out tokens, with
+delta LM loss from splicing each into the model (and feature absorption with --absorption), and
+each pair of seeds is compared latent by latent (evaluate.seed_stability). Writes RESULTS.md (the sweep, the frontier and the
 means over seeds as markdown tables), RESULTS.json and RESULTS.png (FVU and delta LM loss against
 L0). A finished run is skipped, a killed one resumed, so the command can be run again.
 
@@ -202,9 +202,9 @@ def run(args):
         r.update(variant=variant, target=target, seed=seed, lr=lr, steps=steps)
     lr = best_lrs(sweep, args.sweep_at) if sweep else {v: lrs[0] for v in variants}
     lr.update({v: lr[arch] for v, arch in inherits.items()})
-    seeds_at = set(args.seeds_at or args.targets)
+    seeds_at, seeds_steps = set(args.seeds_at or args.targets), set(args.seeds_steps or args.steps)
     runs = [(v, t, s, lr[v], n) for v in variants for t in args.targets for n in args.steps
-            for s in range(args.seeds if t in seeds_at else 1)]
+            for s in range(args.seeds if t in seeds_at and n in seeds_steps else 1)]
     runs.sort(key=lambda r: (r[4], r[2], r[1] != args.sweep_at))   # per budget, smallest first: seed 0, then the others
     folders = train_all(args.acts, args.out, runs, args.d_sae, args.device)
     everything = list(dict.fromkeys(folders + sweep_folders))         # each SAE spliced into the model once
@@ -232,6 +232,8 @@ def main(argv=None):
     p.add_argument("--seeds", type=cli.positive_int, default=2, help="seeds at each of --seeds-at (default 2)")
     p.add_argument("--seeds-at", nargs="+", type=cli.positive_int, default=None,
                    help="the targets trained with --seeds seeds (default: every target)")
+    p.add_argument("--seeds-steps", nargs="+", type=cli.positive_int, default=None,
+                   help="the budgets (of --steps) trained with --seeds seeds (default: every budget)")
     p.add_argument("--lrs", nargs="+", type=cli.positive, default=[3e-4, 1e-3, 3e-3, 1e-2, 3e-2],
                    help="learning rates of the sweep (default 3e-4 1e-3 3e-3 1e-2 3e-2; one value: no sweep)")
     p.add_argument("--sweep-at", type=cli.positive_int, default=25, help="the target L0 of the sweep (default 25)")
@@ -248,6 +250,8 @@ def main(argv=None):
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if not set(args.seeds_at or []) <= set(args.targets):
         p.error(f"--seeds-at {' '.join(map(str, args.seeds_at))} must be among --targets {' '.join(map(str, args.targets))}")
+    if not set(args.seeds_steps or []) <= set(args.steps):
+        p.error(f"--seeds-steps {' '.join(map(str, args.seeds_steps))} must be among --steps {' '.join(map(str, args.steps))}")
     if max(args.targets + [args.sweep_at]) > args.d_sae:
         p.error(f"--targets and --sweep-at must not exceed the --d-sae {args.d_sae} latents; pass lower targets")
     t0 = time.perf_counter()

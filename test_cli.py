@@ -198,10 +198,10 @@ def script(w, name):
                 "--results": Arg(paths(w, "results/f"), file_bad, "always"),
                 "--archs": Arg(*several(*choice(list(train.ARCHITECTURES)))),
                 "--targets": Arg(st.just(["25"]), several(*positive)[1]), "--seeds-at": Arg(st.just(["25"]), several(*positive)[1]),
-                "--seeds": Arg(*positive), "--d-sae": Arg(*positive), "--steps": Arg(*several(*positive)),
+                "--seeds-steps": Arg(st.just(["250"]), several(*positive)[1]), "--seeds": Arg(*positive), "--d-sae": Arg(*positive), "--steps": Arg(*several(*positive)),
                 "--lm-windows": Arg(*positive), "--lrs": Arg(*several(GOOD_POSITIVE, BAD_POSITIVE)), "--sweep-at": Arg(*positive),
                 "--device": DEVICE}
-        combos = [{"--targets": ["5"], "--seeds-at": ["6"]}, {"--targets": ["3000"], "--seeds-at": ["3000"], "--d-sae": ["100"]},
+        combos = [{"--targets": ["5"], "--seeds-at": ["6"]}, {"--steps": ["5"], "--seeds-steps": ["6"]}, {"--targets": ["3000"], "--seeds-at": ["3000"], "--d-sae": ["100"]},
                   {"--targets": ["5"], "--sweep-at": ["3000"], "--d-sae": ["100"]}]
         return frontier.main, [(frontier, "train_all")], args, combos
     if name == "bench":
