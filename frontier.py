@@ -2,7 +2,7 @@
 
     python harvest.py --out runs/acts           # once (demo.sh does it too): SmolLM2 layer 6, 425k tokens
     python frontier.py --acts runs/acts --out runs/frontier --results results/frontier_cpu
-    python frontier.py --acts runs/acts --out runs/frontier --steps 250 2000 --targets 25 60   # two budgets
+    python frontier.py --acts runs/acts --out runs/frontier --steps 250 2000 --seeds-steps 250   # two budgets
 
 First a learning-rate sweep: every architecture at --sweep-at L0 (25) with each of --lrs, scored by
 held-out FVU, at the first of --steps (a Matryoshka variant takes the rate of its architecture
