@@ -10,9 +10,10 @@ where that is swept); each then trains with its best learning rate at every --ta
 budget (--steps) and every seed (--seeds, at the --seeds-at targets and --seeds-steps budgets:
 all by default), with the same width and data order. All are evaluated on held-out tokens, with
 delta LM loss from splicing each into the model (and feature absorption with --absorption), and
-each pair of seeds is compared latent by latent (evaluate.seed_stability). Writes RESULTS.md (the sweep, the frontier and the
-means over seeds as markdown tables), RESULTS.json and RESULTS.png (FVU and delta LM loss against
-L0). A finished run is skipped, a killed one resumed, so the command can be run again.
+each pair of seeds is compared latent by latent (evaluate.seed_stability). Writes RESULTS.md
+(the sweep, the frontier and the means over seeds as markdown tables), RESULTS.json and
+RESULTS.png (FVU and delta LM loss against L0). A finished run is skipped, a killed one resumed,
+so the command can be run again.
 
 The architectures (VARIANTS) and how each reaches a target L0 K: JumpReLU by its quadratic
 target-L0 penalty (the small recipe of train.py), Anthropic's JumpReLU (jumprelu_tanh: train.py's
@@ -229,7 +230,7 @@ def main(argv=None):
     p.add_argument("--archs", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     p.add_argument("--targets", nargs="+", type=cli.positive_int, default=[10, 25, 60, 150],
                    help="target L0s (default 10 25 60 150)")
-    p.add_argument("--seeds", type=cli.positive_int, default=2, help="seeds at each of --seeds-at (default 2)")
+    p.add_argument("--seeds", type=cli.positive_int, default=2, help="seeds at each of --seeds-at and --seeds-steps (default 2)")
     p.add_argument("--seeds-at", nargs="+", type=cli.positive_int, default=None,
                    help="the targets trained with --seeds seeds (default: every target)")
     p.add_argument("--seeds-steps", nargs="+", type=cli.positive_int, default=None,
