@@ -9,9 +9,9 @@ becomes the mean of the errors of every prefix decoded alone:
 each averaged over the rows, b_dec shared. The mean, not Bussmann et al.'s sum, keeps the sparsity
 coefficient's meaning (under Adam, summing is averaging with lambda n times smaller). The first
 latents then carry the general features, which a later, more specific latent cannot absorb without
-the short prefixes losing them. Only the loss changes: encode, decode, the estimators and the sparsity terms are the
-SAE's own, so a Matryoshka JumpReLU SAE is a JumpReLU SAE at inference, saved, evaluated and
-exported as one, with its prefixes recorded (metadata "matryoshka").
+the short prefixes losing them. Only the loss changes: encode, decode, the estimators and the
+sparsity terms are the SAE's own, so a Matryoshka JumpReLU SAE is a JumpReLU SAE at inference,
+saved, evaluated and exported as one, with its prefixes recorded (metadata "matryoshka").
 
     import matryoshka, penalties
     loss = matryoshka.loss(penalties.loss, [256, 1024, 4096])       # d_sae 4096
